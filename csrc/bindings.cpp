@@ -1,0 +1,169 @@
+// The only file that knows pybind11. It turns NumPy arrays into views after checking dtype, layout and
+// shape, keeps the arrays alive as long as the C++ objects that point into them, and releases the GIL
+// around compute. C++ exceptions become Python ones (std::invalid_argument -> ValueError).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+
+#include "cpu/dispatch.h"
+#include "cpu/features.h"
+#include "model/transformer.h"
+
+namespace py = pybind11;
+using namespace cpullm;
+
+namespace {
+
+using F32Array = py::array_t<float, py::array::c_style>;
+
+WType wtype_of(const py::array& a, const std::string& name) {
+  if (a.dtype().is(py::dtype::of<float>())) return WType::F32;
+  // bf16 travels as its raw uint16 bits: NumPy has no bf16 type.
+  if (a.dtype().is(py::dtype::of<uint16_t>())) return WType::BF16;
+  throw std::invalid_argument("tensor '" + name + "' has dtype " + std::string(py::str(a.dtype())) +
+                              "; expected float32, or uint16 holding bf16 bits");
+}
+
+TensorView view_of(const py::array& a, const std::string& name) {
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("tensor '" + name + "' is not C-contiguous");
+  TensorView v;
+  v.type = wtype_of(a, name);
+  v.data = a.data();
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) v.shape.push_back(a.shape(i));
+  return v;
+}
+
+// Owns the arrays the Transformer points into.
+struct PyTransformer {
+  std::vector<py::array> arrays;
+  std::unique_ptr<Transformer> model;
+};
+
+std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const py::dict& tensor_dict) {
+  ModelSpec s;
+  auto get_int = [&](const char* key) { return spec_dict[key].cast<int>(); };
+  s.n_layers = get_int("n_layers");
+  s.dim = get_int("dim");
+  s.n_heads = get_int("n_heads");
+  s.n_kv_heads = get_int("n_kv_heads");
+  s.head_dim = get_int("head_dim");
+  s.ffn_dim = get_int("ffn_dim");
+  s.vocab_size = get_int("vocab_size");
+  s.max_context = get_int("max_context");
+  s.rotary_dim = get_int("rotary_dim");
+  s.norm_eps = spec_dict["norm_eps"].cast<float>();
+  s.attn_scale = spec_dict["attn_scale"].cast<float>();
+  s.rope_attn_factor = spec_dict["rope_attn_factor"].cast<float>();
+  s.inv_freq = spec_dict["inv_freq"].cast<std::vector<float>>();
+
+  auto owner = std::make_shared<PyTransformer>();
+  std::map<std::string, TensorView> views;
+  for (auto item : tensor_dict) {
+    const std::string name = item.first.cast<std::string>();
+    py::array arr = py::reinterpret_borrow<py::array>(item.second);
+    if (!py::isinstance<py::array>(item.second))
+      throw std::invalid_argument("tensor '" + name + "' is not a NumPy array");
+    views[name] = view_of(arr, name);
+    owner->arrays.push_back(arr);
+  }
+  owner->model = std::make_unique<Transformer>(std::move(s), views);
+  return owner;
+}
+
+// A sequence keeps its transformer (and so the weights) alive.
+struct PySequence {
+  std::shared_ptr<PyTransformer> owner;
+  std::unique_ptr<Sequence> seq;
+};
+
+py::array_t<float> forward(PySequence& ps, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
+                           bool all_logits, int n_threads) {
+  if (tokens.ndim() != 1) throw std::invalid_argument("forward: token ids must be a 1-D array");
+  const int n = static_cast<int>(tokens.shape(0));
+  if (tokens.shape(0) != n) throw std::invalid_argument("forward: too many tokens");
+  const int vocab = ps.owner->model->spec().vocab_size;
+  const py::ssize_t rows = all_logits ? n : 1;
+  py::array_t<float> logits({rows, static_cast<py::ssize_t>(vocab)});
+  float* out = logits.mutable_data();
+  const int32_t* ids = tokens.data();
+  {
+    py::gil_scoped_release release;
+    ps.seq->forward(ids, n, out, all_logits, n_threads);
+  }
+  return logits;
+}
+
+template <class Fn>
+F32Array matmul_impl(const F32Array& x, const py::array& w, Fn&& fn) {
+  if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(1))
+    throw std::invalid_argument("matmul: expected x [T, K] and w [N, K]");
+  F32Array y({x.shape(0), w.shape(0)});
+  fn(x.data(), x.shape(0), x.shape(1), w.data(), w.shape(0), y.mutable_data());
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cpullm's C++ core: kernels, the forward pass and the KV cache";
+
+  m.def("cpu_features", []() {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512dq"] = f.avx512dq;
+    d["avx512vnni"] = f.avx512vnni;
+    d["neon"] = f.neon;
+    d["available_isas"] = available_isas();
+    d["isa"] = std::string(kernels().name);
+    return d;
+  }, "What the CPU offers, which kernel paths can run here, and the one in use.");
+  m.def("set_isa", &set_isa, py::arg("name"), "Switch the kernel path (scalar, avx2, avx512).");
+  m.def("get_isa", []() { return std::string(kernels().name); });
+
+  // Kernels bound one by one, for tests against NumPy.
+  m.def("matmul_f32", [](const F32Array& x, const F32Array& w) {
+    return matmul_impl(x, w, [](const float* xp, int64_t T, int64_t K, const void* wp, int64_t N, float* y) {
+      kernels().matmul_f32(xp, T, K, static_cast<const float*>(wp), 0, N, y, N);
+    });
+  }, py::arg("x"), py::arg("w"), "y = x @ w.T with f32 weights");
+  m.def("matmul_bf16", [](const F32Array& x, const py::array_t<uint16_t, py::array::c_style>& w) {
+    return matmul_impl(x, w, [](const float* xp, int64_t T, int64_t K, const void* wp, int64_t N, float* y) {
+      kernels().matmul_bf16(xp, T, K, static_cast<const uint16_t*>(wp), 0, N, y, N);
+    });
+  }, py::arg("x"), py::arg("w"), "y = x @ w.T with bf16 weights given as uint16 bits");
+  m.def("dot_f32", [](const F32Array& a, const F32Array& b) {
+    if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0)) throw std::invalid_argument("dot: expected two 1-D arrays of one length");
+    return kernels().dot_f32(a.data(), b.data(), a.shape(0));
+  });
+  m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
+    if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
+    kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));
+    return y;
+  }, "y += alpha * x, in place; returns y");
+
+  py::class_<PyTransformer, std::shared_ptr<PyTransformer>>(m, "Transformer")
+      .def(py::init(&make_transformer), py::arg("spec"), py::arg("tensors"),
+           "Builds the model over arrays the caller keeps (it also holds references to them).");
+
+  py::class_<PySequence>(m, "Sequence")
+      .def(py::init([](std::shared_ptr<PyTransformer> t) {
+             auto ps = std::make_unique<PySequence>();
+             ps->owner = std::move(t);
+             ps->seq = std::make_unique<Sequence>(*ps->owner->model);
+             return ps;
+           }), py::arg("model"))
+      .def_property_readonly("n_past", [](const PySequence& s) { return s.seq->n_past(); })
+      .def_property_readonly("capacity", [](const PySequence& s) { return s.seq->capacity(); })
+      .def("truncate", [](PySequence& s, int n) { s.seq->truncate(n); }, py::arg("n"))
+      .def("forward", &forward, py::arg("tokens"), py::arg("all_logits"), py::arg("threads"),
+           "Runs new tokens after the cached ones; returns logits [T or 1, vocab].");
+}

@@ -1,0 +1,60 @@
+#include "cpu/dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "cpu/features.h"
+
+namespace cpullm {
+
+namespace {
+
+const Kernels* table_for(const std::string& name) {
+  const CpuFeatures& f = cpu_features();
+  if (name == "scalar") return &kernels_scalar();
+#if defined(CPULLM_HAVE_X86_KERNELS)
+  if (name == "avx2" && f.avx2 && f.fma && f.f16c) return &kernels_avx2();
+  if (name == "avx512" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma)
+    return &kernels_avx512();
+#endif
+  (void)f;
+  return nullptr;
+}
+
+const Kernels* initial_table() {
+  if (const char* forced = std::getenv("CPULLM_ISA")) {
+    if (const Kernels* k = table_for(forced)) return k;
+    // An unusable forced value must not crash module import: fall back and let cpu_features() tell.
+  }
+  return table_for(available_isas().back());
+}
+
+std::atomic<const Kernels*>& current() {
+  static std::atomic<const Kernels*> table{initial_table()};
+  return table;
+}
+
+}  // namespace
+
+const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> names;
+  for (const char* name : {"scalar", "avx2", "avx512"})
+    if (table_for(name)) names.emplace_back(name);
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  const Kernels* k = table_for(name);
+  if (!k) {
+    std::string known;
+    for (const auto& n : available_isas()) known += (known.empty() ? "" : ", ") + n;
+    throw std::invalid_argument("kernel path '" + name + "' is unknown or not supported by this CPU (available: " +
+                                known + ")");
+  }
+  current().store(k, std::memory_order_release);
+}
+
+}  // namespace cpullm

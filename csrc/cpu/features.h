@@ -1,0 +1,23 @@
+// CPU feature detection. Everything here is queried at run time: the build itself targets the
+// baseline ISA, and wider kernels are only called when the running CPU (and OS) supports them.
+#pragma once
+#include <string>
+
+namespace cpullm {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool fma = false;
+  bool f16c = false;
+  bool avx512f = false;
+  bool avx512bw = false;
+  bool avx512vl = false;
+  bool avx512dq = false;
+  bool avx512vnni = false;
+  bool neon = false;
+};
+
+// Detected once; cheap to call.
+const CpuFeatures& cpu_features();
+
+}  // namespace cpullm

@@ -1,0 +1,47 @@
+// AVX2 + FMA path (Haswell and later, Zen). Compiled with -mavx2 -mfma; only called after dispatch
+// has checked the CPU.
+#include <immintrin.h>
+
+#include "kernels/kernels_impl.h"
+
+namespace cpullm {
+namespace {
+
+struct Avx2V {
+  static constexpr int W = 8;
+  using Vec = __m256;
+  static inline __m256i lane_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline Vec zero() { return _mm256_setzero_ps(); }
+  static inline Vec set1(float a) { return _mm256_set1_ps(a); }
+  static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline Vec load_partial(const float* p, int n) { return _mm256_maskload_ps(p, lane_mask(n)); }
+  static inline Vec load_bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static inline Vec load_bf16_partial(const uint16_t* p, int n) {
+    alignas(16) uint16_t buf[W] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n; ++i) buf[i] = p[i];
+    return load_bf16(buf);
+  }
+  static inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+  static inline void store_partial(float* p, Vec a, int n) { _mm256_maskstore_ps(p, lane_mask(n), a); }
+  static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float reduce(Vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+}  // namespace
+
+const Kernels& kernels_avx2() {
+  static const Kernels table = KernelsImpl<Avx2V>::table("avx2");
+  return table;
+}
+
+}  // namespace cpullm

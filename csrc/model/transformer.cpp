@@ -1,0 +1,322 @@
+#include "model/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/dispatch.h"
+
+namespace cpullm {
+
+namespace {
+
+constexpr int kMaxThreads = 1024;
+// Refuse dimensions whose products could overflow the 64-bit index arithmetic below or that no real
+// model has: a hostile config must fail here, not in an allocation or a pointer offset.
+constexpr int64_t kMaxDim = int64_t(1) << 24;
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+void check_spec(const ModelSpec& s) {
+  auto positive = [](const char* name, int v) {
+    if (v <= 0 || v > kMaxDim) fail(std::string("model spec: ") + name + " = " + std::to_string(v) + " is out of range");
+  };
+  positive("n_layers", s.n_layers);
+  positive("dim", s.dim);
+  positive("n_heads", s.n_heads);
+  positive("n_kv_heads", s.n_kv_heads);
+  positive("head_dim", s.head_dim);
+  positive("ffn_dim", s.ffn_dim);
+  positive("vocab_size", s.vocab_size);
+  positive("max_context", s.max_context);
+  if (s.n_heads % s.n_kv_heads != 0)
+    fail("model spec: n_heads (" + std::to_string(s.n_heads) + ") is not a multiple of n_kv_heads (" +
+         std::to_string(s.n_kv_heads) + ")");
+  if (s.rotary_dim < 0 || s.rotary_dim > s.head_dim || s.rotary_dim % 2 != 0)
+    fail("model spec: rotary_dim " + std::to_string(s.rotary_dim) + " must be even and at most head_dim " +
+         std::to_string(s.head_dim));
+  if (static_cast<int64_t>(s.inv_freq.size()) != s.rotary_dim / 2)
+    fail("model spec: inv_freq has " + std::to_string(s.inv_freq.size()) + " entries, expected rotary_dim / 2 = " +
+         std::to_string(s.rotary_dim / 2));
+  if (!(s.norm_eps >= 0.f) || !std::isfinite(s.norm_eps)) fail("model spec: norm_eps must be a finite number >= 0");
+  if (!(s.attn_scale > 0.f) || !std::isfinite(s.attn_scale)) fail("model spec: attn_scale must be finite and > 0");
+  if (!std::isfinite(s.rope_attn_factor)) fail("model spec: rope_attn_factor must be finite");
+  for (float f : s.inv_freq)
+    if (!std::isfinite(f)) fail("model spec: inv_freq holds a non-finite value");
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string r = "[";
+  for (size_t i = 0; i < shape.size(); ++i) r += (i ? ", " : "") + std::to_string(shape[i]);
+  return r + "]";
+}
+
+const TensorView* find(const std::map<std::string, TensorView>& tensors, const std::string& name, bool required) {
+  auto it = tensors.find(name);
+  if (it == tensors.end()) {
+    if (required) fail("tensor '" + name + "' is missing");
+    return nullptr;
+  }
+  if (!it->second.data) fail("tensor '" + name + "' has no data");
+  return &it->second;
+}
+
+void check_shape(const std::string& name, const TensorView& t, const std::vector<int64_t>& expected) {
+  if (t.shape != expected)
+    fail("tensor '" + name + "' has shape " + shape_str(t.shape) + ", expected " + shape_str(expected));
+}
+
+const float* vector_f32(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t n,
+                        bool required) {
+  const TensorView* t = find(tensors, name, required);
+  if (!t) return nullptr;
+  check_shape(name, *t, {n});
+  if (t->type != WType::F32) fail("tensor '" + name + "' must be float32");
+  return static_cast<const float*>(t->data);
+}
+
+Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows, int64_t cols,
+              bool required) {
+  Matrix m;
+  const TensorView* t = find(tensors, name, required);
+  if (!t) return m;
+  check_shape(name, *t, {rows, cols});
+  m.type = t->type;
+  m.data = t->data;
+  m.rows = rows;
+  m.cols = cols;
+  return m;
+}
+
+// Output rows are cut into chunks that threads claim dynamically; a chunk is a multiple of the row
+// block so tiles stay whole.
+void parallel_matmul(const Kernels& k, const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
+  const int64_t N = w.rows, K = w.cols;
+  int64_t chunk = (N + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
+  chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
+  const int64_t n_chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1 && n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    if (w.type == WType::F32)
+      k.matmul_f32(x, T, K, static_cast<const float*>(w.data), n0, n1, y, N);
+    else
+      k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), n0, n1, y, N);
+  }
+}
+
+void rmsnorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / double(n)) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
+}
+
+void embedding_row(const Matrix& emb, int64_t row, float* out) {
+  const int64_t n = emb.cols;
+  if (emb.type == WType::F32) {
+    std::memcpy(out, static_cast<const float*>(emb.data) + row * n, sizeof(float) * n);
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(emb.data) + row * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = uint32_t(src[i]) << 16;
+      std::memcpy(out + i, &bits, sizeof(float));
+    }
+  }
+}
+
+// transformers' rotate_half convention: dimension i pairs with i + rotary_dim / 2.
+void apply_rope(float* head, const float* cos, const float* sin, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float a = head[i], b = head[i + half];
+    head[i] = a * cos[i] - b * sin[i];
+    head[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors) : spec_(std::move(spec)) {
+  check_spec(spec_);
+  const ModelSpec& s = spec_;
+  const int64_t D = s.dim, F = s.ffn_dim, V = s.vocab_size;
+  tok_embeddings_ = matrix(tensors, "tok_embeddings", V, D, true);
+  norm_ = vector_f32(tensors, "norm", D, true);
+  lm_head_ = matrix(tensors, "lm_head", V, D, false);
+  if (!lm_head_.data) lm_head_ = tok_embeddings_;  // tied embeddings
+  layers_.resize(s.n_layers);
+  for (int l = 0; l < s.n_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    LayerWeights& L = layers_[l];
+    L.attn_norm = vector_f32(tensors, p + "attn_norm", D, true);
+    L.wqkv = matrix(tensors, p + "wqkv", qkv_dim(), D, true);
+    L.bqkv = vector_f32(tensors, p + "bqkv", qkv_dim(), false);
+    L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, true);
+    L.ffn_norm = vector_f32(tensors, p + "ffn_norm", D, true);
+    L.w13 = matrix(tensors, p + "w13", 2 * F, D, true);
+    L.w2 = matrix(tensors, p + "w2", D, F, true);
+  }
+}
+
+Sequence::Sequence(const Transformer& model) : model_(model) {
+  k_cache_.resize(model.spec().n_layers);
+  v_cache_.resize(model.spec().n_layers);
+}
+
+void Sequence::truncate(int n) {
+  if (n < 0) fail("truncate: position count must be >= 0");
+  n_past_ = std::min(n_past_, n);
+}
+
+void Sequence::reserve(int positions) {
+  if (positions <= capacity_) return;
+  const int max_ctx = model_.spec().max_context;
+  int cap = std::max(positions, std::min(max_ctx, std::max(2 * capacity_, 256)));
+  const size_t elems = size_t(cap) * size_t(model_.kv_dim());
+  for (size_t l = 0; l < k_cache_.size(); ++l) {
+    k_cache_[l].resize(elems);
+    v_cache_[l].resize(elems);
+  }
+  capacity_ = cap;
+}
+
+void Sequence::ensure_scratch(int n_tokens, int n_threads) {
+  const ModelSpec& s = model_.spec();
+  if (n_tokens > scratch_tokens_) {
+    const size_t T = size_t(n_tokens);
+    x_.resize(T * s.dim);
+    xn_.resize(T * s.dim);
+    qkv_.resize(T * model_.qkv_dim());
+    attn_.resize(T * size_t(s.n_heads) * s.head_dim);
+    ffn_.resize(T * 2 * size_t(s.ffn_dim));
+    rope_cos_.resize(T * size_t(s.rotary_dim / 2 + 1));
+    rope_sin_.resize(T * size_t(s.rotary_dim / 2 + 1));
+    scratch_tokens_ = n_tokens;
+  }
+  const size_t score_elems = size_t(n_threads) * size_t(capacity_);
+  if (scores_.size() < score_elems) scores_.resize(score_elems);
+}
+
+void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool all_logits, int n_threads) {
+  const ModelSpec& s = model_.spec();
+  if (n_tokens <= 0) fail("forward: no tokens given");
+  if (n_threads < 1 || n_threads > kMaxThreads)
+    fail("forward: thread count " + std::to_string(n_threads) + " is out of range [1, " + std::to_string(kMaxThreads) + "]");
+  for (int t = 0; t < n_tokens; ++t)
+    if (tokens[t] < 0 || tokens[t] >= s.vocab_size)
+      fail("forward: token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " +
+           std::to_string(s.vocab_size) + ")");
+  if (int64_t(n_past_) + n_tokens > s.max_context)
+    fail("forward: " + std::to_string(n_past_) + " cached + " + std::to_string(n_tokens) +
+         " new tokens exceed the context length " + std::to_string(s.max_context));
+
+  reserve(n_past_ + n_tokens);
+  ensure_scratch(n_tokens, n_threads);
+  const Kernels& k = kernels();
+  const int64_t T = n_tokens, D = s.dim, F = s.ffn_dim, H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim;
+  const int64_t qkv_dim = model_.qkv_dim(), kv_dim = model_.kv_dim(), q_dim = H * hd;
+  const int64_t group = H / KVH;
+  const int half = s.rotary_dim / 2;
+  float* x = x_.data();
+  float* xn = xn_.data();
+  float* qkv = qkv_.data();
+  float* attn = attn_.data();
+  float* ffn = ffn_.data();
+
+  for (int64_t t = 0; t < T; ++t) embedding_row(model_.tok_embeddings(), tokens[t], x + t * D);
+
+  // cos/sin for each new position: the f32 product pos * inv_freq, as transformers forms it.
+  for (int64_t t = 0; t < T; ++t) {
+    const float pos = static_cast<float>(n_past_ + t);
+    for (int i = 0; i < half; ++i) {
+      const float f = pos * s.inv_freq[i];
+      rope_cos_[t * half + i] = std::cos(f) * s.rope_attn_factor;
+      rope_sin_[t * half + i] = std::sin(f) * s.rope_attn_factor;
+    }
+  }
+
+  for (int l = 0; l < s.n_layers; ++l) {
+    const LayerWeights& L = model_.layers()[l];
+    float* kc = k_cache_[l].data();
+    float* vc = v_cache_[l].data();
+
+    for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps);
+    parallel_matmul(k, xn, T, L.wqkv, qkv, n_threads);
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = qkv + t * qkv_dim;
+      if (L.bqkv)
+        for (int64_t i = 0; i < qkv_dim; ++i) row[i] += L.bqkv[i];
+      const float* c = rope_cos_.data() + t * half;
+      const float* sn = rope_sin_.data() + t * half;
+      for (int64_t h = 0; h < H + KVH; ++h) apply_rope(row + h * hd, c, sn, half);
+      const int64_t pos = n_past_ + t;
+      std::memcpy(kc + pos * kv_dim, row + q_dim, sizeof(float) * kv_dim);
+      std::memcpy(vc + pos * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
+    }
+
+    // Causal grouped-query attention: query t sees cached positions [0, n_past + t].
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
+    for (int64_t th = 0; th < T * H; ++th) {
+      const int64_t t = th / H, h = th % H, kvh = h / group;
+      const int64_t n_keys = n_past_ + t + 1;
+      const float* q = qkv + t * qkv_dim + h * hd;
+      float* scores = scores_.data() + size_t(thread_id()) * capacity_;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t p = 0; p < n_keys; ++p) {
+        const float sc = k.dot_f32(q, kc + p * kv_dim + kvh * hd, hd) * s.attn_scale;
+        scores[p] = sc;
+        mx = std::max(mx, sc);
+      }
+      float sum = 0.f;
+      for (int64_t p = 0; p < n_keys; ++p) {
+        scores[p] = std::exp(scores[p] - mx);
+        sum += scores[p];
+      }
+      const float inv_sum = 1.f / sum;
+      float* out = attn + t * q_dim + h * hd;
+      std::fill(out, out + hd, 0.f);
+      for (int64_t p = 0; p < n_keys; ++p) k.axpy_f32(scores[p] * inv_sum, vc + p * kv_dim + kvh * hd, out, hd);
+    }
+
+    parallel_matmul(k, attn, T, L.wo, xn, n_threads);
+    for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
+
+    for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps);
+    parallel_matmul(k, xn, T, L.w13, ffn, n_threads);
+    // SwiGLU, packed into the first F columns of a [T, F] view at the start of the buffer: row t's
+    // gate/up input (offset 2tF) is never behind its output (offset tF), so in-place is safe.
+    for (int64_t t = 0; t < T; ++t) {
+      const float* gate = ffn + t * 2 * F;
+      const float* up = gate + F;
+      float* act = ffn + t * F;
+      for (int64_t j = 0; j < F; ++j) {
+        const float g = gate[j];
+        act[j] = g / (1.f + std::exp(-g)) * up[j];
+      }
+    }
+    parallel_matmul(k, ffn, T, L.w2, xn, n_threads);
+    for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
+  }
+
+  const int64_t first = all_logits ? 0 : T - 1;
+  const int64_t n_out = T - first;
+  for (int64_t t = first; t < T; ++t) rmsnorm(x + t * D, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
+  parallel_matmul(k, xn, n_out, model_.lm_head(), logits, n_threads);
+  n_past_ += n_tokens;
+}
+
+}  // namespace cpullm

@@ -1,0 +1,104 @@
+// The forward pass over the one canonical model layout (see DESIGN.md, "One canonical model").
+// Architecture differences arrive as ModelSpec fields and optional tensors; nothing here branches on
+// an architecture name.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace cpullm {
+
+struct ModelSpec {
+  int n_layers = 0;
+  int dim = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int ffn_dim = 0;
+  int vocab_size = 0;
+  int max_context = 0;   // hard limit on positions a sequence may hold
+  int rotary_dim = 0;    // leading dims of each head that RoPE rotates (== head_dim unless partial)
+  float norm_eps = 1e-5f;
+  float attn_scale = 0.f;       // softmax scale; 1/sqrt(head_dim) for every supported family
+  float rope_attn_factor = 1.f; // multiplies cos and sin (yarn / longrope "attention scaling")
+  std::vector<float> inv_freq;  // [rotary_dim / 2], computed in Python exactly as transformers does
+};
+
+// A view of a tensor owned elsewhere (a memory map or an array the Python side keeps alive).
+struct TensorView {
+  WType type = WType::F32;
+  const void* data = nullptr;
+  std::vector<int64_t> shape;
+};
+
+struct Matrix {
+  WType type = WType::F32;
+  const void* data = nullptr;
+  int64_t rows = 0, cols = 0;
+};
+
+struct LayerWeights {
+  const float* attn_norm = nullptr;  // [dim]
+  Matrix wqkv;                       // [(n_heads + 2 * n_kv_heads) * head_dim, dim]
+  const float* bqkv = nullptr;       // [(n_heads + 2 * n_kv_heads) * head_dim] or null
+  Matrix wo;                         // [dim, n_heads * head_dim]
+  const float* ffn_norm = nullptr;   // [dim]
+  Matrix w13;                        // [2 * ffn_dim, dim]: gate rows, then up rows
+  Matrix w2;                         // [dim, ffn_dim]
+};
+
+class Transformer {
+ public:
+  // Checks every tensor's presence, type and shape against the spec; throws std::invalid_argument.
+  Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors);
+
+  const ModelSpec& spec() const { return spec_; }
+  int qkv_dim() const { return (spec_.n_heads + 2 * spec_.n_kv_heads) * spec_.head_dim; }
+  int kv_dim() const { return spec_.n_kv_heads * spec_.head_dim; }
+
+  const Matrix& tok_embeddings() const { return tok_embeddings_; }
+  const std::vector<LayerWeights>& layers() const { return layers_; }
+  const float* norm() const { return norm_; }
+  const Matrix& lm_head() const { return lm_head_; }
+
+ private:
+  ModelSpec spec_;
+  Matrix tok_embeddings_;  // [vocab, dim]
+  std::vector<LayerWeights> layers_;
+  const float* norm_ = nullptr;  // [dim]
+  Matrix lm_head_;               // [vocab, dim]; the embedding matrix itself when tied
+};
+
+// One sequence's state: its KV cache and scratch buffers. Several sequences may share a Transformer;
+// a sequence must not be used by two threads at once.
+class Sequence {
+ public:
+  explicit Sequence(const Transformer& model);
+  int n_past() const { return n_past_; }
+  int capacity() const { return capacity_; }
+  // Forgets positions >= n (keeps the cached prefix [0, n)).
+  void truncate(int n);
+
+  // Runs `n_tokens` new tokens at positions n_past .. n_past + n_tokens - 1 and appends them to the
+  // cache. Writes logits for every new position ([n_tokens, vocab]) when all_logits, else for the last
+  // one only ([1, vocab]). Validates tokens and context length first; throws std::invalid_argument.
+  void forward(const int32_t* tokens, int n_tokens, float* logits, bool all_logits, int n_threads);
+
+ private:
+  void reserve(int positions);
+  void ensure_scratch(int n_tokens, int n_threads);
+
+  const Transformer& model_;
+  int n_past_ = 0;
+  int capacity_ = 0;
+  // Per layer: [capacity, n_kv_heads * head_dim], position-major so growing is one copy per layer.
+  std::vector<std::vector<float>> k_cache_, v_cache_;
+  // Scratch, grown on demand and then reused: no allocation on the decode path.
+  std::vector<float> x_, xn_, qkv_, attn_, ffn_, rope_cos_, rope_sin_, scores_;
+  int scratch_tokens_ = 0;
+};
+
+}  // namespace cpullm

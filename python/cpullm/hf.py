@@ -1,0 +1,122 @@
+"""Reading a Hugging Face checkpoint directory (config.json + one or many safetensors files) into the
+canonical tensors: q/k/v and gate/up fused, names independent of the family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .dtypes import to_f32, to_weight
+from .errors import ModelFormatError
+from .safetensors_io import SafetensorsFile
+from .spec import ModelSpec
+
+# Canonical tensor -> alternative sources; each alternative is a list of checkpoint tensors
+# concatenated along the output dimension (rows). The first alternative found wins.
+_LAYER_SOURCES: dict[str, list[list[str]]] = {
+    "attn_norm": [["input_layernorm.weight"]],
+    "wqkv": [["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+             ["self_attn.qkv_proj.weight"]],
+    "bqkv": [["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]],
+    "wo": [["self_attn.o_proj.weight"]],
+    "ffn_norm": [["post_attention_layernorm.weight"]],
+    "w13": [["mlp.gate_proj.weight", "mlp.up_proj.weight"], ["mlp.gate_up_proj.weight"]],
+    "w2": [["mlp.down_proj.weight"]],
+}
+_VECTORS = {"attn_norm", "ffn_norm", "bqkv", "norm"}
+_OPTIONAL = {"bqkv", "lm_head"}
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{path}: not readable JSON: {e}") from e
+
+
+class Checkpoint:
+    """The safetensors files of one directory, with a name -> file index."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        index_path = directory / "model.safetensors.index.json"
+        if index_path.exists():
+            index = read_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ModelFormatError(f"{index_path}: no 'weight_map' object")
+            names = sorted(set(weight_map.values()))
+        else:
+            weight_map = None
+            names = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not names:
+            hint = " (PyTorch .bin checkpoints are not read: save with safe_serialization=True)" if any(
+                directory.glob("*.bin")
+            ) else ""
+            raise ModelFormatError(f"{directory}: no *.safetensors weights found{hint}")
+        self.files: dict[str, SafetensorsFile] = {}
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ModelFormatError(f"{index_path}: shard name {name!r} is not a plain file name")
+            path = directory / name
+            if not path.is_file():
+                raise ModelFormatError(f"{path}: shard listed in the index is missing")
+            self.files[name] = SafetensorsFile(path)
+        self.location: dict[str, SafetensorsFile] = {}
+        for file in self.files.values():
+            for tensor in file.keys():
+                self.location[tensor] = file
+        if weight_map is not None:
+            for tensor, shard in weight_map.items():
+                if self.location.get(tensor) is not self.files[shard]:
+                    raise ModelFormatError(f"{index_path}: tensor '{tensor}' is not in {shard} as the index says")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def get(self, name: str) -> tuple[np.ndarray, str]:
+        file = self.location[name]
+        return file.get(name), file.tensors[name].dtype
+
+
+def _sources(spec: ModelSpec) -> Iterator[tuple[str, list[list[str]]]]:
+    yield "tok_embeddings", [["model.embed_tokens.weight"]]
+    for i in range(spec.n_layers):
+        for name, alternatives in _LAYER_SOURCES.items():
+            yield f"layers.{i}.{name}", [[f"model.layers.{i}.{part}" for part in alt] for alt in alternatives]
+    yield "norm", [["model.norm.weight"]]
+    if not spec.tie_embeddings:
+        yield "lm_head", [["lm_head.weight"]]
+
+
+def _gather(checkpoint: Checkpoint, parts: Sequence[str], dtype: str, vector: bool) -> np.ndarray:
+    arrays = []
+    for part in parts:
+        array, stored = checkpoint.get(part)
+        arrays.append(to_f32(array, stored) if vector else to_weight(array, stored, dtype))
+    if len(arrays) == 1:
+        return arrays[0]
+    if len({a.ndim for a in arrays}) != 1 or len({a.shape[1:] for a in arrays}) != 1:
+        shapes = ", ".join(f"{p} {a.shape}" for p, a in zip(parts, arrays))
+        raise ModelFormatError(f"tensors to fuse have mismatched shapes: {shapes}")
+    return np.concatenate(arrays, axis=0)
+
+
+def canonical_tensors(spec: ModelSpec, checkpoint: Checkpoint, dtype: str) -> dict[str, np.ndarray]:
+    """Canonical name -> array (float32, or uint16 bf16 bits for bf16 matrices)."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, alternatives in _sources(spec):
+        short = name.rsplit(".", 1)[-1]
+        found = next((alt for alt in alternatives if all(p in checkpoint for p in alt)), None)
+        if found is None:
+            if short in _OPTIONAL:
+                continue
+            raise ModelFormatError(f"{checkpoint.directory}: tensor '{alternatives[0][0]}' is missing")
+        tensors[name] = np.ascontiguousarray(_gather(checkpoint, found, dtype, short in _VECTORS))
+    return tensors
