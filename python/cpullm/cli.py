@@ -1,0 +1,82 @@
+"""The ``cpullm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import CpullmError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--dtype", choices=["f32", "bf16"], default=None, help="weight type (default: f32)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .model import load
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    model = load(args.model, dtype=args.dtype, threads=args.threads)
+    with model:
+        for piece in model.stream(prompt, max_tokens=args.max_tokens):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpullm", description="Run Llama-family language models on the CPU.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cpullm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = sub.add_parser("generate", help="continue a prompt (greedy decoding)",
+                              description="Continue a prompt with greedy decoding and print the text as it comes.")
+    _add_model_options(generate)
+    generate.add_argument("-p", "--prompt", default=None, help="the prompt text (default: read standard input)")
+    generate.add_argument("-n", "--max-tokens", type=_non_negative_int, default=128,
+                          help="most tokens to generate (default: 128)")
+    generate.set_defaults(run=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (CpullmError, ValueError, OSError) as e:
+        print(f"cpullm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

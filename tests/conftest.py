@@ -1,0 +1,106 @@
+"""Shared fixtures: kernel paths, and tiny random Llama checkpoints written by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+
+import cpullm._C as C
+
+ISAS = C.cpu_features()["available_isas"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test once on every kernel path this CPU has (scalar always among them)."""
+    previous = C.get_isa()
+    C.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        C.set_isa(previous)
+
+
+def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    return float(np.max(np.abs(actual.astype(np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    base: dict[str, Any] = dict(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        # Larger than the 0.02 default so that logits are spread out and greedy choices are not near-ties.
+        initializer_range=0.1,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def make_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Any]]:
+    """Builds a random LlamaForCausalLM from a config, saves it, returns (directory, model)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    def make(seed: int = 0, save_kwargs: dict[str, Any] | None = None, **overrides: Any) -> tuple[Path, Any]:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+        directory = tmp_path_factory.mktemp("llama")
+        model.save_pretrained(directory, **(save_kwargs or {}))
+        return directory, model
+
+    return make
+
+
+def hf_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].float().numpy()
+
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "def add(a, b):\n    return a + b\n",
+    "Zürich, São Paulo, Kraków — 東京 and 北京; emoji 🙂🚀 too.",
+] * 20
+
+
+def write_tokenizer(directory: Path, chat_template: str | None = None, template_file: bool = False) -> Any:
+    """A small byte-level BPE tokenizer (trained here, deterministic) with <s> as BOS, in the files a
+    transformers checkpoint has."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template is not None and not template_file:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    if chat_template is not None and template_file:
+        (directory / "chat_template.jinja").write_text(chat_template)
+    return tok

@@ -1,0 +1,165 @@
+"""Configs and files as found in the wild: old and new RoPE keys, chat templates in either place,
+the tokenizer, and the `cpullm generate` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import cpullm
+from conftest import hf_logits, rel_err, write_tokenizer
+from cpullm.rope import compute_rope, rope_parameters
+
+CHATML = (
+    "{% for message in messages %}{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        None,
+        {"type": "linear", "factor": 4.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 128},
+    ],
+)
+@pytest.mark.parametrize("head_dim,partial", [(64, 1.0), (40, 1.0), (64, 0.5)])
+def test_inv_freq_matches_transformers(rope_scaling: Any, head_dim: int, partial: float) -> None:
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_theta=123456.0,
+                         rope_scaling=rope_scaling, max_position_embeddings=1024)
+    config.standardize_rope_params()
+    params = dict(config.rope_parameters)
+    if partial != 1.0:
+        params["partial_rotary_factor"] = partial
+        config.rope_parameters["partial_rotary_factor"] = partial
+    rope_type = params["rope_type"]
+    if rope_type == "default":  # the expression of LlamaRotaryEmbedding.compute_default_rope_parameters
+        dim = int(head_dim * partial)
+        expected, factor = 1.0 / (123456.0 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    else:
+        expected, factor = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    ours = compute_rope(rope_parameters(config.to_dict()), int(head_dim * partial))
+    np.testing.assert_allclose(ours.inv_freq, expected.numpy(), rtol=2e-7, atol=0)
+    assert ours.attention_factor == pytest.approx(factor)
+
+
+def test_old_and_new_config_styles_agree(make_llama: Any) -> None:
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    directory, hf_model = make_llama(seed=3, rope_theta=20000.0, rope_scaling=rope)
+    written = json.loads((directory / "config.json").read_text())
+    assert "rope_parameters" in written  # transformers 5 writes the new form
+    ids = np.random.default_rng(0).integers(0, 320, 150)
+    expected = hf_logits(hf_model, ids)
+    assert rel_err(cpullm.load(directory).logits(ids), expected) < 2e-5
+
+    # The same model described the way older checkpoints are: rope_theta + rope_scaling{type}, no head_dim.
+    old = {k: v for k, v in written.items() if k not in ("rope_parameters", "head_dim")}
+    old["rope_theta"] = 20000.0
+    old["rope_scaling"] = {"type": "llama3", **{k: v for k, v in rope.items() if k != "rope_type"}}
+    (directory / "config.json").write_text(json.dumps(old))
+    try:
+        assert rel_err(cpullm.load(directory).logits(ids), expected) < 2e-5
+    finally:
+        (directory / "config.json").write_text(json.dumps(written))
+
+
+@pytest.mark.parametrize("template_file", [False, True])
+def test_chat_template_from_either_file_matches_transformers(tmp_path: Path, make_llama: Any, template_file: bool) -> None:
+    from transformers import AutoTokenizer
+
+    directory, _ = make_llama(seed=1)
+    write_tokenizer(directory, chat_template=CHATML, template_file=template_file)
+    model = cpullm.load(directory)
+    reference = AutoTokenizer.from_pretrained(directory)
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy? 🙂"},
+    ]
+    expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert model.tokenizer.apply_chat_template(messages) == list(expected)
+    text = "The capital of Italy is Rome. 東京 🚀"
+    assert model.tokenizer.encode(text) == reference(text)["input_ids"]
+    assert model.tokenizer.decode(model.tokenizer.encode(text), skip_special_tokens=True) == text
+
+
+def test_model_without_template_refuses_chat_clearly(make_llama: Any) -> None:
+    directory, _ = make_llama(seed=2)
+    write_tokenizer(directory)
+    model = cpullm.load(directory)
+    with pytest.raises(cpullm.CpullmError, match="no chat template"):
+        model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_generate_text_matches_token_path(make_llama: Any) -> None:
+    directory, _ = make_llama(seed=4)
+    write_tokenizer(directory)
+    model = cpullm.load(directory)
+    ids = model.tokenizer.encode("The capital of")
+    tokens = list(model.generate_tokens(ids, max_tokens=12, stop_token_ids=()))
+    pieces = list(model.stream("The capital of", max_tokens=12))
+    assert "".join(pieces) == model.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert model.generate("The capital of", max_tokens=12) == "".join(pieces)
+
+
+def test_eos_from_generation_config_stops_generation(make_llama: Any) -> None:
+    directory, _ = make_llama(seed=4)
+    write_tokenizer(directory)
+    model = cpullm.load(directory)
+    ids = model.tokenizer.encode("The capital of")
+    free = list(model.generate_tokens(ids, max_tokens=10, stop_token_ids=()))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [299, free[3]]}))
+    stopped = list(cpullm.load(directory).generate_tokens(ids, max_tokens=10))
+    assert stopped == free[: free.index(free[3])]
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "cpullm", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_generate(make_llama: Any) -> None:
+    directory, _ = make_llama(seed=4)
+    write_tokenizer(directory)
+    expected = cpullm.load(directory).generate("The capital of", max_tokens=10)
+    result = _cli("generate", str(directory), "-p", "The capital of", "-n", "10", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    from_stdin = _cli("generate", str(directory), "-n", "10", stdin="The capital of")
+    assert from_stdin.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "/no/such/model", "-p", "x"], "no such file"),
+        (["generate", "{dir}", "-p", "x", "--threads", "0"], "expected an integer >= 1"),
+        (["generate", "{dir}", "-p", "x", "-n", "-3"], "expected an integer >= 0"),
+        (["generate", "{dir}", "-p", ""], "prompt is empty"),
+        (["generate", "{dir}", "--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_cli_bad_arguments_give_one_clear_line(make_llama: Any, args: list[str], message: str) -> None:
+    directory, _ = make_llama(seed=4)
+    write_tokenizer(directory)
+    result = _cli(*[a.replace("{dir}", str(directory)) for a in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
