@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <memory>
 #include <stdexcept>
 
@@ -44,7 +45,13 @@ struct PyTransformer {
 
 std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const py::dict& tensor_dict) {
   ModelSpec s;
-  auto get_int = [&](const char* key) { return spec_dict[key].cast<int>(); };
+  auto get_int = [&](const char* key) {
+    if (!spec_dict.contains(key)) throw std::invalid_argument(std::string("model spec: '") + key + "' is missing");
+    const long long v = spec_dict[key].cast<long long>();
+    if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max())
+      throw std::invalid_argument(std::string("model spec: '") + key + "' = " + std::to_string(v) + " is out of range");
+    return static_cast<int>(v);
+  };
   s.n_layers = get_int("n_layers");
   s.dim = get_int("dim");
   s.n_heads = get_int("n_heads");

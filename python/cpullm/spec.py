@@ -66,10 +66,15 @@ class ModelSpec:
         }
 
 
+# No supported model comes near this; larger values are hostile or corrupt, and refusing them here keeps
+# every later size computation far from overflow.
+_MAX_DIM = 1 << 24
+
+
 def _int(cfg: Mapping[str, Any], key: str, minimum: int = 1) -> int:
     value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelFormatError(f"config: '{key}' must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_DIM:
+        raise ModelFormatError(f"config: '{key}' must be an integer in [{minimum}, {_MAX_DIM}], got {value!r}")
     return value
 
 
