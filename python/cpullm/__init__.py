@@ -9,7 +9,8 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from .model import Model, load
+from .loader import load
+from .model import Model
 
 __version__ = "0.1.0"
 

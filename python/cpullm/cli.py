@@ -36,7 +36,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .model import load
+    from .loader import load
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     model = load(args.model, dtype=args.dtype, threads=args.threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -40,11 +40,24 @@ def read_json(path: Path) -> Any:
         raise ModelFormatError(f"{path}: not readable JSON: {e}") from e
 
 
+class TensorSource(Protocol):
+    """Where canonical_tensors reads checkpoint tensors from, by their Hugging Face names."""
+
+    description: str  # names the source in error messages
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str) -> tuple[np.ndarray, str]:
+        """The tensor and its stored dtype as a safetensors dtype name ("F32", "BF16", ...)."""
+        ...
+
+
 class Checkpoint:
     """The safetensors files of one directory, with a name -> file index."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.description = str(directory)
         index_path = directory / "model.safetensors.index.json"
         if index_path.exists():
             index = read_json(index_path)
@@ -95,7 +108,7 @@ def _sources(spec: ModelSpec) -> Iterator[tuple[str, list[list[str]]]]:
         yield "lm_head", [["lm_head.weight"]]
 
 
-def _gather(checkpoint: Checkpoint, parts: Sequence[str], dtype: str, vector: bool) -> np.ndarray:
+def _gather(checkpoint: TensorSource, parts: Sequence[str], dtype: str, vector: bool) -> np.ndarray:
     arrays = []
     for part in parts:
         array, stored = checkpoint.get(part)
@@ -108,7 +121,7 @@ def _gather(checkpoint: Checkpoint, parts: Sequence[str], dtype: str, vector: bo
     return np.concatenate(arrays, axis=0)
 
 
-def canonical_tensors(spec: ModelSpec, checkpoint: Checkpoint, dtype: str) -> dict[str, np.ndarray]:
+def canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> dict[str, np.ndarray]:
     """Canonical name -> array (float32, or uint16 bf16 bits for bf16 matrices)."""
     tensors: dict[str, np.ndarray] = {}
     for name, alternatives in _sources(spec):
@@ -117,6 +130,6 @@ def canonical_tensors(spec: ModelSpec, checkpoint: Checkpoint, dtype: str) -> di
         if found is None:
             if short in _OPTIONAL:
                 continue
-            raise ModelFormatError(f"{checkpoint.directory}: tensor '{alternatives[0][0]}' is missing")
+            raise ModelFormatError(f"{checkpoint.description}: tensor '{alternatives[0][0]}' is missing")
         tensors[name] = np.ascontiguousarray(_gather(checkpoint, found, dtype, short in _VECTORS))
     return tensors

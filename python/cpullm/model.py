@@ -1,4 +1,4 @@
-"""``cpullm.load`` and the ``Model`` it returns."""
+"""``Model``: a loaded model, its raw forward pass and generation."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import _C
-from .dtypes import WEIGHT_DTYPES
-from .errors import ContextOverflowError, CpullmError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from .hf import Checkpoint, canonical_tensors, read_json
-from .spec import ModelSpec, spec_from_hf_config
-from .threads import resolve_threads
+from .errors import ContextOverflowError, CpullmError, ModelFormatError
+from .spec import ModelSpec
 from .tokenizer import Tokenizer
-
-DEFAULT_DTYPE = "f32"  # for Hugging Face directories: exact parity with transformers
 
 
 class Model:
@@ -151,64 +146,3 @@ def _eos_ids(generation_config: Mapping[str, Any], config: Mapping[str, Any]) ->
     value = generation_config.get("eos_token_id", config.get("eos_token_id"))
     values = value if isinstance(value, list) else [value]
     return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
-
-
-def _load_hf_directory(directory: Path, dtype: str, threads: int, context_length: int | None) -> Model:
-    config = read_json(directory / "config.json")
-    spec = spec_from_hf_config(config)
-    if context_length is not None:
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
-            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
-        spec = _with_context(spec, min(context_length, spec.max_context))
-    tensors = canonical_tensors(spec, Checkpoint(directory), dtype)
-    generation_path = directory / "generation_config.json"
-    generation_config = read_json(generation_path) if generation_path.exists() else {}
-    if not isinstance(generation_config, dict):
-        raise ModelFormatError(f"{generation_path}: expected a JSON object")
-    return Model(
-        spec,
-        tensors,
-        tokenizer=Tokenizer.from_directory(directory),
-        generation_config=generation_config,
-        config=config,
-        dtype=dtype,
-        threads=threads,
-        source=directory,
-    )
-
-
-def _with_context(spec: ModelSpec, max_context: int) -> ModelSpec:
-    from dataclasses import replace
-
-    return replace(spec, max_context=max_context)
-
-
-def load(
-    path: str | Path,
-    dtype: str | None = None,
-    threads: int | None = None,
-    context_length: int | None = None,
-) -> Model:
-    """Loads a model.
-
-    ``path``: a Hugging Face directory (config.json + safetensors, one file or sharded).
-    ``dtype``: "f32" (default: exact parity with transformers) or "bf16" (half the bytes).
-    ``threads``: compute threads (default: the physical cores available to this process).
-    ``context_length``: cap on positions per sequence (default: the model's max_position_embeddings).
-    """
-    dtype = DEFAULT_DTYPE if dtype is None else dtype
-    if dtype not in WEIGHT_DTYPES:
-        if dtype == "int8":
-            raise UnsupportedModelError("dtype 'int8' is not available yet in this version of cpullm")
-        raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
-    n_threads = resolve_threads(threads)
-    source = Path(path)
-    if not source.exists():
-        raise ModelNotFoundError(f"{source}: no such file or directory")
-    if source.is_dir():
-        if (source / "config.json").exists():
-            return _load_hf_directory(source, dtype, n_threads, context_length)
-        raise ModelFormatError(f"{source}: not a model directory (no config.json)")
-    if source.suffix == ".gguf":
-        raise UnsupportedModelError(f"{source}: GGUF files are not supported yet")
-    raise ModelFormatError(f"{source}: not a model directory or a known model file")
