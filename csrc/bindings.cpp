@@ -8,6 +8,7 @@
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/dispatch.h"
 #include "cpu/features.h"
@@ -24,8 +25,9 @@ WType wtype_of(const py::array& a, const std::string& name) {
   if (a.dtype().is(py::dtype::of<float>())) return WType::F32;
   // bf16 travels as its raw uint16 bits: NumPy has no bf16 type.
   if (a.dtype().is(py::dtype::of<uint16_t>())) return WType::BF16;
+  if (a.dtype().is(py::dtype::of<int8_t>())) return WType::Q8;
   throw std::invalid_argument("tensor '" + name + "' has dtype " + std::string(py::str(a.dtype())) +
-                              "; expected float32, or uint16 holding bf16 bits");
+                              "; expected float32, uint16 holding bf16 bits, or int8");
 }
 
 TensorView view_of(const py::array& a, const std::string& name) {
@@ -61,6 +63,7 @@ std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const
   s.vocab_size = get_int("vocab_size");
   s.max_context = get_int("max_context");
   s.rotary_dim = get_int("rotary_dim");
+  s.group_size = get_int("group_size");
   s.norm_eps = spec_dict["norm_eps"].cast<float>();
   s.attn_scale = spec_dict["attn_scale"].cast<float>();
   s.rope_attn_factor = spec_dict["rope_attn_factor"].cast<float>();
@@ -147,6 +150,31 @@ PYBIND11_MODULE(_C, m) {
       kernels().matmul_bf16(xp, T, K, static_cast<const uint16_t*>(wp), 0, N, y, N);
     });
   }, py::arg("x"), py::arg("w"), "y = x @ w.T with bf16 weights given as uint16 bits");
+  m.def("quantize_q8", [](const F32Array& x, int64_t group) {
+    if (x.ndim() != 2) throw std::invalid_argument("quantize_q8: expected x [T, K]");
+    if (group <= 0) throw std::invalid_argument("quantize_q8: group must be > 0");
+    const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group;
+    py::array_t<int8_t> q({T, K});
+    F32Array scales({T, G});
+    for (int64_t t = 0; t < T; ++t)
+      quantize_row_q8(x.data() + t * K, K, group, q.mutable_data() + t * K, scales.mutable_data() + t * G);
+    return py::make_tuple(q, scales);
+  }, py::arg("x"), py::arg("group"), "Per-group symmetric int8 quantization of activation rows: (q, scales)");
+  m.def("matmul_q8", [](const F32Array& x, const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws,
+                        int64_t group) {
+    if (x.ndim() != 2 || wq.ndim() != 2 || x.shape(1) != wq.shape(1))
+      throw std::invalid_argument("matmul_q8: expected x [T, K] and wq [N, K]");
+    if (group <= 0 || group % kQ8Block != 0) throw std::invalid_argument("matmul_q8: group must be a positive multiple of 32");
+    const int64_t T = x.shape(0), K = x.shape(1), N = wq.shape(0), G = (K + group - 1) / group;
+    if (ws.ndim() != 2 || ws.shape(0) != N || ws.shape(1) != G) throw std::invalid_argument("matmul_q8: ws must be [N, ceil(K / group)]");
+    std::vector<int8_t> xq(size_t(T * K));
+    std::vector<float> xs(size_t(T * G));
+    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x.data() + t * K, K, group, xq.data() + t * K, xs.data() + t * G);
+    F32Array y({T, N});
+    kernels().matmul_q8(xq.data(), xs.data(), T, K, group, wq.data(), ws.data(), 0, N, y.mutable_data(), N);
+    return y;
+  }, py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("group"),
+     "y = x @ dequant(wq, ws).T with x quantized per group on the fly, as the model does");
   m.def("dot_f32", [](const F32Array& a, const F32Array& b) {
     if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0)) throw std::invalid_argument("dot: expected two 1-D arrays of one length");
     return kernels().dot_f32(a.data(), b.data(), a.shape(0));

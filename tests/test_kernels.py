@@ -104,3 +104,86 @@ def test_env_var_forces_scalar_path() -> None:
         [sys.executable, "-c", "import cpullm._C as C; print(C.get_isa())"], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "scalar"
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+
+Q8_SHAPES = [(1, 1, 32, 32), (1, 7, 40, 32), (3, 17, 100, 32), (4, 9, 64, 64), (5, 37, 300, 64), (2, 5, 129, 128),
+             (1, 70, 576, 32), (6, 11, 1000, 256)]
+
+
+def _quantize_rows_reference(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent NumPy statement of the activation quantization the kernels promise."""
+    T, K = x.shape
+    G = -(-K // group)
+    q = np.zeros((T, K), np.int8)
+    s = np.zeros((T, G), np.float32)
+    for t in range(T):
+        for g in range(G):
+            part = x[t, g * group:(g + 1) * group]
+            scale = np.float32(np.abs(part).max()) / np.float32(127)
+            s[t, g] = scale
+            if scale > 0:
+                q[t, g * group:(g + 1) * group] = np.clip(np.rint(part / scale), -127, 127).astype(np.int8)
+    return q, s
+
+
+def _q8_reference(xq: np.ndarray, xs: np.ndarray, wq: np.ndarray, ws: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """sum_g xs * ws * (exact integer dot of the group), in float64; and the same over |products|, which
+    bounds every partial sum the kernel forms (its lanes may cancel)."""
+    T, K = xq.shape
+    G = xs.shape[1]
+    y = np.zeros((T, wq.shape[0]))
+    mag = np.zeros_like(y)
+    for g in range(G):
+        sl = slice(g * group, min(K, (g + 1) * group))
+        scale = xs[:, g:g + 1].astype(np.float64) * ws[:, g].astype(np.float64)[None, :]
+        y += (xq[:, sl].astype(np.int64) @ wq[:, sl].astype(np.int64).T) * scale
+        mag += (np.abs(xq[:, sl]).astype(np.int64) @ np.abs(wq[:, sl]).astype(np.int64).T) * scale
+    return y, mag
+
+
+def test_activation_quantization_matches_numpy() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((7, 333)) * np.exp(rng.standard_normal((7, 333)))).astype(np.float32)
+    x[2, 40:70] = 0.0  # an all-zero group: scale 0, q 0
+    for group in (32, 64, 128):
+        q, s = C.quantize_q8(x, group)
+        q_ref, s_ref = _quantize_rows_reference(x, group)
+        np.testing.assert_array_equal(s, s_ref)
+        np.testing.assert_array_equal(q, q_ref)
+
+
+def test_weight_quantizer_matches_activation_quantizer() -> None:
+    from cpullm.dtypes import quantize_q8
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((13, 200)).astype(np.float32)
+    q, s = quantize_q8(w, 64)
+    q_ref, s_ref = _quantize_rows_reference(w, 64)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES)
+def test_matmul_q8_matches_numpy(isa: str, T: int, N: int, K: int, group: int) -> None:
+    from cpullm.dtypes import quantize_q8
+
+    rng = np.random.default_rng(T * 31 + N * 7 + K + group)
+    x, w = _rand(rng, T, K), _rand(rng, N, K)
+    wq, ws = quantize_q8(w, group)
+    xq, xs = _quantize_rows_reference(x, group)
+    expected, magnitude = _q8_reference(xq, xs, wq, ws, group)
+    y = C.matmul_q8(x, wq, ws, group)
+    # Integer sums are exact; only the f32 scaling and the sum over groups and lanes round.
+    n_terms = -(-K // group) * 8
+    assert np.all(np.abs(y - expected) <= 4 * np.finfo(np.float32).eps * n_terms * magnitude + 1e-30)
+    # And the whole scheme stays close to the unquantized product (int8 on both sides).
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.max(np.abs(y - exact)) <= 0.03 * np.max(np.abs(x) @ np.abs(w).T)
+
+
+def test_q8_rejects_bad_group() -> None:
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        C.matmul_q8(x, np.zeros((2, 64), np.int8), np.zeros((2, 4), np.float32), 16)

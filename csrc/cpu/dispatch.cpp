@@ -17,6 +17,8 @@ const Kernels* table_for(const std::string& name) {
   if (name == "avx2" && f.avx2 && f.fma && f.f16c) return &kernels_avx2();
   if (name == "avx512" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma)
     return &kernels_avx512();
+  if (name == "avx512vnni" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.avx512vnni)
+    return &kernels_avx512vnni();
 #endif
   (void)f;
   return nullptr;
@@ -41,7 +43,7 @@ const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
-  for (const char* name : {"scalar", "avx2", "avx512"})
+  for (const char* name : {"scalar", "avx2", "avx512", "avx512vnni"})
     if (table_for(name)) names.emplace_back(name);
   return names;
 }

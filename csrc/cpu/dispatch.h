@@ -1,4 +1,4 @@
-// Run-time choice of the kernel table. The environment variable CPULLM_ISA (scalar, avx2, avx512)
+// Run-time choice of the kernel table. The environment variable CPULLM_ISA (scalar, avx2, avx512, avx512vnni)
 // forces a path at start-up; set_isa() changes it later (tests use it to check every path).
 #pragma once
 #include <string>

@@ -6,8 +6,13 @@
 
 namespace cpullm {
 
-// Storage type of a weight matrix. bf16 is kept as raw uint16 bits (the upper half of an f32).
-enum class WType : int { F32 = 0, BF16 = 1 };
+// Storage type of a weight matrix. bf16 is kept as raw uint16 bits (the upper half of an f32). Q8 is
+// group-wise symmetric int8: w[n][k] ~= q[n][k] * scale[n][k / group], with one f32 scale per `group`
+// consecutive inputs (the last group of a row may be shorter).
+enum class WType : int { F32 = 0, BF16 = 1, Q8 = 2 };
+
+// Bytes of int8 the integer dot-product kernels consume per step; groups are multiples of it.
+constexpr int kQ8Block = 32;
 
 struct Kernels {
   const char* name;
@@ -17,6 +22,11 @@ struct Kernels {
                      float* y, int64_t ldy);
   void (*matmul_bf16)(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                       float* y, int64_t ldy);
+  // Integer-dot matmul: activations already quantized with the weights' group size (xq [T, K] int8,
+  // xs [T, ceil(K / group)]), weights wq [N, K] int8 with ws [N, ceil(K / group)].
+  // y[t * ldy + n] = sum_g xs[t][g] * ws[n][g] * sum_{k in g} xq[t][k] * wq[n][k]. group % kQ8Block == 0.
+  void (*matmul_q8)(const int8_t* xq, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* wq,
+                    const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy);
   // sum_i a[i] * b[i]
   float (*dot_f32)(const float* a, const float* b, int64_t n);
   // y[i] += alpha * x[i]
@@ -27,6 +37,11 @@ const Kernels& kernels_scalar();
 #if defined(CPULLM_HAVE_X86_KERNELS)
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
+const Kernels& kernels_avx512vnni();
 #endif
+
+// Quantizes one row of activations to int8 per group: scale = max|x| / 127, q = round_half_even(x / scale)
+// (scale 0 gives q 0). Plain C++: it is linear in K while the matmul it feeds is K x N.
+void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales);
 
 }  // namespace cpullm

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "kernels/kernels_impl.h"
+#include "kernels/q8_x86.h"
 
 namespace cpullm {
 namespace {
@@ -40,7 +41,11 @@ struct Avx2V {
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels table = KernelsImpl<Avx2V>::table("avx2");
+  static const Kernels table = [] {
+    Kernels k = KernelsImpl<Avx2V>::table("avx2");
+    k.matmul_q8 = &Q8Impl<Q8Avx2>::matmul_q8;
+    return k;
+  }();
   return table;
 }
 

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "kernels/kernels_impl.h"
+#include "kernels/q8_x86.h"
 
 namespace cpullm {
 namespace {
@@ -31,7 +32,11 @@ struct Avx512V {
 }  // namespace
 
 const Kernels& kernels_avx512() {
-  static const Kernels table = KernelsImpl<Avx512V>::table("avx512");
+  static const Kernels table = [] {
+    Kernels k = KernelsImpl<Avx512V>::table("avx512");
+    k.matmul_q8 = &Q8Impl<Q8Avx2>::matmul_q8;  // AVX-512 without VNNI: the 256-bit maddubs form
+    return k;
+  }();
   return table;
 }
 

@@ -1,8 +1,10 @@
 // The portable path: plain C++ over 8-lane arrays. It is the reference twin of every SIMD path and
 // the path on CPUs we have no intrinsics for (the compiler may still auto-vectorise it).
+#include <cmath>
 #include <cstring>
 
 #include "kernels/kernels_impl.h"
+#include "kernels/q8_impl.h"
 
 namespace cpullm {
 namespace {
@@ -66,11 +68,70 @@ struct ScalarV {
   }
 };
 
+// Lane i sums the products of bytes 4i..4i+3, exactly as the SIMD forms do.
+struct ScalarQ {
+  struct I {
+    int32_t v[8];
+  };
+  using F = ScalarV::Vec;
+  static inline I izero() {
+    I r;
+    for (int i = 0; i < 8; ++i) r.v[i] = 0;
+    return r;
+  }
+  static inline F fzero() { return ScalarV::zero(); }
+  // I doubles as 32 bytes here: the vocabulary passes loaded blocks around as I.
+  static inline I load(const int8_t* p) {
+    I r;
+    std::memcpy(r.v, p, kQ8Block);
+    return r;
+  }
+  static inline I load_partial(const int8_t* p, int n) {
+    I r = izero();
+    std::memcpy(r.v, p, static_cast<size_t>(n));
+    return r;
+  }
+  static inline I dot(I acc, I x, I w) {
+    int8_t xb[kQ8Block], wb[kQ8Block];
+    std::memcpy(xb, x.v, kQ8Block);
+    std::memcpy(wb, w.v, kQ8Block);
+    for (int i = 0; i < 8; ++i) {
+      int32_t s = 0;
+      for (int j = 0; j < 4; ++j) s += int32_t(xb[4 * i + j]) * int32_t(wb[4 * i + j]);
+      acc.v[i] += s;
+    }
+    return acc;
+  }
+  static inline F fma_scaled(F f, I i, float s) {
+    for (int l = 0; l < 8; ++l) f.v[l] += static_cast<float>(i.v[l]) * s;
+    return f;
+  }
+  static inline float reduce(F f) { return ScalarV::reduce(f); }
+};
+
 }  // namespace
 
 const Kernels& kernels_scalar() {
-  static const Kernels table = KernelsImpl<ScalarV>::table("scalar");
+  static const Kernels table = [] {
+    Kernels k = KernelsImpl<ScalarV>::table("scalar");
+    k.matmul_q8 = &Q8Impl<ScalarQ>::matmul_q8;
+    return k;
+  }();
   return table;
+}
+
+void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales) {
+  for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
+    const int64_t end = begin + group < K ? begin + group : K;
+    float amax = 0.f;
+    for (int64_t k = begin; k < end; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+    const float scale = amax / 127.f;
+    scales[g] = scale;
+    for (int64_t k = begin; k < end; ++k) {
+      const float v = scale > 0.f ? std::nearbyint(x[k] / scale) : 0.f;
+      q[k] = static_cast<int8_t>(std::fmin(127.f, std::fmax(-127.f, v)));
+    }
+  }
 }
 
 }  // namespace cpullm

@@ -47,6 +47,9 @@ void check_spec(const ModelSpec& s) {
   if (!(s.norm_eps >= 0.f) || !std::isfinite(s.norm_eps)) fail("model spec: norm_eps must be a finite number >= 0");
   if (!(s.attn_scale > 0.f) || !std::isfinite(s.attn_scale)) fail("model spec: attn_scale must be finite and > 0");
   if (!std::isfinite(s.rope_attn_factor)) fail("model spec: rope_attn_factor must be finite");
+  if (s.group_size <= 0 || s.group_size % kQ8Block != 0 || s.group_size > kMaxDim)
+    fail("model spec: group_size " + std::to_string(s.group_size) + " must be a positive multiple of " +
+         std::to_string(kQ8Block));
   for (float f : s.inv_freq)
     if (!std::isfinite(f)) fail("model spec: inv_freq holds a non-finite value");
 }
@@ -72,17 +75,18 @@ void check_shape(const std::string& name, const TensorView& t, const std::vector
     fail("tensor '" + name + "' has shape " + shape_str(t.shape) + ", expected " + shape_str(expected));
 }
 
+// n < 0: any shape (the caller checks it).
 const float* vector_f32(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t n,
                         bool required) {
   const TensorView* t = find(tensors, name, required);
   if (!t) return nullptr;
-  check_shape(name, *t, {n});
+  if (n >= 0) check_shape(name, *t, {n});
   if (t->type != WType::F32) fail("tensor '" + name + "' must be float32");
   return static_cast<const float*>(t->data);
 }
 
 Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows, int64_t cols,
-              bool required) {
+              int group, bool required) {
   Matrix m;
   const TensorView* t = find(tensors, name, required);
   if (!t) return m;
@@ -91,25 +95,15 @@ Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::strin
   m.data = t->data;
   m.rows = rows;
   m.cols = cols;
+  if (m.type == WType::Q8) {
+    m.group = group;
+    m.scales = vector_f32(tensors, name + ".scales", -1, true);
+    check_shape(name + ".scales", tensors.at(name + ".scales"), {rows, (cols + group - 1) / group});
+  }
   return m;
 }
 
-// Output rows are cut into chunks that threads claim dynamically; a chunk is a multiple of the row
-// block so tiles stay whole.
-void parallel_matmul(const Kernels& k, const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
-  const int64_t N = w.rows, K = w.cols;
-  int64_t chunk = (N + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
-  chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1 && n_chunks > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    if (w.type == WType::F32)
-      k.matmul_f32(x, T, K, static_cast<const float*>(w.data), n0, n1, y, N);
-    else
-      k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), n0, n1, y, N);
-  }
-}
+int64_t n_groups(const Matrix& m) { return (m.cols + m.group - 1) / m.group; }
 
 void rmsnorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
   double ss = 0.0;
@@ -122,6 +116,10 @@ void embedding_row(const Matrix& emb, int64_t row, float* out) {
   const int64_t n = emb.cols;
   if (emb.type == WType::F32) {
     std::memcpy(out, static_cast<const float*>(emb.data) + row * n, sizeof(float) * n);
+  } else if (emb.type == WType::Q8) {
+    const int8_t* q = static_cast<const int8_t*>(emb.data) + row * n;
+    const float* scales = emb.scales + row * n_groups(emb);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]) * scales[i / emb.group];
   } else {
     const uint16_t* src = static_cast<const uint16_t*>(emb.data) + row * n;
     for (int64_t i = 0; i < n; ++i) {
@@ -154,21 +152,22 @@ Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>
   check_spec(spec_);
   const ModelSpec& s = spec_;
   const int64_t D = s.dim, F = s.ffn_dim, V = s.vocab_size;
-  tok_embeddings_ = matrix(tensors, "tok_embeddings", V, D, true);
+  const int G = s.group_size;
+  tok_embeddings_ = matrix(tensors, "tok_embeddings", V, D, G, true);
   norm_ = vector_f32(tensors, "norm", D, true);
-  lm_head_ = matrix(tensors, "lm_head", V, D, false);
+  lm_head_ = matrix(tensors, "lm_head", V, D, G, false);
   if (!lm_head_.data) lm_head_ = tok_embeddings_;  // tied embeddings
   layers_.resize(s.n_layers);
   for (int l = 0; l < s.n_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights& L = layers_[l];
     L.attn_norm = vector_f32(tensors, p + "attn_norm", D, true);
-    L.wqkv = matrix(tensors, p + "wqkv", qkv_dim(), D, true);
+    L.wqkv = matrix(tensors, p + "wqkv", qkv_dim(), D, G, true);
     L.bqkv = vector_f32(tensors, p + "bqkv", qkv_dim(), false);
-    L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, true);
+    L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, G, true);
     L.ffn_norm = vector_f32(tensors, p + "ffn_norm", D, true);
-    L.w13 = matrix(tensors, p + "w13", 2 * F, D, true);
-    L.w2 = matrix(tensors, p + "w2", D, F, true);
+    L.w13 = matrix(tensors, p + "w13", 2 * F, D, G, true);
+    L.w2 = matrix(tensors, p + "w2", D, F, G, true);
   }
 }
 
@@ -209,6 +208,38 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
   }
   const size_t score_elems = size_t(n_threads) * size_t(capacity_);
   if (scores_.size() < score_elems) scores_.resize(score_elems);
+}
+
+void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
+  const Kernels& k = kernels();
+  const int64_t N = w.rows, K = w.cols;
+  const int8_t* xq = nullptr;
+  const float* xs = nullptr;
+  if (w.type == WType::Q8) {
+    const int64_t G = n_groups(w);
+    if (xq_.size() < size_t(T * K)) xq_.resize(size_t(T * K));
+    if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1 && T > 1)
+    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x + t * K, K, w.group, xq_.data() + t * K, xq_scales_.data() + t * G);
+    xq = xq_.data();
+    xs = xq_scales_.data();
+  }
+  // Output rows are cut into chunks that threads claim dynamically; a chunk is a multiple of the row
+  // block so tiles stay whole.
+  int64_t chunk = (N + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
+  chunk = std::max<int64_t>(32, (chunk + 31) / 32 * 32);
+  const int64_t n_chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1 && n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    switch (w.type) {
+      case WType::F32: k.matmul_f32(x, T, K, static_cast<const float*>(w.data), n0, n1, y, N); break;
+      case WType::BF16: k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), n0, n1, y, N); break;
+      case WType::Q8:
+        k.matmul_q8(xq, xs, T, K, w.group, static_cast<const int8_t*>(w.data), w.scales, n0, n1, y, N);
+        break;
+    }
+  }
 }
 
 void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool all_logits, int n_threads) {
@@ -255,7 +286,7 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
     float* vc = v_cache_[l].data();
 
     for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps);
-    parallel_matmul(k, xn, T, L.wqkv, qkv, n_threads);
+    matmul(xn, T, L.wqkv, qkv, n_threads);
     for (int64_t t = 0; t < T; ++t) {
       float* row = qkv + t * qkv_dim;
       if (L.bqkv)
@@ -292,11 +323,11 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
       for (int64_t p = 0; p < n_keys; ++p) k.axpy_f32(scores[p] * inv_sum, vc + p * kv_dim + kvh * hd, out, hd);
     }
 
-    parallel_matmul(k, attn, T, L.wo, xn, n_threads);
+    matmul(attn, T, L.wo, xn, n_threads);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
 
     for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps);
-    parallel_matmul(k, xn, T, L.w13, ffn, n_threads);
+    matmul(xn, T, L.w13, ffn, n_threads);
     // SwiGLU, packed into the first F columns of a [T, F] view at the start of the buffer: row t's
     // gate/up input (offset 2tF) is never behind its output (offset tF), so in-place is safe.
     for (int64_t t = 0; t < T; ++t) {
@@ -308,14 +339,14 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
         act[j] = g / (1.f + std::exp(-g)) * up[j];
       }
     }
-    parallel_matmul(k, ffn, T, L.w2, xn, n_threads);
+    matmul(ffn, T, L.w2, xn, n_threads);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
   }
 
   const int64_t first = all_logits ? 0 : T - 1;
   const int64_t n_out = T - first;
   for (int64_t t = first; t < T; ++t) rmsnorm(x + t * D, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
-  parallel_matmul(k, xn, n_out, model_.lm_head(), logits, n_threads);
+  matmul(xn, n_out, model_.lm_head(), logits, n_threads);
   n_past_ += n_tokens;
 }
 

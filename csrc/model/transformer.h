@@ -24,6 +24,7 @@ struct ModelSpec {
   float norm_eps = 1e-5f;
   float attn_scale = 0.f;       // softmax scale; 1/sqrt(head_dim) for every supported family
   float rope_attn_factor = 1.f; // multiplies cos and sin (yarn / longrope "attention scaling")
+  int group_size = 32;          // inputs per scale of int8 (Q8) matrices; a multiple of kQ8Block
   std::vector<float> inv_freq;  // [rotary_dim / 2], computed in Python exactly as transformers does
 };
 
@@ -37,7 +38,9 @@ struct TensorView {
 struct Matrix {
   WType type = WType::F32;
   const void* data = nullptr;
+  const float* scales = nullptr;  // Q8 only: [rows, ceil(cols / group)]
   int64_t rows = 0, cols = 0;
+  int64_t group = 0;              // Q8 only
 };
 
 struct LayerWeights {
@@ -90,6 +93,8 @@ class Sequence {
  private:
   void reserve(int positions);
   void ensure_scratch(int n_tokens, int n_threads);
+  // y [T, w.rows] = x [T, w.cols] @ w^T, rows split across threads; Q8 weights get x quantized once.
+  void matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads);
 
   const Transformer& model_;
   int n_past_ = 0;
@@ -98,6 +103,8 @@ class Sequence {
   std::vector<std::vector<float>> k_cache_, v_cache_;
   // Scratch, grown on demand and then reused: no allocation on the decode path.
   std::vector<float> x_, xn_, qkv_, attn_, ffn_, rope_cos_, rope_sin_, scores_;
+  std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul [T, K]
+  std::vector<float> xq_scales_;
   int scratch_tokens_ = 0;
 };
 

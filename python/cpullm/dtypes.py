@@ -6,7 +6,10 @@ import numpy as np
 
 from .errors import ModelFormatError
 
-WEIGHT_DTYPES = ("f32", "bf16")
+WEIGHT_DTYPES = ("f32", "bf16", "int8")
+# Inputs per int8 scale. 32 is llama.cpp's Q8_0 block; docs/int8.md records why it is the default.
+DEFAULT_GROUP_SIZE = 32
+Q8_BLOCK = 32  # the kernels consume int8 in blocks of 32: group sizes are multiples of it
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -34,10 +37,39 @@ def to_f32(array: np.ndarray, stored: str) -> np.ndarray:
     raise ModelFormatError(f"cannot use a {stored} tensor as floating-point weights")
 
 
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % Q8_BLOCK:
+        raise ValueError(f"group_size must be a positive multiple of {Q8_BLOCK}, got {group_size!r}")
+    return group_size
+
+
+def quantize_q8(weights: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group-wise symmetric int8 of a [N, K] matrix: (q int8 [N, K], scales float32 [N, ceil(K / group)])
+    with weights ~= q * scale. scale = max|w| / 127 per group (a shorter last group when K is not a
+    multiple), q = round-half-even(w / scale): the same arithmetic the kernels apply to activations."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_q8 expects a 2-D matrix, got shape {w.shape}")
+    n, k = w.shape
+    groups = -(-k // group_size)
+    padded = np.zeros((n, groups * group_size), dtype=np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, groups, group_size)
+    scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))[:, :, None]
+    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.reshape(n, -1)[:, :k]), scales
+
+
+def dequantize_q8(q: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    k = q.shape[1]
+    return (q.astype(np.float32) * np.repeat(scales, group_size, axis=1)[:, :k]).astype(np.float32)
+
+
 def to_weight(array: np.ndarray, stored: str, dtype: str) -> np.ndarray:
-    """The tensor in the runtime's storage for ``dtype``: float32, or uint16 bf16 bits."""
+    """The tensor in the runtime's storage for ``dtype`` (f32 or bf16; int8 goes through quantize_q8)."""
     if dtype == "f32":
         return to_f32(array, stored)
     if dtype == "bf16":
         return array if stored == "BF16" else f32_to_bf16_bits(to_f32(array, stored))
-    raise ValueError(f"unknown weight dtype {dtype!r} (expected one of {', '.join(WEIGHT_DTYPES)})")
+    raise ValueError(f"unknown weight dtype {dtype!r} (expected f32 or bf16)")

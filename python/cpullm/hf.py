@@ -9,7 +9,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .dtypes import to_f32, to_weight
+from .dtypes import quantize_q8, to_f32, to_weight
 from .errors import ModelFormatError
 from .safetensors_io import SafetensorsFile
 from .spec import ModelSpec
@@ -121,9 +121,10 @@ def _gather(checkpoint: TensorSource, parts: Sequence[str], dtype: str, vector: 
     return np.concatenate(arrays, axis=0)
 
 
-def canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> dict[str, np.ndarray]:
-    """Canonical name -> array (float32, or uint16 bf16 bits for bf16 matrices)."""
-    tensors: dict[str, np.ndarray] = {}
+def iter_canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(canonical name, array) one at a time, so a converter holds one tensor in memory at once.
+    Matrices come as float32, uint16 bf16 bits, or for int8 as int8 followed by "<name>.scales";
+    vectors (norms, biases) always as float32."""
     for name, alternatives in _sources(spec):
         short = name.rsplit(".", 1)[-1]
         found = next((alt for alt in alternatives if all(p in checkpoint for p in alt)), None)
@@ -131,5 +132,18 @@ def canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> 
             if short in _OPTIONAL:
                 continue
             raise ModelFormatError(f"{checkpoint.description}: tensor '{alternatives[0][0]}' is missing")
-        tensors[name] = np.ascontiguousarray(_gather(checkpoint, found, dtype, short in _VECTORS))
-    return tensors
+        vector = short in _VECTORS
+        if dtype == "int8" and not vector:
+            fused = _gather(checkpoint, found, "f32", vector)
+            if fused.ndim != 2:
+                raise ModelFormatError(f"{checkpoint.description}: tensor '{found[0]}' is not a matrix")
+            q, scales = quantize_q8(fused, spec.group_size)
+            yield name, q
+            yield name + ".scales", scales
+        else:
+            yield name, np.ascontiguousarray(_gather(checkpoint, found, dtype, vector))
+
+
+def canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> dict[str, np.ndarray]:
+    """Canonical name -> array, all at once (see iter_canonical_tensors)."""
+    return dict(iter_canonical_tensors(spec, checkpoint, dtype))

@@ -46,6 +46,7 @@ class ModelSpec:
     attn_scale: float
     qkv_bias: bool
     tie_embeddings: bool
+    group_size: int = 32  # inputs per scale of int8 matrices
 
     def to_native(self) -> dict[str, Any]:
         """The fields the C++ side reads (csrc/model/transformer.h, ModelSpec)."""
@@ -62,6 +63,7 @@ class ModelSpec:
             "norm_eps": self.norm_eps,
             "attn_scale": self.attn_scale,
             "rope_attn_factor": self.rope.attention_factor,
+            "group_size": self.group_size,
             "inv_freq": self.rope.inv_freq.tolist(),
         }
 

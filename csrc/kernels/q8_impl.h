@@ -1,0 +1,89 @@
+// The int8 matmul written once over a small vocabulary `Q` of 8-lane integer and float vectors:
+//   Q::I / Q::F                       8 x int32 / 8 x float
+//   Q::izero(), Q::fzero()
+//   Q::load(p), Q::load_partial(p, n)   32 int8 (the partial form zero-fills lanes >= n)
+//   Q::dot(acc, x, w)                 acc[i] += sum_{j < 4} x[4i + j] * w[4i + j]   (signed int8 both)
+//   Q::fma_scaled(f, i, s)            f + float(i) * s
+//   Q::reduce(f)                      sum of lanes
+// Included inside an anonymous namespace by each ISA file (see kernels_impl.h for why).
+#pragma once
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace cpullm {
+
+template <class Q>
+struct Q8Impl {
+  using I = typename Q::I;
+  using F = typename Q::F;
+
+  template <int TT, int RR>
+  static inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
+                          const int8_t* w, const float* ws, float* y, int64_t ldy) {
+    F acc[TT][RR];
+    for (int t = 0; t < TT; ++t)
+      for (int r = 0; r < RR; ++r) acc[t][r] = Q::fzero();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const int64_t begin = g * group;
+      const int64_t len = K - begin < group ? K - begin : group;
+      I isum[TT][RR];
+      for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < RR; ++r) isum[t][r] = Q::izero();
+      int64_t b = 0;
+      for (; b + kQ8Block <= len; b += kQ8Block) {
+        typename Q::I wv[RR];
+        for (int r = 0; r < RR; ++r) wv[r] = Q::load(w + r * K + begin + b);
+        for (int t = 0; t < TT; ++t) {
+          const I xv = Q::load(x + t * K + begin + b);
+          for (int r = 0; r < RR; ++r) isum[t][r] = Q::dot(isum[t][r], xv, wv[r]);
+        }
+      }
+      if (b < len) {
+        const int rem = static_cast<int>(len - b);
+        I wv[RR];
+        for (int r = 0; r < RR; ++r) wv[r] = Q::load_partial(w + r * K + begin + b, rem);
+        for (int t = 0; t < TT; ++t) {
+          const I xv = Q::load_partial(x + t * K + begin + b, rem);
+          for (int r = 0; r < RR; ++r) isum[t][r] = Q::dot(isum[t][r], xv, wv[r]);
+        }
+      }
+      for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < RR; ++r)
+          acc[t][r] = Q::fma_scaled(acc[t][r], isum[t][r], xs[t * n_groups + g] * ws[r * n_groups + g]);
+    }
+    for (int t = 0; t < TT; ++t)
+      for (int r = 0; r < RR; ++r) y[t * ldy + r] = Q::reduce(acc[t][r]);
+  }
+
+  template <int TT>
+  static inline void token_tile_rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
+                                     const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y,
+                                     int64_t ldy) {
+    constexpr int RR = TT == 1 ? 4 : 2;
+    int64_t n = r0;
+    for (; n + RR <= r1; n += RR)
+      tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+    for (; n < r1; ++n) tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+  }
+
+  static void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
+                        const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+    const int64_t n_groups = (K + group - 1) / group;
+    constexpr int64_t kRowBlock = 32;  // 32 rows x K=4096 int8 = 128 KiB: stays in L2 across token tiles
+    for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
+      const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
+      int64_t t = 0;
+      for (; t + 4 <= T; t += 4)
+        token_tile_rows<4>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
+      switch (T - t) {
+        case 3: token_tile_rows<3>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
+        case 2: token_tile_rows<2>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
+        case 1: token_tile_rows<1>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
+        default: break;
+      }
+    }
+  }
+};
+
+}  // namespace cpullm
