@@ -31,7 +31,8 @@ def _non_negative_int(text: str) -> int:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("--dtype", choices=["f32", "bf16"], default=None, help="weight type (default: f32)")
+    parser.add_argument("--dtype", choices=["f32", "bf16", "int8"], default=None,
+                        help="weight type (default: the stored one for converted models, f32 otherwise)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
 
 
@@ -45,6 +46,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = convert(args.source, args.output, dtype=args.dtype, group_size=args.group_size, force=args.force,
+                  progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out} ({args.dtype})", file=sys.stderr)
     return 0
 
 
@@ -62,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-n", "--max-tokens", type=_non_negative_int, default=128,
                           help="most tokens to generate (default: 128)")
     generate.set_defaults(run=_cmd_generate)
+
+    convert = sub.add_parser("convert", help="convert a model into cpullm's fast format",
+                             description="Convert a Hugging Face model directory into cpullm's converted format "
+                                         "(memory-mapped at load, weights in the chosen dtype).")
+    convert.add_argument("source", help="a Hugging Face model directory")
+    convert.add_argument("output", help="the directory to write (must be empty or absent unless --force)")
+    convert.add_argument("--dtype", choices=["int8", "bf16", "f32"], default="int8", help="weight type (default: int8)")
+    convert.add_argument("--group-size", type=_positive_int, default=32,
+                         help="inputs per int8 scale, a multiple of 32 (default: 32)")
+    convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(run=_cmd_convert)
     return parser
 
 
@@ -70,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CpullmError, ValueError, OSError) as e:
+    except (CpullmError, ValueError, OSError) as e:  # FileExistsError, FileNotFoundError among them
         print(f"cpullm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -121,6 +121,11 @@ def _gather(checkpoint: TensorSource, parts: Sequence[str], dtype: str, vector: 
     return np.concatenate(arrays, axis=0)
 
 
+def canonical_tensor_count(spec: ModelSpec) -> int:
+    """How many canonical tensors (not counting int8 scales) a spec asks for, at most."""
+    return sum(1 for _ in _sources(spec))
+
+
 def iter_canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
     """(canonical name, array) one at a time, so a converter holds one tensor in memory at once.
     Matrices come as float32, uint16 bf16 bits, or for int8 as int8 followed by "<name>.scales";

@@ -9,21 +9,43 @@ from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_group_size
 from .errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from .hf import Checkpoint, canonical_tensors, read_json
 from .model import Model
-from .spec import spec_from_hf_config
+from .converted import is_converted, read_converted
+from .spec import ModelSpec, spec_from_hf_config
 from .threads import resolve_threads
 from .tokenizer import Tokenizer
 
 DEFAULT_DTYPE = "f32"  # for Hugging Face directories: exact parity with transformers
 
 
+def _cap_context(spec: ModelSpec, context_length: int | None) -> ModelSpec:
+    if context_length is None:
+        return spec
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+    return replace(spec, max_context=min(context_length, spec.max_context))
+
+
 def _load_hf_directory(directory: Path, dtype: str, threads: int, context_length: int | None, group_size: int) -> Model:
     config = read_json(directory / "config.json")
-    spec = replace(spec_from_hf_config(config), group_size=group_size)
-    if context_length is not None:
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
-            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
-        spec = replace(spec, max_context=min(context_length, spec.max_context))
+    spec = _cap_context(replace(spec_from_hf_config(config), group_size=group_size), context_length)
     tensors = canonical_tensors(spec, Checkpoint(directory), dtype)
+    return _assemble(directory, config, spec, tensors, dtype, threads)
+
+
+def _load_converted(directory: Path, dtype: str | None, threads: int, context_length: int | None) -> Model:
+    marker, spec, stored_dtype, tensors = read_converted(directory)
+    if dtype is not None and dtype != stored_dtype:
+        raise ValueError(
+            f"{directory} was converted to {stored_dtype}; load it with dtype={stored_dtype!r} (or None), "
+            f"or convert the source again with --dtype {dtype}"
+        )
+    config = read_json(directory / "config.json")
+    return _assemble(directory, config, _cap_context(spec, context_length), tensors, stored_dtype, threads)
+
+
+def _assemble(
+    directory: Path, config: dict, spec: ModelSpec, tensors: dict, dtype: str, threads: int
+) -> Model:
     generation_path = directory / "generation_config.json"
     generation_config = read_json(generation_path) if generation_path.exists() else {}
     if not isinstance(generation_config, dict):
@@ -49,15 +71,16 @@ def load(
 ) -> Model:
     """Loads a model.
 
-    ``path``: a Hugging Face directory (config.json + safetensors, one file or sharded).
-    ``dtype``: "f32" (default: exact parity with transformers), "bf16" (half the bytes) or "int8"
-    (group-wise symmetric int8, quantized at load; a quarter of the bytes, the fastest).
+    ``path``: a directory made by ``cpullm convert`` (memory-mapped, no copy of the weights), or a
+    Hugging Face directory (config.json + safetensors, one file or sharded; converted in memory).
+    ``dtype``: "f32", "bf16" (half the bytes) or "int8" (group-wise symmetric int8; a quarter of the
+    bytes, the fastest). Default: f32 for Hugging Face directories (exact parity with transformers),
+    the stored dtype for converted directories.
     ``threads``: compute threads (default: the physical cores available to this process).
     ``context_length``: cap on positions per sequence (default: the model's max_position_embeddings).
     ``group_size``: inputs per int8 scale (default 32), a multiple of 32.
     """
-    dtype = DEFAULT_DTYPE if dtype is None else dtype
-    if dtype not in WEIGHT_DTYPES:
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     n_threads = resolve_threads(threads)
     group = check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
@@ -65,8 +88,12 @@ def load(
     if not source.exists():
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():
+        if is_converted(source):
+            if group_size is not None:
+                raise ValueError("group_size applies when quantizing; a converted model keeps its own")
+            return _load_converted(source, dtype, n_threads, context_length)
         if (source / "config.json").exists():
-            return _load_hf_directory(source, dtype, n_threads, context_length, group)
+            return _load_hf_directory(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
         raise ModelFormatError(f"{source}: not a model directory (no config.json)")
     if source.suffix == ".gguf":
         raise UnsupportedModelError(f"{source}: GGUF files are not supported yet")

@@ -139,3 +139,57 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
         qkv_bias=False,
         tie_embeddings=bool(cfg.get("tie_word_embeddings")),
     )
+
+
+_INT_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "max_context",
+               "rotary_dim", "group_size")
+_BOOL_FIELDS = ("qkv_bias", "tie_embeddings")
+
+
+def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
+    """The spec as plain JSON values (for cpullm.json); spec_from_json reads it back exactly."""
+    data: dict[str, Any] = {name: getattr(spec, name) for name in (*_INT_FIELDS, *_BOOL_FIELDS)}
+    data.update(
+        model_type=spec.model_type,
+        norm_eps=spec.norm_eps,
+        attn_scale=spec.attn_scale,
+        rope={
+            "rope_type": spec.rope.rope_type,
+            "attention_factor": spec.rope.attention_factor,
+            "inv_freq": [float(f) for f in spec.rope.inv_freq],
+        },
+    )
+    return data
+
+
+def spec_from_json(data: Mapping[str, Any]) -> ModelSpec:
+    if not isinstance(data, Mapping):
+        raise ModelFormatError("cpullm.json: 'spec' must be an object")
+    values: dict[str, Any] = {name: _int(data, name) for name in _INT_FIELDS}
+    for name in _BOOL_FIELDS:
+        if not isinstance(data.get(name), bool):
+            raise ModelFormatError(f"cpullm.json: spec '{name}' must be true or false")
+        values[name] = data[name]
+    for name in ("norm_eps", "attn_scale"):
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ModelFormatError(f"cpullm.json: spec '{name}' must be a finite number >= 0, got {value!r}")
+        values[name] = float(value)
+    rope = data.get("rope")
+    if not isinstance(rope, Mapping) or not isinstance(rope.get("inv_freq"), list):
+        raise ModelFormatError("cpullm.json: spec 'rope' must hold an 'inv_freq' list")
+    try:
+        inv_freq = np.asarray(rope["inv_freq"], dtype=np.float32)
+        factor = float(rope.get("attention_factor", 1.0))
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"cpullm.json: bad rope values: {e}") from e
+    if inv_freq.ndim != 1 or inv_freq.size * 2 != values["rotary_dim"] or not np.isfinite(inv_freq).all():
+        raise ModelFormatError("cpullm.json: rope inv_freq must hold rotary_dim / 2 finite numbers")
+    model_type = data.get("model_type")
+    if model_type not in _FAMILY_DEFAULTS:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported")
+    return ModelSpec(
+        model_type=model_type,
+        rope=Rope(inv_freq=inv_freq, attention_factor=factor, rope_type=str(rope.get("rope_type", "default"))),
+        **values,
+    )
