@@ -59,6 +59,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_result, run_bench
+
+    result = run_bench(args.model, dtype=args.dtype, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                       gen_tokens=args.gen_tokens, repeats=args.repeats)
+    print(format_result(result, args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpullm", description="Run Llama-family language models on the CPU.")
     from . import __version__
@@ -85,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=_cmd_convert)
+
+    bench = sub.add_parser("bench", help="measure load time, prefill and decode speed, memory",
+                           description="Measure load time, prefill and decode tok/s, time to first token and peak "
+                                       "RSS on a fixed synthetic prompt (medians over repeats).")
+    _add_model_options(bench)
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=128, help="prompt length (default: 128)")
+    bench.add_argument("--gen-tokens", type=_positive_int, default=64, help="tokens to decode (default: 64)")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="runs to take the median of (default: 3)")
+    bench.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 

@@ -35,6 +35,7 @@ class Model:
         self.dtype = dtype
         self.threads = threads
         self.source = source
+        self.weights_bytes = sum(int(a.nbytes) for a in tensors.values())
         try:
             self._native: Any = _C.Transformer(spec.to_native(), tensors)
         except ValueError as e:

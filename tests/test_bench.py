@@ -1,0 +1,29 @@
+"""`cpullm bench` reports every figure, sanely, as text and JSON (no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+
+def test_bench_json_and_table(make_llama: Any) -> None:
+    directory, _ = make_llama(seed=31)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    cmd = [sys.executable, "-m", "cpullm", "bench", str(directory), "--dtype", "int8", "--prompt-tokens", "20",
+           "--gen-tokens", "5", "--repeats", "2", "--threads", "1"]
+    result = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["dtype"] == "int8" and data["threads"] == 1 and data["repeats"] == 2
+    assert data["prompt_tokens"] == 20 and data["gen_tokens"] == 5
+    for key in ("load_s", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb", "weights_mb"):
+        assert data[key] > 0, key
+    table = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "decode (5 tokens)" in table.stdout and "tok/s" in table.stdout
+    too_long = subprocess.run([*cmd[:6], "--prompt-tokens", "300", "--gen-tokens", "1"], capture_output=True,
+                              text=True, env=env, timeout=120)
+    assert too_long.returncode == 2 and "exceed the context length" in too_long.stderr
