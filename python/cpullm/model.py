@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import _C
 from .errors import ContextOverflowError, CpullmError, ModelFormatError
+from .generation import GenerationStats, decode, prefill
+from .sampling import Sampler, SamplingParams, resolve_sampling
 from .spec import ModelSpec
+from .streaming import TextStream, normalize_stop
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
 
 
 class Model:
@@ -40,7 +46,7 @@ class Model:
             self._native: Any = _C.Transformer(spec.to_native(), tensors)
         except ValueError as e:
             raise ModelFormatError(f"{source}: {e}") from e
-        self.eos_token_ids = _eos_ids(self.generation_config, self.config)
+        self.eos_token_ids = _eos_ids(self.generation_config, self.config, tokenizer)
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -78,30 +84,49 @@ class Model:
         return sequence.forward(ids, True, self.threads)
 
     # --- generation -----------------------------------------------------------------------------
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The sampling settings a generation would use: this model's ``generation_config.json``
+        defaults (greedy unless it says ``do_sample``), with the given values (those not None) on top.
+        Keys: temperature, top_k, top_p, min_p, repetition_penalty, seed."""
+        return resolve_sampling(self.generation_config, **overrides)
+
+    def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> frozenset[int]:
+        return frozenset(self.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+
     def generate_tokens(
         self,
         prompt_ids: Sequence[int] | np.ndarray,
-        max_tokens: int = 256,
+        max_tokens: int | None = 256,
         stop_token_ids: Sequence[int] | None = None,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stats: GenerationStats | None = None,
     ) -> Iterator[int]:
-        """Yields greedily chosen token ids, one per decode step, until a stop id (the model's EOS ids
-        unless ``stop_token_ids`` is given; not yielded), ``max_tokens``, or the end of the context."""
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        """Yields generated token ids, one per decode step, until a stop id (the model's EOS ids unless
+        ``stop_token_ids`` is given; not yielded), ``max_tokens`` (None: no limit), or the end of the
+        context. Sampling options default to the model's generation config (see ``sampling_params``);
+        ``temperature=0`` is greedy. ``stats``: a ``GenerationStats`` to fill in. Arguments are checked
+        here, before the first token is asked for."""
+        _check_max_tokens(max_tokens)
+        params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                      repetition_penalty=repetition_penalty, seed=seed)
         ids = self._token_array(prompt_ids)
-        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        stops = self._stop_ids(stop_token_ids)
+        return self._generate(ids, max_tokens, stops, params, GenerationStats() if stats is None else stats)
+
+    def _generate(self, ids: np.ndarray, max_tokens: int | None, stops: frozenset[int], params: SamplingParams,
+                  stats: GenerationStats) -> Iterator[int]:
         sequence = _C.Sequence(self._model())
-        logits = sequence.forward(ids, False, self.threads)
-        step = np.empty(1, dtype=np.int32)
-        for _ in range(max_tokens):
-            token = int(np.argmax(logits[-1]))
-            if token in stops:
-                return
-            yield token
-            if sequence.n_past >= self.spec.max_context:
-                return
-            step[0] = token
-            logits = sequence.forward(step, False, self.threads)
+        cached: list[int] = []
+        sampler = Sampler(params, self.spec.vocab_size, ids.tolist())
+        logits = prefill(sequence, cached, ids, self.threads, stats)
+        yield from decode(sequence, cached, logits, sampler, max_tokens=max_tokens, stop_ids=stops,
+                          max_context=self.spec.max_context, threads=self.threads, stats=stats)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int] | Sequence[int]:
         if isinstance(prompt, str):
@@ -112,28 +137,62 @@ class Model:
             return self.tokenizer.encode(prompt)
         return prompt
 
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256) -> Iterator[str]:
-        """Yields the reply's text in pieces as it is generated (greedy). A piece never ends inside a
-        character that is split across tokens."""
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int | None = 256,
+        *,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stats: GenerationStats | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Yields the continuation of ``prompt`` (text, or token ids) in pieces as it is generated.
+
+        A piece never ends inside a character split across tokens, and never shows part of a stop string:
+        generation ends at the first stop string, which is not included. The pieces joined are the text
+        the generated tokens add after the prompt (for a SentencePiece word that includes its leading
+        space). Sampling options as for ``generate_tokens``."""
         if self.tokenizer is None:
             raise CpullmError(f"{self.source} has no tokenizer.json: use generate_tokens() with token ids")
-        generated: list[int] = []
-        emitted = 0
-        for token in self.generate_tokens(self._prompt_ids(prompt), max_tokens):
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            if len(text) > emitted:
-                yield text[emitted:]
-                emitted = len(text)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        if len(text) > emitted:
-            yield text[emitted:]
+        stops = normalize_stop(stop)
+        prompt_ids = self._prompt_ids(prompt)
+        stats = GenerationStats() if stats is None else stats
+        tokens = self.generate_tokens(prompt_ids, max_tokens, stop_token_ids, stats=stats, **sampling)
+        return self._stream_text(tokens, list(prompt_ids), stops, stats)
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256) -> str:
-        """The greedy continuation of ``prompt`` (text or token ids) as text."""
-        return "".join(self.stream(prompt, max_tokens))
+    def _stream_text(self, tokens: Iterator[int], prompt_ids: list[int], stops: tuple[str, ...],
+                     stats: GenerationStats) -> Iterator[str]:
+        text = TextStream(self.tokenizer, context=prompt_ids, stop=stops)
+        try:
+            for token in tokens:
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    stats.finish_reason = "stop"
+                    return
+            piece = text.flush()
+            if piece:
+                yield piece
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 256, **options: Any) -> str:
+        """The continuation of ``prompt`` (text or token ids) as one string; options as for ``stream``."""
+        return "".join(self.stream(prompt, max_tokens, **options))
+
+    def chat(self, system: str | None = None, *, on_overflow: str = "error", **sampling: Any) -> "ChatSession":
+        """A conversation with this model through its chat template; see ``cpullm.chat.ChatSession``.
+        ``system``: the system message (None: whatever the template does without one).
+        ``on_overflow``: "error" (raise ContextOverflowError) or "drop_oldest" (forget the oldest turns,
+        keeping the system message) when the conversation outgrows the context. ``sampling``: default
+        sampling options (and ``max_tokens``, ``stop``) for every turn."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system=system, on_overflow=on_overflow, **sampling)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -143,7 +202,19 @@ class Model:
         )
 
 
-def _eos_ids(generation_config: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[int, ...]:
-    value = generation_config.get("eos_token_id", config.get("eos_token_id"))
+def _check_max_tokens(max_tokens: object) -> None:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+        raise ValueError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
+
+
+def _eos_ids(generation_config: Mapping[str, Any], config: Mapping[str, Any],
+             tokenizer: Tokenizer | None = None) -> tuple[int, ...]:
+    """Every end-of-sequence id: generation_config.json's (a list where the model has several), else
+    config.json's, else the tokenizer's ``eos_token`` (an explicit empty list means none)."""
+    value = generation_config.get("eos_token_id")
+    if value is None:
+        value = config.get("eos_token_id")
+    if value is None and tokenizer is not None:
+        value = tokenizer.eos_token_id
     values = value if isinstance(value, list) else [value]
     return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))

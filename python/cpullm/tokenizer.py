@@ -23,6 +23,73 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+# The named special tokens transformers hands to chat templates (``special_tokens_map``).
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+class _SafeDict:
+    """``dict`` for templates, without attribute access to anything else."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _SafeNamespace(jinja2.utils.Namespace):
+    """Jinja's ``namespace`` refusing underscore names, so a template cannot reach interpreter internals."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's own signature trick
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise ChatTemplateError(f"chat templates may not set underscore names on a namespace: {name!r}")
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Not Jinja's own tojson, which escapes HTML characters; transformers' options.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _SafeDict()
+    env.globals["namespace"] = _SafeNamespace
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+
+
+def _alias_reasoning(message: Mapping[str, Any]) -> Any:
+    # transformers fills ``reasoning_content`` (and ``thinking``) from whichever reasoning name a message uses.
+    if not isinstance(message, Mapping):
+        return message
+    message = dict(message)
+    reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
 def _token_text(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens either as strings or as AddedToken objects.
     if isinstance(value, str):
@@ -39,9 +106,11 @@ class Tokenizer:
         self.chat_template = chat_template
         self._compiled: jinja2.Template | None = None
         self.special_tokens = {
-            key: text for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-            if (text := _token_text(self.config.get(key))) is not None
+            key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(self.config.get(key))) is not None
         }
+        self.special_ids = frozenset(
+            i for i, added in tokenizer.get_added_tokens_decoder().items() if getattr(added, "special", False)
+        )
 
     @classmethod
     def from_directory(cls, directory: Path) -> "Tokenizer | None":
@@ -77,6 +146,19 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        text = self.special_tokens.get("bos_token")
+        return None if text is None else self._tok.token_to_id(text)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        text = self.special_tokens.get("eos_token")
+        return None if text is None else self._tok.token_to_id(text)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -86,23 +168,21 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The conversation rendered by the chat template, with the variables transformers passes: the
+        messages, ``add_generation_prompt``, ``tools`` and ``documents`` (None unless given), the named
+        special tokens (``bos_token``, ``eos_token``, ...), and any ``extra`` keyword arguments."""
         if self.chat_template is None:
             raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
         if self._compiled is None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: json.dumps(
-                x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys
-            )
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            try:
-                self._compiled = env.from_string(self.chat_template)
-            except jinja2.TemplateError as e:
-                raise ChatTemplateError(f"the chat template does not compile: {e}") from e
-        variables = {**self.special_tokens, **extra}
-        return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+            self._compiled = _compile_template(self.chat_template)
+        chat = [_alias_reasoning(m) for m in messages]
+        variables = {"tools": None, "documents": None, **self.special_tokens, **extra}
+        try:
+            return self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"the chat template failed: {e}") from e
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any

@@ -1,0 +1,227 @@
+"""Conversations: a chat session renders the whole conversation with the model's chat template on every
+turn, and keeps one KV cache between turns, so each turn runs only the tokens the cache does not hold yet
+(the longest common prefix of the new prompt's token ids and the cached ids is reused).
+
+Semantics worth knowing:
+
+- Context overflow. ``on_overflow="error"`` raises ``ContextOverflowError`` before anything changes when
+  the prompt leaves no room for a single reply token; ``"drop_oldest"`` forgets the oldest user/assistant
+  turns (never the system message) until the prompt plus room for the reply (``max_tokens``, at most half
+  the context) fits, and raises only if the new message alone does not fit. A reply that reaches the end of
+  the context stops there (``stats.finish_reason == "context"``).
+- Interruption. If a turn is interrupted (KeyboardInterrupt, any exception, or a stream abandoned before
+  its end), the session stays usable: the turn is kept with the reply text yielded so far (what the user
+  saw), or dropped entirely if no text had been yielded yet. The KV cache is cut back to the tokens it
+  verifiably holds, so the next turn is as correct as a fresh run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+from . import _C
+from .errors import ContextOverflowError, CpullmError
+from .generation import GenerationStats, decode, prefill, resync
+from .sampling import Sampler, SamplingParams
+from .streaming import TextStream, normalize_stop
+
+__all__ = ["ChatSession"]
+
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+_OPTION_KEYS = _SAMPLING_KEYS + ("max_tokens", "stop")
+_OVERFLOW = ("error", "drop_oldest")
+_KEEP: Any = object()  # reset(): keep the system message
+
+
+@dataclass
+class _Turn:
+    base: list[dict[str, str]]  # the earlier messages this turn was rendered with (after any dropping)
+    user: dict[str, str]
+    dropped: int
+    stats: GenerationStats
+    pieces: list[str] = field(default_factory=list)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    unknown = set(options) - set(_OPTION_KEYS)
+    if unknown:
+        raise TypeError(f"unknown chat option(s): {', '.join(sorted(unknown))}; "
+                        f"expected some of {', '.join(_OPTION_KEYS)}")
+
+
+class ChatSession:
+    """A conversation with a model. Create it with ``Model.chat(system=None, on_overflow="error",
+    **options)``; ``options`` (temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens,
+    stop) are the defaults of every turn, and each turn may override them.
+
+    ``messages``: the user/assistant messages so far (the system message is ``system``).
+    ``stats``: a ``GenerationStats`` of the last turn: ``prompt_tokens``, ``cached_tokens`` (reused from the
+    KV cache), ``processed_tokens`` (run through the forward pass), ``generated_tokens``, tokens per second,
+    ``finish_reason``. ``dropped_messages``: how many old messages "drop_oldest" has forgotten in all.
+    """
+
+    def __init__(self, model: Any, system: str | None = None, *, on_overflow: str = "error", **options: Any) -> None:
+        if model.tokenizer is None:
+            raise CpullmError(f"{model.source} has no tokenizer.json: chat needs a tokenizer and a chat template")
+        if model.tokenizer.chat_template is None:
+            from .tokenizer import ChatTemplateError
+
+            raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
+        if on_overflow not in _OVERFLOW:
+            raise ValueError(f"on_overflow must be one of {', '.join(map(repr, _OVERFLOW))}, got {on_overflow!r}")
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a string or None, got {type(system).__name__}")
+        _check_options(options)
+        self.model = model
+        self.system = system
+        self.on_overflow = on_overflow
+        self.options = {k: v for k, v in options.items() if v is not None}
+        self._resolve(self.options)  # refuse bad defaults now, not at the first turn
+        self.messages: list[dict[str, str]] = []
+        self.stats = GenerationStats()
+        self.dropped_messages = 0
+        self._sequence = _C.Sequence(model._model())
+        self._cached: list[int] = []  # the token ids whose keys/values the sequence holds, in order
+        self._active: _Turn | None = None
+
+    # --- conversation state ---------------------------------------------------------------------
+    def _conversation(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+        head = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return head + [dict(m) for m in messages]
+
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The conversation as the template sees it: the system message (if any), then the turns."""
+        self._finish_active()
+        return self._conversation(self.messages)
+
+    def reset(self, system: str | None = _KEEP) -> None:
+        """Forgets the turns (and, if given, replaces the system message). The KV cache is kept: the next
+        turn reuses whatever prefix still matches (usually the system prompt)."""
+        self._finish_active()
+        if system is not _KEEP:
+            self.set_system(system)
+        self.messages = []
+
+    def set_system(self, system: str | None) -> None:
+        """Replaces the system message; the turns are kept (the next turn re-runs what changed)."""
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a string or None, got {type(system).__name__}")
+        self._finish_active()
+        self.system = system
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many tokens the session's KV cache holds."""
+        return len(self._cached)
+
+    def prompt_ids(self, message: str | None = None) -> list[int]:
+        """The token ids the model would be given for the next turn (the conversation, plus ``message``
+        as a new user turn, plus the generation prompt), before any overflow handling."""
+        self._finish_active()
+        messages = self.messages + ([{"role": "user", "content": message}] if message is not None else [])
+        return self.model.tokenizer.apply_chat_template(self._conversation(messages), add_generation_prompt=True)
+
+    # --- turns ----------------------------------------------------------------------------------
+    def send(self, message: str, **options: Any) -> str:
+        """Adds ``message`` as a user turn and returns the whole reply."""
+        return "".join(self.stream(message, **options))
+
+    def stream(self, message: str, **options: Any) -> Iterator[str]:
+        """Adds ``message`` as a user turn and yields the reply in pieces as it is generated. Options
+        override the session's defaults for this turn. Arguments and context overflow are checked here,
+        before the first piece is asked for."""
+        if not isinstance(message, str):
+            raise TypeError(f"message must be a string, got {type(message).__name__}")
+        _check_options(options)
+        self._finish_active()
+        merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        params, max_tokens, stops = self._resolve(merged)
+        user = {"role": "user", "content": message}
+        base, prompt_ids, dropped = self._fit(user, max_tokens)
+        turn = _Turn(base=base, user=user, dropped=dropped, stats=GenerationStats())
+        return self._run(turn, prompt_ids, params, max_tokens, stops)
+
+    def _resolve(self, options: Mapping[str, Any]) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+        max_tokens = options.get("max_tokens")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+            raise ValueError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
+        params = self.model.sampling_params(**{k: options.get(k) for k in _SAMPLING_KEYS})
+        return params, max_tokens, normalize_stop(options.get("stop"))
+
+    def _fit(self, user: dict[str, str], max_tokens: int | None) -> tuple[list[dict[str, str]], list[int], int]:
+        """The earlier messages to keep, the prompt ids, and how many messages were dropped."""
+        limit = self.model.spec.max_context
+        template = self.model.tokenizer.apply_chat_template
+        base = list(self.messages)
+        ids = template(self._conversation(base + [user]), add_generation_prompt=True)
+        if self.on_overflow == "error":
+            if len(ids) >= limit:
+                raise ContextOverflowError(
+                    f"the conversation is {len(ids)} tokens and the context holds {limit}, leaving no room for a "
+                    f"reply; reset the session or use on_overflow='drop_oldest'")
+            return base, ids, 0
+        room = max(1, min(limit if max_tokens is None else max_tokens, limit // 2))
+        dropped = 0
+        while len(ids) + room > limit and base:
+            # Forget the oldest turn: its first message and everything up to the next user message.
+            cut = 1
+            while cut < len(base) and base[cut].get("role") != "user":
+                cut += 1
+            base = base[cut:]
+            dropped += cut
+            ids = template(self._conversation(base + [user]), add_generation_prompt=True)
+        if len(ids) >= limit:
+            raise ContextOverflowError(
+                f"the message is {len(ids)} tokens with the system message and the chat template, and the "
+                f"context holds {limit}")
+        return base, ids, dropped
+
+    def _run(self, turn: _Turn, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
+             stops: tuple[str, ...]) -> Iterator[str]:
+        model = self.model
+        self._active = turn
+        self.stats = turn.stats
+        text = TextStream(model.tokenizer, stop=stops)  # the reply alone, as transformers decodes new tokens
+        try:
+            sampler = Sampler(params, model.spec.vocab_size, prompt_ids)
+            logits = prefill(self._sequence, self._cached, prompt_ids, model.threads, turn.stats)
+            tokens = decode(self._sequence, self._cached, logits, sampler, max_tokens=max_tokens,
+                            stop_ids=model._stop_ids(None), max_context=model.spec.max_context,
+                            threads=model.threads, stats=turn.stats)
+            for token in tokens:
+                piece = text.push(token)
+                if piece:
+                    turn.pieces.append(piece)
+                    yield piece
+                if text.stopped:
+                    turn.stats.finish_reason = "stop"
+                    break
+            else:
+                piece = text.flush()
+                if piece:
+                    turn.pieces.append(piece)
+                    yield piece
+        finally:
+            self._finish(turn)
+
+    def _finish_active(self) -> None:
+        if self._active is not None:
+            self._finish(self._active)
+
+    def _finish(self, turn: _Turn) -> None:
+        """Commits a turn once, whether it ended normally, raised, or was abandoned."""
+        if self._active is not turn:
+            return
+        self._active = None
+        resync(self._sequence, self._cached)
+        if turn.stats.finish_reason is None:
+            turn.stats.finish_reason = "interrupted"
+            if not turn.pieces:
+                return  # nothing was said: the turn never happened
+        self.messages = turn.base + [turn.user, {"role": "assistant", "content": "".join(turn.pieces)}]
+        self.dropped_messages += turn.dropped
+
+    def __repr__(self) -> str:
+        return f"ChatSession({len(self.messages)} messages, {len(self._cached)} cached tokens, on_overflow={self.on_overflow!r})"
