@@ -24,6 +24,6 @@ def test_bench_json_and_table(make_llama: Any) -> None:
     table = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "decode (5 tokens)" in table.stdout and "tok/s" in table.stdout
-    too_long = subprocess.run([*cmd[:6], "--prompt-tokens", "300", "--gen-tokens", "1"], capture_output=True,
+    too_long = subprocess.run([*cmd[:5], "--prompt-tokens", "300", "--gen-tokens", "1"], capture_output=True,
                               text=True, env=env, timeout=120)
     assert too_long.returncode == 2 and "exceed the context length" in too_long.stderr
