@@ -36,17 +36,51 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
 
 
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
+    group.add_argument("--temperature", type=float, default=None, help="0 is greedy; higher is more random")
+    group.add_argument("--top-k", type=_non_negative_int, default=None, help="keep the K most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=None,
+                       help="keep the most likely tokens until their probability adds up to P (1: off)")
+    group.add_argument("--min-p", type=float, default=None,
+                       help="drop tokens less likely than P times the most likely one (0: off)")
+    group.add_argument("--repetition-penalty", "--repeat-penalty", dest="repetition_penalty", type=float,
+                       default=None, help="penalise tokens already in the context (1: off)")
+    group.add_argument("--seed", type=_non_negative_int, default=None, help="random seed, for reproducible sampling")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="stop when TEXT appears, not printing it (may be repeated)")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling flags as keyword arguments, checked before the model is loaded."""
+    from .sampling import SamplingParams
+    from .streaming import normalize_stop
+
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    SamplingParams(**options)  # ValueError with a clear message for a bad value
+    normalize_stop(args.stop)
+    return {**options, "stop": args.stop}
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .loader import load
 
+    options = _sampling_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     model = load(args.model, dtype=args.dtype, threads=args.threads)
     with model:
-        for piece in model.stream(prompt, max_tokens=args.max_tokens):
+        for piece in model.stream(prompt, max_tokens=args.max_tokens, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_cli import run_chat
+
+    return run_chat(args, {**_sampling_options(args), "max_tokens": args.max_tokens})
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -75,13 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cpullm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = sub.add_parser("generate", help="continue a prompt (greedy decoding)",
-                              description="Continue a prompt with greedy decoding and print the text as it comes.")
+    generate = sub.add_parser("generate", help="continue a prompt",
+                              description="Continue a prompt and print the text as it comes.")
     _add_model_options(generate)
     generate.add_argument("-p", "--prompt", default=None, help="the prompt text (default: read standard input)")
     generate.add_argument("-n", "--max-tokens", type=_non_negative_int, default=128,
                           help="most tokens to generate (default: 128)")
+    _add_sampling_options(generate)
     generate.set_defaults(run=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="talk to a model in the terminal",
+                          description="An interactive chat through the model's chat template; replies stream as they "
+                                      "are generated. Ctrl-C stops a reply, Ctrl-D leaves; /help lists the commands.")
+    _add_model_options(chat)
+    chat.add_argument("--system", default=None, help="the system message (default: the chat template's own)")
+    chat.add_argument("-n", "--max-tokens", type=_non_negative_int, default=None,
+                      help="most tokens per reply (default: until the model ends its turn or the context is full)")
+    chat.add_argument("--on-overflow", choices=["drop_oldest", "error"], default="drop_oldest",
+                      help="when the conversation outgrows the context: forget the oldest turns (default) or "
+                           "refuse the message")
+    _add_sampling_options(chat)
+    chat.set_defaults(run=_cmd_chat)
 
     convert = sub.add_parser("convert", help="convert a model into cpullm's fast format",
                              description="Convert a Hugging Face model directory into cpullm's converted format "
