@@ -11,8 +11,9 @@ The logits are processed in the order transformers uses (``generation/logits_pro
 4. top-p: keep the smallest set of most probable tokens whose probabilities add up to ``top_p`` or more;
 5. min-p: keep the tokens whose probability is at least ``min_p`` times the largest probability;
 
-then one token is drawn from the renormalised probabilities of what is left. Every step works on whole
-NumPy arrays (``argpartition`` for top-k, a partial sort for top-p); nothing loops over the vocabulary in
+then one token is drawn from the renormalised probabilities of what is left. Tokens more than 46 nats
+below the best one (probability under 1e-20 of the best's) are never drawn. Every step works on whole
+NumPy arrays (a partition for top-k, a partial sort for top-p); nothing loops over the vocabulary in
 Python.
 """
 
@@ -124,45 +125,58 @@ def _penalised(logits: np.ndarray, seen: np.ndarray | None, penalty: float) -> n
     return out
 
 
-def _top_p_count(probs_desc_source: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices (into ``probs_desc_source``) of the smallest most-probable set whose mass reaches ``top_p``:
+def _top_p_count(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices (into ``probs``) of the smallest most-probable set whose mass reaches ``top_p``:
     a token is kept when the mass of the tokens ranked above it is still below ``top_p``. Sorts only as
     many of the largest probabilities as it needs (argpartition, growing the window)."""
-    n = probs_desc_source.size
+    n = probs.size
     m = min(n, 64)
     while True:
+        if 4 * m >= n:
+            m = n
         if m < n:
-            part = np.argpartition(-probs_desc_source, m - 1)[:m]
+            part = np.argpartition(-probs, m - 1)[:m]
         else:
             part = np.arange(n)
-        order = part[np.argsort(-probs_desc_source[part], kind="stable")]
-        sorted_p = probs_desc_source[order]
+        order = part[np.argsort(-probs[part], kind="stable")]
+        sorted_p = probs[order]
         before = np.cumsum(sorted_p) - sorted_p  # mass ranked above each token
         keep = int(np.count_nonzero(before < top_p))
         # Within this window the count is exact if the window's total mass reached top_p, or it is all tokens.
         if m == n or keep < m:
             return order[: max(keep, 1)]
-        m = min(n, m * 4)
+        m = min(n, m * 8)
+
+
+# Tokens this many nats below the best one have a probability under 1e-20 of the best one's: less, all
+# of them together, than the 2**-53 resolution of the uniform draw that picks a token, and less than top-p
+# (p < 1) or min-p (above 1e-20) would ever keep. They are set aside before any exponential is taken.
+_NEGLIGIBLE_NATS = 46.0
 
 
 def filter_distribution(
     logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens sampling may choose and their probabilities: ``(ids, probs)``, ids ascending is not
-    promised, probs sum to 1. ``seen``: the distinct token ids of the context (for the repetition penalty).
-    Greedy parameters give the single arg-max token with probability 1."""
-    x = _penalised(np.asarray(logits), seen, params.repetition_penalty)
+    """The tokens sampling may choose and their probabilities: ``(ids, probs)`` (ids in no particular
+    order, probs summing to 1). ``seen``: the distinct token ids of the context, for the repetition
+    penalty. Greedy parameters give the single arg-max token with probability 1."""
+    x = _penalised(np.asarray(logits, dtype=np.float32), seen, params.repetition_penalty)
     if params.greedy:
         return np.array([int(np.argmax(x))]), np.array([1.0])
-    z = x.astype(np.float64) / params.temperature
+    z = x / np.float32(params.temperature)  # float32, as transformers scales (same ties for top-k)
     vocab = z.size
+    best = float(z.max())
     if 0 < params.top_k < vocab:
         kth = np.partition(z, vocab - params.top_k)[vocab - params.top_k]
-        ids = np.flatnonzero(z >= kth)
-        z = z[ids]
+        floor = max(float(kth), best - _NEGLIGIBLE_NATS)
     else:
-        ids = np.arange(vocab)
-    probs = np.exp(z - z.max())
+        floor = best - _NEGLIGIBLE_NATS
+    if params.min_p > 0.0 and params.top_p == 1.0:
+        # Min-p's own cut (applied exactly below), lowered a little. Not with top-p, which comes first and
+        # must see every token min-p will drop.
+        floor = max(floor, best + math.log(params.min_p) - 1e-3)
+    ids = np.flatnonzero(z >= floor)
+    probs = np.exp(z[ids].astype(np.float64) - best)
     probs /= probs.sum()
     if params.top_p < 1.0:
         keep = _top_p_count(probs, params.top_p)
