@@ -22,6 +22,7 @@ __all__ = ["IncrementalDecoder", "StopStrings", "TextStream", "normalize_stop"]
 # Tokens of earlier text decoded together with the new ones. One suffices for SentencePiece's leading
 # space; a few more cover a prompt that ends inside a multi-token character.
 _CONTEXT_TOKENS = 4
+_MAX_CONTEXT_TOKENS = 32  # when the context ends in a long run of byte tokens
 
 
 class IncrementalDecoder:
@@ -36,7 +37,13 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: object, context: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self._decode_fn = tokenizer.decode  # type: ignore[attr-defined]
         self._skip = skip_special_tokens
-        self._ids: list[int] = [int(t) for t in list(context)[-_CONTEXT_TOKENS:]]
+        ctx = [int(t) for t in context]
+        start = max(0, len(ctx) - _CONTEXT_TOKENS)
+        # Never start the window inside a character: byte-fallback decoders turn a whole run of byte tokens
+        # into U+FFFD when the run is not valid UTF-8, which would spoil the characters that follow.
+        while start > 0 and len(ctx) - start < _MAX_CONTEXT_TOKENS and self._decode(ctx[start:]).startswith("\ufffd"):
+            start -= 1
+        self._ids: list[int] = ctx[start:]
         self._read = len(self._ids)  # tokens before this index have had their text emitted
         self._prefix_text = self._decode(self._ids)
 
