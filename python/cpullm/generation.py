@@ -87,10 +87,10 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
     Stop ids end the loop without being yielded. Sets ``stats.finish_reason`` when it ends by itself."""
     step = np.empty(1, dtype=np.int32)
     produced = 0
+    if max_tokens == 0:
+        stats.finish_reason = "length"
+        return
     while True:
-        if max_tokens is not None and produced >= max_tokens:
-            stats.finish_reason = "length"
-            return
         start = time.perf_counter()
         token = sampler(logits)
         stats.generation_seconds += time.perf_counter() - start
@@ -101,6 +101,9 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
         produced += 1
         stats.generated_tokens = produced
         yield token
+        if max_tokens is not None and produced >= max_tokens:
+            stats.finish_reason = "length"  # the last token is not run: nothing needs its logits
+            return
         if sequence.n_past >= max_context:
             stats.finish_reason = "context"
             return
