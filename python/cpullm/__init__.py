@@ -9,17 +9,23 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
+from .chat import ChatSession
+from .generation import GenerationStats
 from .loader import load
 from .model import Model
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatSession",
     "ContextOverflowError",
     "CpullmError",
+    "GenerationStats",
     "Model",
     "ModelFormatError",
     "ModelNotFoundError",
+    "SamplingParams",
     "UnsupportedModelError",
     "__version__",
     "load",
