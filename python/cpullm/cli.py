@@ -30,7 +30,11 @@ def _non_negative_int(text: str) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a Hugging Face model directory (config.json + safetensors)")
+    from .hub import DEFAULT_MODEL
+
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help="a model: a directory (converted or Hugging Face), a .gguf file, or a known name "
+                             f"(default: {DEFAULT_MODEL}, fetched into the cache on first use)")
     parser.add_argument("--dtype", choices=["f32", "bf16", "int8"], default=None,
                         help="weight type (default: the stored one for converted models, f32 otherwise)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
@@ -102,6 +106,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from . import hub
+
+    if args.fetch is not None:
+        hub.ensure_model(args.fetch or hub.DEFAULT_MODEL)
+    rows = hub.list_models()
+    print(f"cache: {hub.models_dir()}")
+    for row in rows:
+        status = "cached" if row["cached"] else "not downloaded"
+        size = f"{row['bytes'] / 1e6:.0f} MB" if row["bytes"] is not None else "-"
+        default = " (default)" if row["default"] else ""
+        print(f"{row['name']}{default}  {status}  {size}  {row['path'] or row['description']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpullm", description="Run Llama-family language models on the CPU.")
     from . import __version__
@@ -152,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=3, help="runs to take the median of (default: 3)")
     bench.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     bench.set_defaults(run=_cmd_bench)
+
+    models = sub.add_parser("models", help="list the known models and what is in the cache",
+                            description="List the known models (the default one is fetched on first use) and the "
+                                        "models in the cache ($CPULLM_HOME, else $XDG_CACHE_HOME/cpullm, else "
+                                        "~/.cache/cpullm).")
+    models.add_argument("--fetch", nargs="?", const="", default=None, metavar="NAME",
+                        help="download and prepare a known model now (default: the default model)")
+    models.set_defaults(run=_cmd_models)
     return parser
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_group_size
 from .errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from .hf import Checkpoint, canonical_tensors, read_json
+from .hub import resolve as resolve_name
 from .model import Model
 from .converted import is_converted, read_converted
 from .spec import ModelSpec, spec_from_hf_config
@@ -62,6 +63,14 @@ def _assemble(
     )
 
 
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def load(
     path: str | Path,
     dtype: str | None = None,
@@ -72,7 +81,9 @@ def load(
     """Loads a model.
 
     ``path``: a directory made by ``cpullm convert`` (memory-mapped, no copy of the weights), or a
-    Hugging Face directory (config.json + safetensors, one file or sharded; converted in memory).
+    Hugging Face directory (config.json + safetensors, one file or sharded; converted in memory), a
+    GGUF file (any type the gguf package dequantizes), or a known model name ("smollm2-135m-instruct",
+    the default model, fetched into the user cache on first use; see cpullm.hub).
     ``dtype``: "f32", "bf16" (half the bytes) or "int8" (group-wise symmetric int8; a quarter of the
     bytes, the fastest). Default: f32 for Hugging Face directories (exact parity with transformers),
     the stored dtype for converted directories.
@@ -84,7 +95,7 @@ def load(
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     n_threads = resolve_threads(threads)
     group = check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
-    source = Path(path)
+    source = Path(resolve_name(path))  # a known model name -> its cached file, fetched on first use
     if not source.exists():
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():
@@ -95,6 +106,8 @@ def load(
         if (source / "config.json").exists():
             return _load_hf_directory(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
         raise ModelFormatError(f"{source}: not a model directory (no config.json)")
-    if source.suffix == ".gguf":
-        raise UnsupportedModelError(f"{source}: GGUF files are not supported yet")
+    if source.suffix.lower() == ".gguf" or _is_gguf(source):
+        from .gguf_io import load_gguf
+
+        return load_gguf(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
     raise ModelFormatError(f"{source}: not a model directory or a known model file")
