@@ -14,6 +14,7 @@ import pytest
 
 import cpullm
 from conftest import hf_logits, rel_err, tiny_llama_config
+from cpullm.dtypes import quantize_q8
 from cpullm.gguf_io import GGUFFile, GGUFTensorSource, read_gguf
 from cpullm.gguf_tokenizer import build_tokenizer
 from gguf_util import (
@@ -130,6 +131,10 @@ def test_q8_0_blocks_carry_over(tmp_path: Path) -> None:
         values, _ = source.get(name)
         assert qs.dtype == np.int8 and scales.dtype == np.float16 and scales.shape[1] * 32 == qs.shape[1]
         np.testing.assert_array_equal(qs * np.repeat(scales.astype(np.float32), 32, axis=1), values)
+        # int8 with 32-wide groups re-quantizes the dequantized values to exactly the stored blocks
+        q8, s8 = quantize_q8(values, 32)
+        np.testing.assert_array_equal(q8, qs)
+        np.testing.assert_array_equal(s8, scales.astype(np.float32))
     assert source.get_q8_0("model.norm.weight") is None
 
 
