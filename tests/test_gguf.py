@@ -503,3 +503,29 @@ def test_inconsistent_models(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b"llama.attention.head_count_kv", b"llama.attention.head_count_xx"))
     with pytest.raises(cpullm.ModelFormatError, match=r"attn_k.weight' has shape \[64, 128\], expected \[128, 128\]"):
         cpullm.load(path)
+
+
+def test_side_files_for_conversion(tmp_path: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files written from a GGUF (what a converted
+    directory keeps) load back into the same tokenizer, template and stop ids."""
+    from cpullm.gguf_io import write_side_files
+    from cpullm.hf import read_json
+    from cpullm.spec import spec_from_hf_config
+    from cpullm.tokenizer import Tokenizer
+
+    tok = spm_tokenizer()
+    model = _tiny(seed=10, vocab_size=len(tok["tokens"]), hidden_size=128, intermediate_size=224)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model.config, f32_state(model), tok, matrices("Q4_0"), chat_template=CHATML)
+    m = read_gguf(path)
+    out = tmp_path / "side"
+    out.mkdir()
+    written = write_side_files(m, out)
+    assert sorted(written) == ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    again_spec = spec_from_hf_config(read_json(out / "config.json"))
+    assert again_spec.to_native() == m.spec.to_native()
+    assert read_json(out / "generation_config.json")["eos_token_id"] == 2
+    again = Tokenizer.from_directory(out)
+    assert again.chat_template == CHATML and again.special_tokens == m.tokenizer.special_tokens
+    for text in AWKWARD:
+        assert again.encode(text) == m.tokenizer.encode(text), text

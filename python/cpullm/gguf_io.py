@@ -611,6 +611,25 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     return GGUFModel(gguf, config, spec, source, tokenizer, generation_config)
 
 
+def write_side_files(model: GGUFModel, directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Writes what a Hugging Face directory would hold beside the weights, from the GGUF's metadata:
+    config.json, generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template).
+    For converting a GGUF into a directory (``cpullm convert``, the model cache). Returns name -> path."""
+    import json
+
+    out = Path(directory)
+    files: dict[str, Any] = {"config.json": model.config, "generation_config.json": model.generation_config}
+    written: dict[str, Path] = {}
+    if model.tokenizer is not None:
+        (out / "tokenizer.json").write_text(model.tokenizer._tok.to_str(), encoding="utf-8")
+        written["tokenizer.json"] = out / "tokenizer.json"
+        files["tokenizer_config.json"] = {"tokenizer_class": "PreTrainedTokenizerFast", **model.tokenizer.config}
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        written[name] = out / name
+    return written
+
+
 def _check_shapes(gguf: GGUFFile, source: GGUFTensorSource, spec: Any) -> None:
     """Every tensor the runtime reads has the shape the metadata implies (checked before dequantizing)."""
     q_rows, kv_rows = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
