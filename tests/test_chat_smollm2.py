@@ -6,7 +6,6 @@ answers exactly like a fresh run over the whole conversation."""
 from __future__ import annotations
 
 import hashlib
-import pickle
 from pathlib import Path
 from typing import Any
 
