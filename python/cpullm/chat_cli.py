@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .errors import ContextOverflowError
+from .errors import CpullmError
 
 PROMPT = ">>> "
 
@@ -116,7 +116,7 @@ class ChatREPL:
             self.out.flush()
             self.note("(reply stopped)")
             return
-        except ContextOverflowError as e:
+        except CpullmError as e:  # context overflow, a template refusing the conversation: say so, carry on
             self.note(f"error: {e}")
             return
         if self.session.dropped_messages > dropped_before:
