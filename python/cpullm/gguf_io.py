@@ -316,8 +316,14 @@ class GGUFFile:
 def dequantize(raw: np.ndarray, info: GGUFTensorInfo, path: Path | str = "") -> np.ndarray:
     """float32 values of a quantized tensor's blocks, with the tensor's shape."""
     from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize as _dequantize
 
+    try:
+        from gguf.quants import dequantize as _dequantize
+    except ImportError:  # gguf releases before NumPy dequantization
+        raise UnsupportedModelError(
+            f"{path}: tensor '{info.name}' is {info.type_name}; reading quantized GGUF tensors needs a newer "
+            f"gguf package (pip install -U gguf)"
+        ) from None
     try:
         values = _dequantize(raw, GGMLQuantizationType(info.ggml_type))
     except NotImplementedError:
