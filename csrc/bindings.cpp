@@ -175,6 +175,31 @@ PYBIND11_MODULE(_C, m) {
     return y;
   }, py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("group"),
      "y = x @ dequant(wq, ws).T with x quantized per group on the fly, as the model does");
+  m.def("probe_q8_peak", [](int64_t iterations, int threads) {
+    if (iterations < 1 || threads < 1 || threads > 1024) throw std::invalid_argument("probe_q8_peak: bad arguments");
+    int64_t checksum = 0;
+    {
+      py::gil_scoped_release release;
+      const auto fn = kernels().q8_peak_loop;
+#pragma omp parallel for num_threads(threads) reduction(+ : checksum)
+      for (int t = 0; t < threads; ++t) checksum += fn(iterations);
+    }
+    return checksum;
+  }, py::arg("iterations"), py::arg("threads"),
+     "Runs the int8 peak loop on each thread (iterations x 8 x 32 multiply-adds per thread)");
+  m.def("probe_read", [](const py::array_t<int64_t, py::array::c_style>& data, int threads) {
+    // Sums a large array: a read-bandwidth probe. Each thread reads a contiguous slice.
+    if (threads < 1 || threads > 1024) throw std::invalid_argument("probe_read: bad thread count");
+    const int64_t* p = data.data();
+    const int64_t n = data.size();
+    int64_t total = 0;
+    {
+      py::gil_scoped_release release;
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
+      for (int64_t i = 0; i < n; ++i) total += p[i];
+    }
+    return total;
+  }, py::arg("data"), py::arg("threads"));
   m.def("dot_f32", [](const F32Array& a, const F32Array& b) {
     if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0)) throw std::invalid_argument("dot: expected two 1-D arrays of one length");
     return kernels().dot_f32(a.data(), b.data(), a.shape(0));

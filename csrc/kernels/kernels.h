@@ -27,6 +27,8 @@ struct Kernels {
   // y[t * ldy + n] = sum_g xs[t][g] * ws[n][g] * sum_{k in g} xq[t][k] * wq[n][k]. group % kQ8Block == 0.
   void (*matmul_q8)(const int8_t* xq, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* wq,
                     const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy);
+  // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
+  int64_t (*q8_peak_loop)(int64_t iterations);
   // sum_i a[i] * b[i]
   float (*dot_f32)(const float* a, const float* b, int64_t n);
   // y[i] += alpha * x[i]

@@ -34,7 +34,8 @@ struct Avx512V {
 const Kernels& kernels_avx512() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<Avx512V>::table("avx512");
-    k.matmul_q8 = &Q8Impl<Q8Avx2>::matmul_q8;  // AVX-512 without VNNI: the 256-bit maddubs form
+    k.matmul_q8 = &Q8Impl<Q8Avx2>::matmul_q8;
+    k.q8_peak_loop = &Q8Impl<Q8Avx2>::peak_loop;
     return k;
   }();
   return table;

@@ -9,6 +9,7 @@ const Kernels& kernels_avx512vnni() {
     Kernels k = kernels_avx512();
     k.name = "avx512vnni";
     k.matmul_q8 = &Q8Impl<Q8Vnni>::matmul_q8;
+    k.q8_peak_loop = &Q8Impl<Q8Vnni>::peak_loop;
     return k;
   }();
   return table;

@@ -115,6 +115,7 @@ const Kernels& kernels_scalar() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<ScalarV>::table("scalar");
     k.matmul_q8 = &Q8Impl<ScalarQ>::matmul_q8;
+    k.q8_peak_loop = &Q8Impl<ScalarQ>::peak_loop;
     return k;
   }();
   return table;

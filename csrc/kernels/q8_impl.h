@@ -67,6 +67,22 @@ struct Q8Impl {
     for (; n < r1; ++n) tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
   }
 
+  // The int8 dot-product rate with no memory traffic: 8 independent accumulator chains over
+  // register-resident operands. Returns a checksum so the work cannot be optimised away; each
+  // iteration is 8 * kQ8Block multiply-adds.
+  static int64_t peak_loop(int64_t iterations) {
+    alignas(64) int8_t bytes[2 * kQ8Block];
+    for (int i = 0; i < 2 * kQ8Block; ++i) bytes[i] = static_cast<int8_t>((i * 37) % 255 - 127);
+    const I x = Q::load(bytes), w = Q::load(bytes + kQ8Block);
+    I acc[8];
+    for (int a = 0; a < 8; ++a) acc[a] = Q::izero();
+    for (int64_t it = 0; it < iterations; ++it)
+      for (int a = 0; a < 8; ++a) acc[a] = Q::dot(acc[a], x, w);
+    F f = Q::fzero();
+    for (int a = 0; a < 8; ++a) f = Q::fma_scaled(f, acc[a], 1.f);
+    return static_cast<int64_t>(Q::reduce(f));
+  }
+
   static void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
                         const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
     const int64_t n_groups = (K + group - 1) / group;
