@@ -28,7 +28,6 @@ from gguf_util import (
     matrices,
     raw_gguf,
     raw_kv,
-    raw_string,
     spm_tokenizer,
     write_gguf,
 )

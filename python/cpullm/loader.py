@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_group_size
-from .errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from .errors import ModelFormatError, ModelNotFoundError
 from .hf import Checkpoint, canonical_tensors, read_json
 from .hub import resolve as resolve_name
 from .model import Model
