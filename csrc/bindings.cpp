@@ -154,22 +154,24 @@ PYBIND11_MODULE(_C, m) {
     if (x.ndim() != 2) throw std::invalid_argument("quantize_q8: expected x [T, K]");
     if (group <= 0) throw std::invalid_argument("quantize_q8: group must be > 0");
     const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group;
-    py::array_t<int8_t> q({T, K});
+    py::array_t<int8_t> q({T, 2 * K});
     F32Array scales({T, G});
     for (int64_t t = 0; t < T; ++t)
-      quantize_row_q8(x.data() + t * K, K, group, q.mutable_data() + t * K, scales.mutable_data() + t * G);
+      quantize_row_q8(x.data() + t * K, K, group, q.mutable_data() + 2 * t * K, scales.mutable_data() + t * G);
     return py::make_tuple(q, scales);
-  }, py::arg("x"), py::arg("group"), "Per-group symmetric int8 quantization of activation rows: (q, scales)");
+  }, py::arg("x"), py::arg("group"),
+     "Per-group two-digit int8 quantization of activation rows: (q [T, 2K]: hi then lo digits, scales [T, G])");
   m.def("matmul_q8", [](const F32Array& x, const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws,
                         int64_t group) {
     if (x.ndim() != 2 || wq.ndim() != 2 || x.shape(1) != wq.shape(1))
       throw std::invalid_argument("matmul_q8: expected x [T, K] and wq [N, K]");
-    if (group <= 0 || group % kQ8Block != 0) throw std::invalid_argument("matmul_q8: group must be a positive multiple of 32");
+    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
+      throw std::invalid_argument("matmul_q8: group must be a positive multiple of 32 up to 512");
     const int64_t T = x.shape(0), K = x.shape(1), N = wq.shape(0), G = (K + group - 1) / group;
     if (ws.ndim() != 2 || ws.shape(0) != N || ws.shape(1) != G) throw std::invalid_argument("matmul_q8: ws must be [N, ceil(K / group)]");
-    std::vector<int8_t> xq(size_t(T * K));
+    std::vector<int8_t> xq(size_t(2 * T * K));
     std::vector<float> xs(size_t(T * G));
-    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x.data() + t * K, K, group, xq.data() + t * K, xs.data() + t * G);
+    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x.data() + t * K, K, group, xq.data() + 2 * t * K, xs.data() + t * G);
     F32Array y({T, N});
     kernels().matmul_q8(xq.data(), xs.data(), T, K, group, wq.data(), ws.data(), 0, N, y.mutable_data(), N);
     return y;

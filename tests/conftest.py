@@ -131,7 +131,9 @@ def smollm2_gguf(cpullm_home: Path) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CPULLM_HOME", str(cpullm_home))
         try:
-            return hub.ensure_model(hub.DEFAULT_MODEL, quiet=True)
+            prepared = hub.ensure_model(hub.DEFAULT_MODEL, quiet=True)
+            # The cache keeps the GGUF beside the converted directory it prepares.
+            return next(prepared.parent.glob("*.gguf")) if prepared.is_dir() else prepared
         except ModelNotFoundError as e:
             if os.environ.get("CPULLM_SKIP_NETWORK_TESTS"):
                 pytest.skip(f"default model unavailable: {e}")

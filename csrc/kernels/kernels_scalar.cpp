@@ -102,6 +102,10 @@ struct ScalarQ {
     }
     return acc;
   }
+  static inline I combine(I hi, I lo) {
+    for (int l = 0; l < 8; ++l) hi.v[l] = 127 * hi.v[l] + lo.v[l];
+    return hi;
+  }
   static inline F fma_scaled(F f, I i, float s) {
     for (int l = 0; l < 8; ++l) f.v[l] += static_cast<float>(i.v[l]) * s;
     return f;
@@ -122,15 +126,25 @@ const Kernels& kernels_scalar() {
 }
 
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales) {
+  int8_t* hi = q;
+  int8_t* lo = q + K;
   for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
     const int64_t end = begin + group < K ? begin + group : K;
     float amax = 0.f;
     for (int64_t k = begin; k < end; ++k) amax = std::fmax(amax, std::fabs(x[k]));
     const float scale = amax / 127.f;
-    scales[g] = scale;
+    const float fine = scale / 127.f;
+    scales[g] = fine;
     for (int64_t k = begin; k < end; ++k) {
-      const float v = scale > 0.f ? std::nearbyint(x[k] / scale) : 0.f;
-      q[k] = static_cast<int8_t>(std::fmin(127.f, std::fmax(-127.f, v)));
+      if (!(scale > 0.f)) {
+        hi[k] = lo[k] = 0;
+        continue;
+      }
+      const float h = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(x[k] / scale)));
+      const float rest = x[k] - h * scale;
+      const float l = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(rest / fine)));
+      hi[k] = static_cast<int8_t>(h);
+      lo[k] = static_cast<int8_t>(l);
     }
   }
 }

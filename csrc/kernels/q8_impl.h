@@ -3,6 +3,7 @@
 //   Q::izero(), Q::fzero()
 //   Q::load(p), Q::load_partial(p, n)   32 int8 (the partial form zero-fills lanes >= n)
 //   Q::dot(acc, x, w)                 acc[i] += sum_{j < 4} x[4i + j] * w[4i + j]   (signed int8 both)
+//   Q::combine(hi, lo)                127 * hi + lo   (lane-wise int32)
 //   Q::fma_scaled(f, i, s)            f + float(i) * s
 //   Q::reduce(f)                      sum of lanes
 // Included inside an anonymous namespace by each ISA file (see kernels_impl.h for why).
@@ -18,6 +19,7 @@ struct Q8Impl {
   using I = typename Q::I;
   using F = typename Q::F;
 
+  // x points at token 0's hi digits; each token's row is 2K bytes (hi digits, then lo digits).
   template <int TT, int RR>
   static inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
                           const int8_t* w, const float* ws, float* y, int64_t ldy) {
@@ -27,30 +29,28 @@ struct Q8Impl {
     for (int64_t g = 0; g < n_groups; ++g) {
       const int64_t begin = g * group;
       const int64_t len = K - begin < group ? K - begin : group;
-      I isum[TT][RR];
+      I hi[TT][RR], lo[TT][RR];
       for (int t = 0; t < TT; ++t)
-        for (int r = 0; r < RR; ++r) isum[t][r] = Q::izero();
-      int64_t b = 0;
-      for (; b + kQ8Block <= len; b += kQ8Block) {
-        typename Q::I wv[RR];
-        for (int r = 0; r < RR; ++r) wv[r] = Q::load(w + r * K + begin + b);
-        for (int t = 0; t < TT; ++t) {
-          const I xv = Q::load(x + t * K + begin + b);
-          for (int r = 0; r < RR; ++r) isum[t][r] = Q::dot(isum[t][r], xv, wv[r]);
-        }
-      }
-      if (b < len) {
-        const int rem = static_cast<int>(len - b);
+        for (int r = 0; r < RR; ++r) hi[t][r] = lo[t][r] = Q::izero();
+      for (int64_t b = 0; b < len; b += kQ8Block) {
+        const int n = len - b < kQ8Block ? static_cast<int>(len - b) : kQ8Block;
         I wv[RR];
-        for (int r = 0; r < RR; ++r) wv[r] = Q::load_partial(w + r * K + begin + b, rem);
+        for (int r = 0; r < RR; ++r)
+          wv[r] = n == kQ8Block ? Q::load(w + r * K + begin + b) : Q::load_partial(w + r * K + begin + b, n);
         for (int t = 0; t < TT; ++t) {
-          const I xv = Q::load_partial(x + t * K + begin + b, rem);
-          for (int r = 0; r < RR; ++r) isum[t][r] = Q::dot(isum[t][r], xv, wv[r]);
+          const int8_t* xh = x + t * 2 * K + begin + b;
+          const I xhv = n == kQ8Block ? Q::load(xh) : Q::load_partial(xh, n);
+          const I xlv = n == kQ8Block ? Q::load(xh + K) : Q::load_partial(xh + K, n);
+          for (int r = 0; r < RR; ++r) {
+            hi[t][r] = Q::dot(hi[t][r], xhv, wv[r]);
+            lo[t][r] = Q::dot(lo[t][r], xlv, wv[r]);
+          }
         }
       }
       for (int t = 0; t < TT; ++t)
         for (int r = 0; r < RR; ++r)
-          acc[t][r] = Q::fma_scaled(acc[t][r], isum[t][r], xs[t * n_groups + g] * ws[r * n_groups + g]);
+          acc[t][r] = Q::fma_scaled(acc[t][r], Q::combine(hi[t][r], lo[t][r]),
+                                    xs[t * n_groups + g] * ws[r * n_groups + g]);
     }
     for (int t = 0; t < TT; ++t)
       for (int r = 0; r < RR; ++r) y[t * ldy + r] = Q::reduce(acc[t][r]);
@@ -91,11 +91,13 @@ struct Q8Impl {
       const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
       int64_t t = 0;
       for (; t + 4 <= T; t += 4)
-        token_tile_rows<4>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
+        token_tile_rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
+      const int8_t* xt = x + t * 2 * K;
+      const float* xst = xs + t * n_groups;
       switch (T - t) {
-        case 3: token_tile_rows<3>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-        case 2: token_tile_rows<2>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-        case 1: token_tile_rows<1>(x + t * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
+        case 3: token_tile_rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
+        case 2: token_tile_rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
+        case 1: token_tile_rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
         default: break;
       }
     }

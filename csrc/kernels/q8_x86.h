@@ -30,6 +30,9 @@ struct Q8Avx2 {
     const __m256i pairs = _mm256_maddubs_epi16(ax, sw);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
+  static inline I combine(I hi, I lo) {
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(hi, 7), hi), lo);
+  }
   static inline F fma_scaled(F f, I i, float s) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), f); }
   static inline float reduce(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

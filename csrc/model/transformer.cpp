@@ -47,9 +47,9 @@ void check_spec(const ModelSpec& s) {
   if (!(s.norm_eps >= 0.f) || !std::isfinite(s.norm_eps)) fail("model spec: norm_eps must be a finite number >= 0");
   if (!(s.attn_scale > 0.f) || !std::isfinite(s.attn_scale)) fail("model spec: attn_scale must be finite and > 0");
   if (!std::isfinite(s.rope_attn_factor)) fail("model spec: rope_attn_factor must be finite");
-  if (s.group_size <= 0 || s.group_size % kQ8Block != 0 || s.group_size > kMaxDim)
+  if (s.group_size <= 0 || s.group_size % kQ8Block != 0 || s.group_size > kQ8MaxGroup)
     fail("model spec: group_size " + std::to_string(s.group_size) + " must be a positive multiple of " +
-         std::to_string(kQ8Block));
+         std::to_string(kQ8Block) + " up to " + std::to_string(kQ8MaxGroup));
   for (float f : s.inv_freq)
     if (!std::isfinite(f)) fail("model spec: inv_freq holds a non-finite value");
 }
@@ -217,10 +217,10 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
   const float* xs = nullptr;
   if (w.type == WType::Q8) {
     const int64_t G = n_groups(w);
-    if (xq_.size() < size_t(T * K)) xq_.resize(size_t(T * K));
+    if (xq_.size() < size_t(2 * T * K)) xq_.resize(size_t(2 * T * K));
     if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
 #pragma omp parallel for num_threads(n_threads) if (n_threads > 1 && T > 1)
-    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x + t * K, K, w.group, xq_.data() + t * K, xq_scales_.data() + t * G);
+    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x + t * K, K, w.group, xq_.data() + 2 * t * K, xq_scales_.data() + t * G);
     xq = xq_.data();
     xs = xq_scales_.data();
   }

@@ -10,6 +10,7 @@ WEIGHT_DTYPES = ("f32", "bf16", "int8")
 # Inputs per int8 scale. 32 is llama.cpp's Q8_0 block; docs/int8.md records why it is the default.
 DEFAULT_GROUP_SIZE = 32
 Q8_BLOCK = 32  # the kernels consume int8 in blocks of 32: group sizes are multiples of it
+Q8_MAX_GROUP = 512  # larger groups could overflow the kernels' int32 sums
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -38,8 +39,10 @@ def to_f32(array: np.ndarray, stored: str) -> np.ndarray:
 
 
 def check_group_size(group_size: int) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % Q8_BLOCK:
-        raise ValueError(f"group_size must be a positive multiple of {Q8_BLOCK}, got {group_size!r}")
+    if (isinstance(group_size, bool) or not isinstance(group_size, int) or not 0 < group_size <= Q8_MAX_GROUP
+            or group_size % Q8_BLOCK):
+        raise ValueError(f"group_size must be a multiple of {Q8_BLOCK} from {Q8_BLOCK} to {Q8_MAX_GROUP}, "
+                         f"got {group_size!r}")
     return group_size
 
 

@@ -74,6 +74,15 @@ _PLAIN_TYPES = {0: ("F32", np.dtype("<f4")), 1: ("F16", np.dtype("<f2")), 30: ("
 GGML_Q8_0 = 8
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether the file starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class GGUFTensorInfo:
     name: str

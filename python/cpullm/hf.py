@@ -121,6 +121,21 @@ def _gather(checkpoint: TensorSource, parts: Sequence[str], dtype: str, vector: 
     return np.concatenate(arrays, axis=0)
 
 
+def _q8_0_parts(checkpoint: TensorSource, parts: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Q8_0 blocks (32 int8 + one f16 scale) are cpullm's int8 with 32-wide groups already: when a source
+    stores every part so, its integers and scales are taken as they are, with no round trip through f32.
+    Rows whose length is not a multiple of 32 cannot be Q8_0, so the group layouts always agree."""
+    get_q8_0 = getattr(checkpoint, "get_q8_0", None)
+    if get_q8_0 is None:
+        return None
+    blocks = [get_q8_0(part) for part in parts]
+    if any(b is None for b in blocks):
+        return None
+    q = np.ascontiguousarray(np.concatenate([b[0] for b in blocks], axis=0), dtype=np.int8)
+    scales = np.ascontiguousarray(np.concatenate([b[1] for b in blocks], axis=0), dtype=np.float32)
+    return q, scales
+
+
 def canonical_tensor_count(spec: ModelSpec) -> int:
     """How many canonical tensors (not counting int8 scales) a spec asks for, at most."""
     return sum(1 for _ in _sources(spec))
@@ -138,7 +153,11 @@ def iter_canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str
                 continue
             raise ModelFormatError(f"{checkpoint.description}: tensor '{alternatives[0][0]}' is missing")
         vector = short in _VECTORS
-        if dtype == "int8" and not vector:
+        carried = _q8_0_parts(checkpoint, found) if dtype == "int8" and spec.group_size == 32 and not vector else None
+        if carried is not None:
+            yield name, carried[0]
+            yield name + ".scales", carried[1]
+        elif dtype == "int8" and not vector:
             fused = _gather(checkpoint, found, "f32", vector)
             if fused.ndim != 2:
                 raise ModelFormatError(f"{checkpoint.description}: tensor '{found[0]}' is not a matrix")

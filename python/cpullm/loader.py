@@ -11,6 +11,7 @@ from .hf import Checkpoint, canonical_tensors, read_json
 from .hub import resolve as resolve_name
 from .model import Model
 from .converted import is_converted, read_converted
+from .gguf_io import is_gguf
 from .spec import ModelSpec, spec_from_hf_config
 from .threads import resolve_threads
 from .tokenizer import Tokenizer
@@ -63,14 +64,6 @@ def _assemble(
     )
 
 
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def load(
     path: str | Path,
     dtype: str | None = None,
@@ -106,7 +99,7 @@ def load(
         if (source / "config.json").exists():
             return _load_hf_directory(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
         raise ModelFormatError(f"{source}: not a model directory (no config.json)")
-    if source.suffix.lower() == ".gguf" or _is_gguf(source):
+    if source.suffix.lower() == ".gguf" or is_gguf(source):
         from .gguf_io import load_gguf
 
         return load_gguf(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
