@@ -125,11 +125,12 @@ def test_sharded_half_precision_checkpoint(make_llama: Any, source_dtype: str) -
 
 
 # int8 bounds on these random models (max |diff| / max |f32 logit|). Random Gaussian weights are the
-# hard case for group-wise int8 (no structure, every group's max is an outlier): measured 0.035-0.08
-# against f32 for group sizes 32-128, of which activation quantization alone is about half. Accuracy on
-# real text is measured on SmolLM2 instead (top-1 agreement and perplexity ratio, docs/int8.md).
-INT8_VS_F32_TOL = 0.12
-INT8_VS_DEQUANTIZED_TOL = 0.06
+# hard case for group-wise int8 (no structure, every group's max is an outlier): measured 0.03-0.06
+# against f32 for group sizes 32-128, all of it the weights' rounding: against transformers running the
+# dequantized weights the two-digit activations leave about 2e-4. Accuracy on real text is measured on
+# SmolLM2 instead (top-1 agreement and perplexity ratio, docs/int8.md).
+INT8_VS_F32_TOL = 0.1
+INT8_VS_DEQUANTIZED_TOL = 1e-3
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -125,24 +125,41 @@ const Kernels& kernels_scalar() {
   return table;
 }
 
+namespace {
+
+// Round half to even for |v| < 2^22, as nearbyint does in the default rounding mode, without a libm
+// call: adding 1.5 * 2^23 leaves no fraction bits, so the addition itself rounds. Written this way the
+// loops below vectorise on the baseline ISA.
+inline float round_even(float v) {
+  const float magic = 12582912.f;
+  return (v + magic) - magic;
+}
+
+inline float clamp127(float v) { return v < -127.f ? -127.f : (v > 127.f ? 127.f : v); }
+
+}  // namespace
+
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales) {
   int8_t* hi = q;
   int8_t* lo = q + K;
   for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
     const int64_t end = begin + group < K ? begin + group : K;
     float amax = 0.f;
-    for (int64_t k = begin; k < end; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+    for (int64_t k = begin; k < end; ++k) {
+      const float a = std::fabs(x[k]);
+      amax = a > amax ? a : amax;
+    }
     const float scale = amax / 127.f;
     const float fine = scale / 127.f;
     scales[g] = fine;
+    if (!(scale > 0.f)) {  // all zero (or NaN): both digits 0
+      for (int64_t k = begin; k < end; ++k) hi[k] = lo[k] = 0;
+      continue;
+    }
     for (int64_t k = begin; k < end; ++k) {
-      if (!(scale > 0.f)) {
-        hi[k] = lo[k] = 0;
-        continue;
-      }
-      const float h = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(x[k] / scale)));
+      const float h = round_even(clamp127(x[k] / scale));
       const float rest = x[k] - h * scale;
-      const float l = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(rest / fine)));
+      const float l = round_even(clamp127(rest / fine));
       hi[k] = static_cast<int8_t>(h);
       lo[k] = static_cast<int8_t>(l);
     }
