@@ -84,33 +84,22 @@ inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int
     for (int r = 0; r < RR; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
-template <int TT>
-inline void token_tile_rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
-                            const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  constexpr int RR = TT == 1 ? 4 : 3;
-  int64_t n = r0;
-  for (; n + RR <= r1; n += RR) tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
-  for (; n < r1; ++n) tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
-}
+struct VnniTiles {
+  template <int TT>
+  static inline void token_tile_rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
+                                     const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y,
+                                     int64_t ldy) {
+    constexpr int RR = TT == 1 ? 4 : 3;
+    int64_t n = r0;
+    for (; n + RR <= r1; n += RR) tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+    for (; n < r1; ++n) tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+  }
+};
 
+// 48 rows x K=4096 int8 = 192 KiB: stays in L2 across token tiles.
 void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
                const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t n_groups = (K + group - 1) / group;
-  constexpr int64_t kRowBlock = 48;  // 48 rows x K=4096 int8 = 192 KiB: stays in L2 across token tiles
-  for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
-    const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4)
-      token_tile_rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
-    const int8_t* xt = x + t * 2 * K;
-    const float* xst = xs + t * n_groups;
-    switch (T - t) {
-      case 3: token_tile_rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-      case 2: token_tile_rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-      case 1: token_tile_rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-      default: break;
-    }
-  }
+  q8_drive<VnniTiles, 48>(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
 }
 
 }  // namespace

@@ -14,6 +14,31 @@
 
 namespace cpullm {
 
+// Runs a tile family over row blocks of kRowBlock rows (they stay in cache while every token tile passes
+// over them) and tiles of up to 4 tokens. Tiles::token_tile_rows<TT> computes TT tokens against a row
+// range; activations are [T, 2K] (hi, then lo digits, per token).
+template <class Tiles, int64_t kRowBlock>
+inline void q8_drive(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
+                     const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t n_groups = (K + group - 1) / group;
+  for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
+    const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4)
+      Tiles::template token_tile_rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re,
+                                         y + t * ldy, ldy);
+    const int8_t* xt = x + t * 2 * K;
+    const float* xst = xs + t * n_groups;
+    float* yt = y + t * ldy;
+    switch (T - t) {
+      case 3: Tiles::template token_tile_rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+      case 2: Tiles::template token_tile_rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+      case 1: Tiles::template token_tile_rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+      default: break;
+    }
+  }
+}
+
 template <class Q>
 struct Q8Impl {
   using I = typename Q::I;
@@ -85,22 +110,7 @@ struct Q8Impl {
 
   static void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
                         const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-    const int64_t n_groups = (K + group - 1) / group;
-    constexpr int64_t kRowBlock = 32;  // 32 rows x K=4096 int8 = 128 KiB: stays in L2 across token tiles
-    for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
-      const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
-      int64_t t = 0;
-      for (; t + 4 <= T; t += 4)
-        token_tile_rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
-      const int8_t* xt = x + t * 2 * K;
-      const float* xst = xs + t * n_groups;
-      switch (T - t) {
-        case 3: token_tile_rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-        case 2: token_tile_rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-        case 1: token_tile_rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy); break;
-        default: break;
-      }
-    }
+    q8_drive<Q8Impl, 32>(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
   }
 };
 
