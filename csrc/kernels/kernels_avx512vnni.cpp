@@ -60,9 +60,14 @@ inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int
     __m512i wv[RR], wsum[RR];
     __m512 wscale[RR];
     for (int r = 0; r < RR; ++r) {
+      // Rows are short (a few KiB): ask for the next tile's rows now, so they arrive while this tile
+      // computes, instead of leaving each new row stream to the hardware prefetcher's ramp-up.
+      _mm_prefetch(reinterpret_cast<const char*>(w + (RR + r) * K + c), _MM_HINT_T0);
       wv[r] = load_bytes(w + r * K + c, n);
-      // 128 * 128 * sum(w) per lane: what the hi digits' +128 (times 127) and the lo digits' +128 add.
-      wsum[r] = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv[r]), 14);
+      // -128 * 128 * sum(w) per lane takes back what the digits' +128 offsets add (127 * 128 * sum(w)
+      // through the hi digits, 128 * sum(w) through the lo ones). It seeds the lo digits' sum.
+      wsum[r] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                 _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv[r]), 14));
       wscale[r] = pair_scales(ws[r * n_groups + ga], ws[r * n_groups + gb]);
     }
     for (int t = 0; t < TT; ++t) {
@@ -72,10 +77,10 @@ inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int
       const __m512 xscale = pair_scales(xs[t * n_groups + ga], xs[t * n_groups + gb]);
       for (int r = 0; r < RR; ++r) {
         const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xh, wv[r]);
-        const __m512i dl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xl, wv[r]);
-        // 127 * dh + dl - 16384 * sum(w); wrapping int32 arithmetic, exact since the result fits.
-        const __m512i isum =
-            _mm512_sub_epi32(_mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(dh, 7), dh), dl), wsum[r]);
+        const __m512i dl = _mm512_dpbusd_epi32(wsum[r], xl, wv[r]);
+        // 127 * dh + dl (dl already holds the offsets' correction); wrapping int32 arithmetic, exact
+        // since the result fits.
+        const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(dh, 7), dh), dl);
         acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(xscale, wscale[r]), acc[t][r]);
       }
     }

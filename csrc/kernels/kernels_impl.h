@@ -33,7 +33,11 @@ struct KernelsImpl {
     int64_t k = 0;
     for (; k + W <= K; k += W) {
       Vec wv[RR];
-      for (int r = 0; r < RR; ++r) wv[r] = loadw(w + r * K + k);
+      for (int r = 0; r < RR; ++r) {
+        // The next tile's rows, requested early (see kernels_avx512vnni.cpp): rows are short streams.
+        __builtin_prefetch(w + (RR + r) * K + k);
+        wv[r] = loadw(w + r * K + k);
+      }
       for (int t = 0; t < TT; ++t) {
         const Vec xv = V::load(x + t * K + k);
         for (int r = 0; r < RR; ++r) acc[t][r] = V::fmadd(xv, wv[r], acc[t][r]);

@@ -60,8 +60,10 @@ struct Q8Impl {
       for (int64_t b = 0; b < len; b += kQ8Block) {
         const int n = len - b < kQ8Block ? static_cast<int>(len - b) : kQ8Block;
         I wv[RR];
-        for (int r = 0; r < RR; ++r)
+        for (int r = 0; r < RR; ++r) {
+          __builtin_prefetch(w + (RR + r) * K + begin + b);  // the next tile's rows (see kernels_avx512vnni.cpp)
           wv[r] = n == kQ8Block ? Q::load(w + r * K + begin + b) : Q::load_partial(w + r * K + begin + b, n);
+        }
         for (int t = 0; t < TT; ++t) {
           const int8_t* xh = x + t * 2 * K + begin + b;
           const I xhv = n == kQ8Block ? Q::load(xh) : Q::load_partial(xh, n);
