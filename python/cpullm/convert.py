@@ -54,7 +54,8 @@ def convert(
     config = read_json(source / "config.json")
     spec = replace(spec_from_hf_config(config), group_size=group_size)
     checkpoint = Checkpoint(source)
-    tensors = _with_progress(iter_canonical_tensors(spec, checkpoint, dtype), canonical_tensor_count(spec), progress)
+    tensors = _with_progress(iter_canonical_tensors(spec, checkpoint, dtype), canonical_tensor_count(spec, checkpoint),
+                             progress)
     extras = {name: source / name for name in EXTRA_FILES if (source / name).is_file()}
     write_converted(target, config=config, spec=spec, dtype=dtype, tensors=tensors, extra_files=extras,
                     source=str(source), force=force)
@@ -68,7 +69,7 @@ def _convert_gguf(source: Path, target: Path, dtype: str, group_size: int, force
 
     model = read_gguf(source)
     spec = replace(model.spec, group_size=group_size)
-    tensors = _with_progress(iter_canonical_tensors(spec, model.source, dtype), canonical_tensor_count(spec),
+    tensors = _with_progress(iter_canonical_tensors(spec, model.source, dtype), canonical_tensor_count(spec, model.source),
                              progress)
     with tempfile.TemporaryDirectory() as side:
         extras = write_side_files(model, side)

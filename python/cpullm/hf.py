@@ -136,9 +136,10 @@ def _q8_0_parts(checkpoint: TensorSource, parts: Sequence[str]) -> tuple[np.ndar
     return q, scales
 
 
-def canonical_tensor_count(spec: ModelSpec) -> int:
-    """How many canonical tensors (not counting int8 scales) a spec asks for, at most."""
-    return sum(1 for _ in _sources(spec))
+def canonical_tensor_count(spec: ModelSpec, checkpoint: TensorSource) -> int:
+    """How many canonical tensors (not counting int8 scales) iter_canonical_tensors will yield from
+    ``checkpoint``: optional ones it lacks are not counted."""
+    return sum(1 for _, alternatives in _sources(spec) if any(all(p in checkpoint for p in alt) for alt in alternatives))
 
 
 def iter_canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
