@@ -68,6 +68,12 @@ std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const
   s.attn_scale = spec_dict["attn_scale"].cast<float>();
   s.rope_attn_factor = spec_dict["rope_attn_factor"].cast<float>();
   s.inv_freq = spec_dict["inv_freq"].cast<std::vector<float>>();
+  // Optional keys (architecture features); absent means off.
+  if (spec_dict.contains("inv_freq_long")) s.inv_freq_long = spec_dict["inv_freq_long"].cast<std::vector<float>>();
+  if (spec_dict.contains("rope_switch")) s.rope_switch = get_int("rope_switch");
+  if (spec_dict.contains("layer_windows")) s.layer_windows = spec_dict["layer_windows"].cast<std::vector<int>>();
+  if (spec_dict.contains("n_experts")) s.n_experts = get_int("n_experts");
+  if (spec_dict.contains("n_experts_used")) s.n_experts_used = get_int("n_experts_used");
 
   auto owner = std::make_shared<PyTransformer>();
   std::map<std::string, TensorView> views;

@@ -52,6 +52,24 @@ void check_spec(const ModelSpec& s) {
          std::to_string(kQ8Block) + " up to " + std::to_string(kQ8MaxGroup));
   for (float f : s.inv_freq)
     if (!std::isfinite(f)) fail("model spec: inv_freq holds a non-finite value");
+  if (!s.inv_freq_long.empty()) {
+    if (s.inv_freq_long.size() != s.inv_freq.size())
+      fail("model spec: inv_freq_long has " + std::to_string(s.inv_freq_long.size()) + " entries, expected " +
+           std::to_string(s.inv_freq.size()));
+    for (float f : s.inv_freq_long)
+      if (!std::isfinite(f)) fail("model spec: inv_freq_long holds a non-finite value");
+    if (s.rope_switch <= 0 || s.rope_switch > kMaxDim)
+      fail("model spec: rope_switch " + std::to_string(s.rope_switch) + " is out of range");
+  }
+  if (!s.layer_windows.empty() && static_cast<int64_t>(s.layer_windows.size()) != s.n_layers)
+    fail("model spec: layer_windows has " + std::to_string(s.layer_windows.size()) + " entries, expected n_layers = " +
+         std::to_string(s.n_layers));
+  for (int w : s.layer_windows)
+    if (w < 0) fail("model spec: a sliding window must be >= 0, got " + std::to_string(w));
+  if (s.n_experts < 0 || s.n_experts > 4096) fail("model spec: n_experts " + std::to_string(s.n_experts) + " is out of range");
+  if (s.n_experts > 0 && (s.n_experts_used < 1 || s.n_experts_used > s.n_experts))
+    fail("model spec: n_experts_used " + std::to_string(s.n_experts_used) + " must be in [1, n_experts = " +
+         std::to_string(s.n_experts) + "]");
 }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -138,6 +156,20 @@ void apply_rope(float* head, const float* cos, const float* sin, int half) {
   }
 }
 
+// SwiGLU over [T, 2F] rows (gate, then up), packed into the first F columns of a [T, F] view at the start
+// of the buffer: row t's input (offset 2tF) is never behind its output (offset tF), so in place is safe.
+void swiglu(float* ffn, int64_t T, int64_t F) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* gate = ffn + t * 2 * F;
+    const float* up = gate + F;
+    float* act = ffn + t * F;
+    for (int64_t j = 0; j < F; ++j) {
+      const float g = gate[j];
+      act[j] = g / (1.f + std::exp(-g)) * up[j];
+    }
+  }
+}
+
 int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -166,8 +198,19 @@ Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>
     L.bqkv = vector_f32(tensors, p + "bqkv", qkv_dim(), false);
     L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, G, true);
     L.ffn_norm = vector_f32(tensors, p + "ffn_norm", D, true);
-    L.w13 = matrix(tensors, p + "w13", 2 * F, D, G, true);
-    L.w2 = matrix(tensors, p + "w2", D, F, G, true);
+    L.window = s.layer_windows.empty() ? 0 : s.layer_windows[l];
+    if (s.n_experts == 0) {
+      L.w13 = matrix(tensors, p + "w13", 2 * F, D, G, true);
+      L.w2 = matrix(tensors, p + "w2", D, F, G, true);
+      continue;
+    }
+    L.router = matrix(tensors, p + "router", s.n_experts, D, G, true);
+    if (L.router.type != WType::F32) fail("tensor '" + p + "router' must be float32");
+    for (int e = 0; e < s.n_experts; ++e) {
+      const std::string q = p + "experts." + std::to_string(e) + ".";
+      L.expert_w13.push_back(matrix(tensors, q + "w13", 2 * F, D, G, true));
+      L.expert_w2.push_back(matrix(tensors, q + "w2", D, F, G, true));
+    }
   }
 }
 
@@ -179,6 +222,7 @@ Sequence::Sequence(const Transformer& model) : model_(model) {
 void Sequence::truncate(int n) {
   if (n < 0) fail("truncate: position count must be >= 0");
   n_past_ = std::min(n_past_, n);
+  history_.resize(n_past_);
 }
 
 void Sequence::reserve(int positions) {
@@ -255,6 +299,26 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
     fail("forward: " + std::to_string(n_past_) + " cached + " + std::to_string(n_tokens) +
          " new tokens exceed the context length " + std::to_string(s.max_context));
 
+  const int n_out = all_logits ? n_tokens : 1;
+  const bool want_long = !s.inv_freq_long.empty() && n_past_ + n_tokens > s.rope_switch;
+  if (n_past_ > 0 && want_long != long_rope_) {
+    // longrope: the sequence crosses the switch length (or was cut back below it), so every cached
+    // position is encoded again with the other table, as transformers' Phi-3 generate does. Results
+    // then never depend on how a sequence was split into calls.
+    std::vector<int32_t> all(history_.begin(), history_.begin() + n_past_);
+    all.insert(all.end(), tokens, tokens + n_tokens);
+    n_past_ = 0;
+    history_.clear();
+    long_rope_ = want_long;
+    run(all.data(), static_cast<int>(all.size()), logits, n_out, n_threads);
+    return;
+  }
+  long_rope_ = want_long;
+  run(tokens, n_tokens, logits, n_out, n_threads);
+}
+
+void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out_rows, int n_threads) {
+  const ModelSpec& s = model_.spec();
   reserve(n_past_ + n_tokens);
   ensure_scratch(n_tokens, n_threads);
   const Kernels& k = kernels();
@@ -271,10 +335,11 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
   for (int64_t t = 0; t < T; ++t) embedding_row(model_.tok_embeddings(), tokens[t], x + t * D);
 
   // cos/sin for each new position: the f32 product pos * inv_freq, as transformers forms it.
+  const float* inv_freq = long_rope_ ? s.inv_freq_long.data() : s.inv_freq.data();
   for (int64_t t = 0; t < T; ++t) {
     const float pos = static_cast<float>(n_past_ + t);
     for (int i = 0; i < half; ++i) {
-      const float f = pos * s.inv_freq[i];
+      const float f = pos * inv_freq[i];
       rope_cos_[t * half + i] = std::cos(f) * s.rope_attn_factor;
       rope_sin_[t * half + i] = std::sin(f) * s.rope_attn_factor;
     }
@@ -299,16 +364,22 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
       std::memcpy(vc + pos * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
     }
 
-    // Causal grouped-query attention: query t sees cached positions [0, n_past + t].
+    // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
+    // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
+    const int64_t window = L.window;
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
     for (int64_t th = 0; th < T * H; ++th) {
       const int64_t t = th / H, h = th % H, kvh = h / group;
-      const int64_t n_keys = n_past_ + t + 1;
+      const int64_t last = n_past_ + t;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const int64_t n_keys = last - first + 1;
       const float* q = qkv + t * qkv_dim + h * hd;
+      const float* kb = kc + first * kv_dim + kvh * hd;
+      const float* vb = vc + first * kv_dim + kvh * hd;
       float* scores = scores_.data() + size_t(thread_id()) * capacity_;
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < n_keys; ++p) {
-        const float sc = k.dot_f32(q, kc + p * kv_dim + kvh * hd, hd) * s.attn_scale;
+        const float sc = k.dot_f32(q, kb + p * kv_dim, hd) * s.attn_scale;
         scores[p] = sc;
         mx = std::max(mx, sc);
       }
@@ -320,34 +391,96 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
       const float inv_sum = 1.f / sum;
       float* out = attn + t * q_dim + h * hd;
       std::fill(out, out + hd, 0.f);
-      for (int64_t p = 0; p < n_keys; ++p) k.axpy_f32(scores[p] * inv_sum, vc + p * kv_dim + kvh * hd, out, hd);
+      for (int64_t p = 0; p < n_keys; ++p) k.axpy_f32(scores[p] * inv_sum, vb + p * kv_dim, out, hd);
     }
 
     matmul(attn, T, L.wo, xn, n_threads);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
 
     for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps);
-    matmul(xn, T, L.w13, ffn, n_threads);
-    // SwiGLU, packed into the first F columns of a [T, F] view at the start of the buffer: row t's
-    // gate/up input (offset 2tF) is never behind its output (offset tF), so in-place is safe.
-    for (int64_t t = 0; t < T; ++t) {
-      const float* gate = ffn + t * 2 * F;
-      const float* up = gate + F;
-      float* act = ffn + t * F;
-      for (int64_t j = 0; j < F; ++j) {
-        const float g = gate[j];
-        act[j] = g / (1.f + std::exp(-g)) * up[j];
-      }
+    if (s.n_experts > 0) {
+      moe(L, T, n_threads);
+      continue;
     }
+    matmul(xn, T, L.w13, ffn, n_threads);
+    swiglu(ffn, T, F);
     matmul(ffn, T, L.w2, xn, n_threads);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
   }
 
-  const int64_t first = all_logits ? 0 : T - 1;
-  const int64_t n_out = T - first;
+  const int64_t n_out = n_out_rows;
+  const int64_t first = T - n_out;
   for (int64_t t = first; t < T; ++t) rmsnorm(x + t * D, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
   matmul(xn, n_out, model_.lm_head(), logits, n_threads);
+  history_.insert(history_.end(), tokens, tokens + n_tokens);
   n_past_ += n_tokens;
+}
+
+void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
+  const ModelSpec& s = model_.spec();
+  const int64_t D = s.dim, F = s.ffn_dim, E = s.n_experts, K = s.n_experts_used;
+  router_.resize(size_t(T * E));
+  route_w_.resize(size_t(T * K));
+  route_e_.resize(size_t(T * K));
+  moe_in_.resize(size_t(T * D));
+  moe_out_.resize(size_t(T * D));
+  moe_acc_.assign(size_t(T * D), 0.f);
+  expert_rows_.resize(size_t(T));
+  float* xn = xn_.data();
+  float* ffn = ffn_.data();
+
+  // Router: softmax over all experts in f32, the top K by probability (the lower index first among
+  // equals), their probabilities renormalised to sum to one.
+  matmul(xn, T, L.router, router_.data(), n_threads);
+  for (int64_t t = 0; t < T; ++t) {
+    float* p = router_.data() + t * E;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, p[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) {
+      p[e] = std::exp(p[e] - mx);
+      sum += p[e];
+    }
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    int* chosen = route_e_.data() + t * K;
+    float* weight = route_w_.data() + t * K;
+    float total = 0.f;
+    for (int64_t j = 0; j < K; ++j) {
+      int best = -1;
+      for (int64_t e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int64_t i = 0; i < j; ++i) taken = taken || chosen[i] == e;
+        if (!taken && (best < 0 || p[e] > p[best])) best = static_cast<int>(e);
+      }
+      chosen[j] = best;
+      weight[j] = p[best];
+      total += p[best];
+    }
+    for (int64_t j = 0; j < K; ++j) weight[j] /= total;
+  }
+
+  // Each expert runs once over the rows routed to it, gathered into a contiguous block; experts no
+  // token chose are never read.
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < K; ++j)
+        if (route_e_[t * K + j] == e) expert_rows_[n++] = static_cast<int>(t * K + j);
+    if (n == 0) continue;
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(moe_in_.data() + r * D, xn + (expert_rows_[r] / K) * D, sizeof(float) * D);
+    matmul(moe_in_.data(), n, L.expert_w13[e], ffn, n_threads);
+    swiglu(ffn, n, F);
+    matmul(ffn, n, L.expert_w2[e], moe_out_.data(), n_threads);
+    for (int64_t r = 0; r < n; ++r) {
+      const float w = route_w_[expert_rows_[r]];
+      float* acc = moe_acc_.data() + (expert_rows_[r] / K) * D;
+      const float* y = moe_out_.data() + r * D;
+      for (int64_t i = 0; i < D; ++i) acc[i] += y[i] * w;
+    }
+  }
+  float* x = x_.data();
+  for (int64_t i = 0; i < T * D; ++i) x[i] += moe_acc_[i];
 }
 
 }  // namespace cpullm

@@ -26,6 +26,18 @@ struct ModelSpec {
   float rope_attn_factor = 1.f; // multiplies cos and sin (yarn / longrope "attention scaling")
   int group_size = 32;          // inputs per scale of int8 (Q8) matrices; a multiple of kQ8Block
   std::vector<float> inv_freq;  // [rotary_dim / 2], computed in Python exactly as transformers does
+  // longrope: a second table used once a sequence holds more than rope_switch positions (empty: none).
+  // The cache is re-encoded from position 0 whenever the table a sequence needs changes, as
+  // transformers' generate does (see Sequence::forward).
+  std::vector<float> inv_freq_long;  // [rotary_dim / 2] or empty
+  int rope_switch = 0;               // positions up to which inv_freq applies
+  // Sliding-window attention per layer: a query at position q sees keys at positions > q - window;
+  // 0 = full causal attention. Empty = every layer full.
+  std::vector<int> layer_windows;    // [n_layers] or empty
+  // Mixture of experts: 0 = a dense SwiGLU FFN (w13, w2); else n_experts experts of ffn_dim each and a
+  // router, n_experts_used chosen per token.
+  int n_experts = 0;
+  int n_experts_used = 0;
 };
 
 // A view of a tensor owned elsewhere (a memory map or an array the Python side keeps alive).
@@ -51,6 +63,11 @@ struct LayerWeights {
   const float* ffn_norm = nullptr;   // [dim]
   Matrix w13;                        // [2 * ffn_dim, dim]: gate rows, then up rows
   Matrix w2;                         // [dim, ffn_dim]
+  // Mixture of experts (n_experts > 0; w13 / w2 above are then empty):
+  Matrix router;                     // [n_experts, dim], float32
+  std::vector<Matrix> expert_w13;    // n_experts x [2 * ffn_dim, dim]
+  std::vector<Matrix> expert_w2;     // n_experts x [dim, ffn_dim]
+  int window = 0;                    // sliding window (0 = full)
 };
 
 class Transformer {
@@ -91,6 +108,11 @@ class Sequence {
   void forward(const int32_t* tokens, int n_tokens, float* logits, bool all_logits, int n_threads);
 
  private:
+  // The pass itself over tokens at positions n_past .. n_past + n_tokens - 1, with logits for the last
+  // n_out of them ([n_out, vocab]).
+  void run(const int32_t* tokens, int n_tokens, float* logits, int n_out, int n_threads);
+  // x [T, dim] += the mixture-of-experts FFN of xn [T, dim] (layer L).
+  void moe(const LayerWeights& L, int64_t T, int n_threads);
   void reserve(int positions);
   void ensure_scratch(int n_tokens, int n_threads);
   // y [T, w.rows] = x [T, w.cols] @ w^T, rows split across threads; Q8 weights get x quantized once.
@@ -106,6 +128,12 @@ class Sequence {
   std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul [T, K]
   std::vector<float> xq_scales_;
   int scratch_tokens_ = 0;
+  std::vector<int32_t> history_;  // the token at each cached position [n_past]
+  bool long_rope_ = false;        // the cache was encoded with inv_freq_long
+  // MoE scratch: router probabilities [T, n_experts], per token its chosen experts and weights
+  // [T, n_experts_used], gathered inputs / outputs of one expert [T, dim], the sum of experts [T, dim].
+  std::vector<float> router_, moe_in_, moe_out_, moe_acc_, route_w_;
+  std::vector<int> route_e_, expert_rows_;
 };
 
 }  // namespace cpullm

@@ -26,7 +26,16 @@ _LAYER_SOURCES: dict[str, list[list[str]]] = {
     "w13": [["mlp.gate_proj.weight", "mlp.up_proj.weight"], ["mlp.gate_up_proj.weight"]],
     "w2": [["mlp.down_proj.weight"]],
 }
+# Mixture-of-experts layers (spec.n_experts > 0) replace w13 / w2 with a router and experts (Mixtral's names).
+_MOE_ROUTER = [["block_sparse_moe.gate.weight"]]
+_EXPERT_SOURCES: dict[str, list[list[str]]] = {
+    "w13": [["block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"]],
+    "w2": [["block_sparse_moe.experts.{e}.w2.weight"]],
+}
 _VECTORS = {"attn_norm", "ffn_norm", "bqkv", "norm"}
+# Matrices kept in float32 whatever the dtype: the router is tiny, and rounding it could change which
+# experts a token goes to.
+_F32_MATRICES = {"router"}
 _OPTIONAL = {"bqkv", "lm_head"}
 
 
@@ -102,7 +111,16 @@ def _sources(spec: ModelSpec) -> Iterator[tuple[str, list[list[str]]]]:
     yield "tok_embeddings", [["model.embed_tokens.weight"]]
     for i in range(spec.n_layers):
         for name, alternatives in _LAYER_SOURCES.items():
+            if spec.n_experts and name in _EXPERT_SOURCES:
+                continue
             yield f"layers.{i}.{name}", [[f"model.layers.{i}.{part}" for part in alt] for alt in alternatives]
+        if spec.n_experts:
+            yield f"layers.{i}.router", [[f"model.layers.{i}.{part}" for part in alt] for alt in _MOE_ROUTER]
+            for e in range(spec.n_experts):
+                for name, alternatives in _EXPERT_SOURCES.items():
+                    yield f"layers.{i}.experts.{e}.{name}", [
+                        [f"model.layers.{i}.{part.format(e=e)}" for part in alt] for alt in alternatives
+                    ]
     yield "norm", [["model.norm.weight"]]
     if not spec.tie_embeddings:
         yield "lm_head", [["lm_head.weight"]]
@@ -150,10 +168,10 @@ def iter_canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str
         short = name.rsplit(".", 1)[-1]
         found = next((alt for alt in alternatives if all(p in checkpoint for p in alt)), None)
         if found is None:
-            if short in _OPTIONAL:
+            if short in _OPTIONAL and not (short == "bqkv" and spec.qkv_bias):
                 continue
             raise ModelFormatError(f"{checkpoint.description}: tensor '{alternatives[0][0]}' is missing")
-        vector = short in _VECTORS
+        vector = short in _VECTORS or short in _F32_MATRICES
         carried = _q8_0_parts(checkpoint, found) if dtype == "int8" and spec.group_size == 32 and not vector else None
         if carried is not None:
             yield name, carried[0]

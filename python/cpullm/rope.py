@@ -19,7 +19,9 @@ import numpy as np
 from .errors import ModelFormatError, UnsupportedModelError
 
 DEFAULT_ROPE_THETA = 10000.0
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# Known to transformers but refused: "dynamic" recomputes its table from the longest sequence a model
+# instance has seen so far (state outside any one sequence), which cpullm does not reproduce.
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,11 @@ class Rope:
     inv_freq: np.ndarray  # float32 [rotary_dim // 2]
     attention_factor: float  # multiplies cos and sin
     rope_type: str
+    # longrope: the table for sequences longer than ``switch`` positions (None for every other type).
+    # transformers picks the table by the current sequence length; cpullm does the same, re-encoding a
+    # sequence's cache when it crosses the switch (csrc/model/transformer.cpp, Sequence::forward).
+    inv_freq_long: np.ndarray | None = None
+    switch: int = 0
 
 
 def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,6 +53,8 @@ def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
         params["rope_theta"] = config.get("rope_theta", DEFAULT_ROPE_THETA)
     if "partial_rotary_factor" not in params and config.get("partial_rotary_factor") is not None:
         params["partial_rotary_factor"] = config["partial_rotary_factor"]
+    if config.get("max_position_embeddings") is not None:
+        params["max_position_embeddings"] = config["max_position_embeddings"]
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
         # Phi-3 keeps the pre-training length outside the rope dict; transformers prefers that value.
         if config.get("original_max_position_embeddings") is not None:
@@ -81,7 +90,86 @@ def compute_rope(params: Mapping[str, Any], rotary_dim: int) -> Rope:
         inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
     elif rope_type == "llama3":
         inv_freq = _llama3(inv_freq, params)
+    elif rope_type == "yarn":
+        inv_freq, attention_factor = _yarn(params, base, rotary_dim)
+        return Rope(inv_freq=inv_freq, attention_factor=attention_factor, rope_type=rope_type)
+    elif rope_type == "longrope":
+        return _longrope(params, base, rotary_dim)
     return Rope(inv_freq=np.ascontiguousarray(inv_freq, dtype=np.float32), attention_factor=1.0, rope_type=rope_type)
+
+
+def _pos_freqs(base: float, rotary_dim: int) -> np.ndarray:
+    """base ** (2i / rotary_dim) in float32, as torch forms ``base ** tensor``."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+    return np.power(np.float32(base), exponents, dtype=np.float32)
+
+
+def _yarn(params: Mapping[str, Any], base: float, rotary_dim: int) -> tuple[np.ndarray, float]:
+    """YaRN: frequencies blended between kept and divided by ``factor`` along a linear ramp over the
+    dimensions, and cos/sin scaled by ``attention_factor`` (0.1 ln(factor) + 1 unless given)."""
+    old_len = _number(params, "original_max_position_embeddings")
+    factor = params.get("factor")
+    factor = _number(params, "max_position_embeddings") / old_len if factor is None else _number(params, "factor")
+    if factor <= 0 or old_len <= 0:
+        raise ModelFormatError(f"config: inconsistent yarn rope parameters {dict(params)!r}")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    else:
+        attention_factor = _number(params, "attention_factor")
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (rotary_dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    pos = _pos_freqs(base, rotary_dim)
+    extrapolation = (np.float32(1.0) / pos).astype(np.float32)
+    interpolation = (np.float32(1.0) / (np.float32(factor) * pos)).astype(np.float32)
+    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (np.float32(1.0) - ramp.astype(np.float32)).astype(np.float32)
+    inv_freq = (interpolation * (np.float32(1.0) - keep) + extrapolation * keep).astype(np.float32)
+    return np.ascontiguousarray(inv_freq), float(attention_factor)
+
+
+def _longrope(params: Mapping[str, Any], base: float, rotary_dim: int) -> Rope:
+    """LongRoPE (Phi-3 "su"): per-dimension divisors, ``short_factor`` up to the pre-training length and
+    ``long_factor`` beyond it; cos/sin scaled by sqrt(1 + ln(factor) / ln(original length)) unless the
+    config gives ``attention_factor``, with factor = max_position_embeddings / original length unless
+    given."""
+    old_len = _number(params, "original_max_position_embeddings")
+    if old_len < 1 or old_len != int(old_len):
+        raise ModelFormatError(f"config: original_max_position_embeddings must be a positive integer, got {old_len}")
+    factor = params.get("factor")
+    factor = _number(params, "max_position_embeddings") / old_len if factor is None else _number(params, "factor")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    else:
+        attention_factor = _number(params, "attention_factor")
+    pos = _pos_freqs(base, rotary_dim)
+    tables = []
+    for key in ("short_factor", "long_factor"):
+        values = params.get(key)
+        if not isinstance(values, (list, tuple)) or len(values) != rotary_dim // 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+        ):
+            raise ModelFormatError(f"config: longrope '{key}' must be {rotary_dim // 2} positive numbers")
+        ext = np.asarray(values, dtype=np.float32)
+        tables.append(np.ascontiguousarray((np.float32(1.0) / (ext * pos)).astype(np.float32)))
+    return Rope(inv_freq=tables[0], attention_factor=float(attention_factor), rope_type="longrope",
+                inv_freq_long=tables[1], switch=int(old_len))
 
 
 def _llama3(inv_freq: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:

@@ -25,7 +25,66 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "hidden_act": "silu",
     },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "sliding_window": 4096,
+    },
+    "mixtral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "sliding_window": None,
+        "rope_theta": 1e6,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    "qwen2": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": 28,
+    },
+    "phi3": {
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "sliding_window": None,
+    },
 }
+# Families whose q, k and v projections always carry biases (and o_proj none).
+_QKV_BIAS = {"qwen2"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILY_DEFAULTS))
 
 
@@ -47,6 +106,11 @@ class ModelSpec:
     qkv_bias: bool
     tie_embeddings: bool
     group_size: int = 32  # inputs per scale of int8 matrices
+    # Sliding-window attention per layer (0 = full causal attention); () = every layer full.
+    layer_windows: tuple[int, ...] = ()
+    # Mixture of experts: 0 = a dense FFN; else experts of ffn_dim each, n_experts_used per token.
+    n_experts: int = 0
+    n_experts_used: int = 0
 
     def to_native(self) -> dict[str, Any]:
         """The fields the C++ side reads (csrc/model/transformer.h, ModelSpec)."""
@@ -65,6 +129,11 @@ class ModelSpec:
             "rope_attn_factor": self.rope.attention_factor,
             "group_size": self.group_size,
             "inv_freq": self.rope.inv_freq.tolist(),
+            "inv_freq_long": [] if self.rope.inv_freq_long is None else self.rope.inv_freq_long.tolist(),
+            "rope_switch": self.rope.switch,
+            "layer_windows": list(self.layer_windows),
+            "n_experts": self.n_experts,
+            "n_experts_used": self.n_experts_used,
         }
 
 
@@ -90,6 +159,13 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
             f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     cfg = {**_FAMILY_DEFAULTS[model_type], **{k: v for k, v in config.items() if v is not None}}
+    if model_type == "phi3" and isinstance(config.get("rope_scaling"), Mapping):
+        # transformers reads Phi-3's older "su" and "yarn" rope types as longrope.
+        scaling = dict(config["rope_scaling"])
+        if scaling.get("type", scaling.get("rope_type")) in ("su", "yarn"):
+            scaling.pop("type", None)
+            scaling["rope_type"] = "longrope"
+            cfg["rope_scaling"] = scaling
 
     act = cfg.get("hidden_act")
     if act != "silu":
@@ -121,10 +197,17 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ModelFormatError(f"config: partial_rotary_factor {partial!r} gives an unusable rotary dim {rotary_dim}")
     rope = compute_rope(params, rotary_dim)
+    n_layers = _int(cfg, "num_hidden_layers")
+    n_experts = n_used = 0
+    if model_type == "mixtral":
+        n_experts = _int(cfg, "num_local_experts")
+        n_used = _int(cfg, "num_experts_per_tok")
+        if n_used > n_experts:
+            raise ModelFormatError(f"config: num_experts_per_tok {n_used} exceeds num_local_experts {n_experts}")
 
     return ModelSpec(
         model_type=model_type,
-        n_layers=_int(cfg, "num_hidden_layers"),
+        n_layers=n_layers,
         dim=dim,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
@@ -136,29 +219,70 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
         rotary_dim=rotary_dim,
         rope=rope,
         attn_scale=float(np.float32(1.0 / math.sqrt(head_dim))),
-        qkv_bias=False,
+        qkv_bias=model_type in _QKV_BIAS,
         tie_embeddings=bool(cfg.get("tie_word_embeddings")),
+        layer_windows=_layer_windows(model_type, config, cfg, n_layers),
+        n_experts=n_experts,
+        n_experts_used=n_used,
     )
+
+
+def _layer_windows(model_type: str, config: Mapping[str, Any], cfg: Mapping[str, Any], n_layers: int) -> tuple[int, ...]:
+    """Sliding windows per layer as transformers applies them (0 = full attention), () if none.
+
+    Mistral, Mixtral and Phi-3 apply ``sliding_window`` (null = none) to every layer. Qwen2 applies it
+    only with ``use_sliding_window: true``, and then to the layers ``layer_types`` marks
+    "sliding_attention" (by default those from ``max_window_layers`` on)."""
+    # An explicit null means "no window", so read the raw config rather than the defaults-merged one.
+    window = config["sliding_window"] if "sliding_window" in config else _FAMILY_DEFAULTS[model_type].get("sliding_window")
+    if model_type == "qwen2" and not cfg.get("use_sliding_window"):
+        window = None
+    if window is None:
+        return ()
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= _MAX_DIM:
+        raise ModelFormatError(f"config: 'sliding_window' must be null or an integer in [1, {_MAX_DIM}], got {window!r}")
+    if model_type != "qwen2":
+        return (window,) * n_layers
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        first = cfg.get("max_window_layers")
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise ModelFormatError(f"config: 'max_window_layers' must be an integer, got {first!r}")
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers or not all(
+        t in ("sliding_attention", "full_attention") for t in layer_types
+    ):
+        raise ModelFormatError(
+            f"config: 'layer_types' must list 'full_attention' or 'sliding_attention' for each of {n_layers} layers"
+        )
+    windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+    return windows if any(windows) else ()
 
 
 _INT_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "max_context",
                "rotary_dim", "group_size")
 _BOOL_FIELDS = ("qkv_bias", "tie_embeddings")
+# Written only when set, and read as absent = off: FORMAT_VERSION 1 directories of earlier releases load
+# unchanged, and earlier releases refuse the new families by model_type rather than misreading them.
+_OPTIONAL_INT_FIELDS = ("n_experts", "n_experts_used")
 
 
 def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
     """The spec as plain JSON values (for cpullm.json); spec_from_json reads it back exactly."""
     data: dict[str, Any] = {name: getattr(spec, name) for name in (*_INT_FIELDS, *_BOOL_FIELDS)}
-    data.update(
-        model_type=spec.model_type,
-        norm_eps=spec.norm_eps,
-        attn_scale=spec.attn_scale,
-        rope={
-            "rope_type": spec.rope.rope_type,
-            "attention_factor": spec.rope.attention_factor,
-            "inv_freq": [float(f) for f in spec.rope.inv_freq],
-        },
-    )
+    rope: dict[str, Any] = {
+        "rope_type": spec.rope.rope_type,
+        "attention_factor": spec.rope.attention_factor,
+        "inv_freq": [float(f) for f in spec.rope.inv_freq],
+    }
+    if spec.rope.inv_freq_long is not None:
+        rope.update(inv_freq_long=[float(f) for f in spec.rope.inv_freq_long], switch=spec.rope.switch)
+    data.update(model_type=spec.model_type, norm_eps=spec.norm_eps, attn_scale=spec.attn_scale, rope=rope)
+    if spec.layer_windows:
+        data["layer_windows"] = list(spec.layer_windows)
+    for name in _OPTIONAL_INT_FIELDS:
+        if getattr(spec, name):
+            data[name] = getattr(spec, name)
     return data
 
 
@@ -185,11 +309,29 @@ def spec_from_json(data: Mapping[str, Any]) -> ModelSpec:
         raise ModelFormatError(f"cpullm.json: bad rope values: {e}") from e
     if inv_freq.ndim != 1 or inv_freq.size * 2 != values["rotary_dim"] or not np.isfinite(inv_freq).all():
         raise ModelFormatError("cpullm.json: rope inv_freq must hold rotary_dim / 2 finite numbers")
+    inv_freq_long, switch = None, 0
+    if "inv_freq_long" in rope:
+        try:
+            inv_freq_long = np.asarray(rope["inv_freq_long"], dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise ModelFormatError(f"cpullm.json: bad rope values: {e}") from e
+        if inv_freq_long.shape != inv_freq.shape or not np.isfinite(inv_freq_long).all():
+            raise ModelFormatError("cpullm.json: rope inv_freq_long must hold rotary_dim / 2 finite numbers")
+        switch = _int(rope, "switch")
+    for name in _OPTIONAL_INT_FIELDS:
+        values[name] = _int(data, name) if name in data else 0
+    windows = data.get("layer_windows", [])
+    if not isinstance(windows, list) or (windows and len(windows) != values["n_layers"]) or not all(
+        isinstance(w, int) and not isinstance(w, bool) and 0 <= w <= _MAX_DIM for w in windows
+    ):
+        raise ModelFormatError("cpullm.json: spec 'layer_windows' must list a window >= 0 for each layer")
+    values["layer_windows"] = tuple(windows)
     model_type = data.get("model_type")
     if model_type not in _FAMILY_DEFAULTS:
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported")
     return ModelSpec(
         model_type=model_type,
-        rope=Rope(inv_freq=inv_freq, attention_factor=factor, rope_type=str(rope.get("rope_type", "default"))),
+        rope=Rope(inv_freq=inv_freq, attention_factor=factor, rope_type=str(rope.get("rope_type", "default")),
+                  inv_freq_long=inv_freq_long, switch=switch),
         **values,
     )

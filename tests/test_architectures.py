@@ -1,0 +1,275 @@
+"""Mistral, Qwen2, Phi-3 and Mixtral (and the yarn / longrope RoPE variants) against transformers, on
+tiny random models built from configs: f32 prefill, token-by-token decode, past the sliding window and
+the longrope switch-over, greedy generation, int8 bounds, and `cpullm convert` from sharded bf16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import cpullm
+from conftest import hf_logits, rel_err
+from test_llama_parity import F32_TOL, INT8_VS_DEQUANTIZED_TOL, INT8_VS_F32_TOL
+
+COMMON: dict[str, Any] = dict(
+    vocab_size=320, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
+    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
+    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
+SWITCH = 32  # Phi-3's original_max_position_embeddings here: the longrope switch-over length
+WINDOW = 12
+
+# name -> (transformers class name, config overrides)
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    # q/k/v biases; transformers' default: no sliding window
+    "qwen2": ("Qwen2", dict()),
+    # Qwen2 with its window switched on for the layers from max_window_layers on (here layer 1 only)
+    "qwen2-window-yarn": ("Qwen2", dict(
+        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+    )),
+    # sliding window on every layer, explicit head_dim
+    "mistral": ("Mistral", dict(sliding_window=WINDOW, head_dim=24, rope_theta=5000.0)),
+    # fused qkv_proj / gate_up_proj, half the head rotated, longrope short/long factors
+    "phi3-longrope": ("Phi3", dict(
+        partial_rotary_factor=0.5, original_max_position_embeddings=SWITCH, max_position_embeddings=256,
+        rope_scaling=dict(
+            type="longrope",
+            short_factor=[1.0, 1.1, 1.5, 2.0],
+            long_factor=[1.0, 2.5, 4.0, 8.0],
+        ),
+    )),
+    # 4 experts, top 2
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+}
+
+
+def build(name: str, seed: int = 0, **extra: Any) -> Any:
+    import torch
+    import transformers
+
+    family, overrides = ARCHS[name]
+    config = getattr(transformers, f"{family}Config")(**{**COMMON, **overrides, **extra})
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Any]]:
+    cache: dict[str, tuple[Path, Any]] = {}
+
+    def get(name: str) -> tuple[Path, Any]:
+        if name not in cache:
+            model = build(name, seed=len(name))
+            directory = tmp_path_factory.mktemp(name)
+            model.save_pretrained(directory)
+            cache[name] = directory, model
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request: pytest.FixtureRequest, saved: Callable[[str], tuple[Path, Any]]) -> tuple[str, Any, Any]:
+    directory, hf_model = saved(request.param)
+    return request.param, cpullm.load(directory, threads=2), hf_model
+
+
+def _ids(vocab: int, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n)
+
+
+def test_spec_reads_each_architecture(arch: tuple[str, Any, Any]) -> None:
+    name, model, _ = arch
+    spec = model.spec
+    assert spec.qkv_bias == name.startswith("qwen2")
+    assert spec.layer_windows == {"mistral": (WINDOW, WINDOW), "qwen2-window-yarn": (0, WINDOW)}.get(name, ())
+    assert (spec.n_experts, spec.n_experts_used) == ((4, 2) if name == "mixtral" else (0, 0))
+    assert spec.rotary_dim == (8 if name == "phi3-longrope" else spec.head_dim)
+    assert spec.rope.rope_type == {"phi3-longrope": "longrope", "qwen2-window-yarn": "yarn"}.get(name, "default")
+
+
+@pytest.mark.parametrize("n", [23, 70])  # 70: past the window (12) and the longrope switch (32)
+def test_prefill_logits_match_transformers(arch: tuple[str, Any, Any], n: int, isa: str) -> None:
+    _, model, hf_model = arch
+    ids = _ids(model.spec.vocab_size, n)
+    assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < F32_TOL
+
+
+def test_token_by_token_decode_matches_transformers(arch: tuple[str, Any, Any]) -> None:
+    """Prefill 5, then one token at a time to 45: past the window and across the longrope switch. Each
+    step's logits equal transformers' last row over the whole prefix (what its generate computes: Phi-3
+    there re-encodes the cache at the switch, as cpullm does)."""
+    _, model, hf_model = arch
+    n = 45
+    ids = _ids(model.spec.vocab_size, n, seed=1).astype(np.int32)
+    sequence = cpullm._C.Sequence(model._model())
+    first = sequence.forward(ids[:5], True, 2)
+    assert rel_err(first, hf_logits(hf_model, ids[:5])) < F32_TOL
+    for i in range(5, n):
+        step = sequence.forward(ids[i:i + 1], True, 2)[0]
+        assert rel_err(step, hf_logits(hf_model, ids[:i + 1])[-1]) < F32_TOL, i
+    assert sequence.n_past == n
+
+
+def test_chunked_decode_equals_one_pass(arch: tuple[str, Any, Any]) -> None:
+    _, model, _ = arch
+    ids = _ids(model.spec.vocab_size, 60, seed=2).astype(np.int32)
+    full = model.logits(ids)
+    sequence = cpullm._C.Sequence(model._model())
+    # A chunk that crosses the window and one that crosses the longrope switch (which re-encodes).
+    for chunk in (ids[:9], ids[9:20], ids[20:21], ids[21:40]):
+        sequence.forward(chunk, True, 2)
+    last = [sequence.forward(ids[i:i + 1], True, 2)[0] for i in range(40, 60)]
+    assert rel_err(np.stack(last), full[40:]) < F32_TOL
+    # Cut back below the switch and go on: the same as one pass again.
+    sequence.truncate(25)
+    again = sequence.forward(ids[25:30], True, 2)
+    assert rel_err(again[-1], model.logits(ids[:30])[-1]) < F32_TOL
+
+
+def test_greedy_generation_matches_transformers(arch: tuple[str, Any, Any]) -> None:
+    import torch
+
+    _, model, hf_model = arch
+    prompt = _ids(model.spec.vocab_size, 8, seed=4)
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor(prompt)[None], do_sample=False, max_new_tokens=40, min_new_tokens=40,
+            eos_token_id=None, pad_token_id=0,
+        )
+    expected = out[0, len(prompt):].tolist()
+    ours = list(model.generate_tokens(prompt, max_tokens=40, stop_token_ids=()))
+    assert ours == expected
+
+
+def test_int8_logits_stay_within_documented_bound(arch: tuple[str, Any, Any]) -> None:
+    import torch
+
+    from cpullm.dtypes import dequantize_q8, quantize_q8
+
+    _, f32_model, hf_model = arch
+    model = cpullm.load(f32_model.source, dtype="int8", threads=2)
+    ids = _ids(model.spec.vocab_size, 40, seed=7)
+    int8_logits = model.logits(ids)
+    assert rel_err(int8_logits, hf_logits(hf_model, ids)) < INT8_VS_F32_TOL
+
+    def rounded(key: str, v: Any) -> Any:
+        # The router stays f32 (hf.py); every other matrix is quantized, experts ([E, rows, cols] in
+        # transformers' memory layout) one by one.
+        if v.ndim < 2 or key.endswith("mlp.gate.weight"):
+            return v
+        mats = v.numpy().reshape(-1, *v.shape[-2:])
+        return torch.from_numpy(np.stack([dequantize_q8(*quantize_q8(m, 32), 32) for m in mats]).reshape(v.shape))
+
+    dequantized = type(hf_model)(hf_model.config).eval()
+    dequantized.load_state_dict({k: rounded(k, v) for k, v in hf_model.state_dict().items()})
+    assert rel_err(int8_logits, hf_logits(dequantized, ids)) < INT8_VS_DEQUANTIZED_TOL
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_convert_sharded_bf16_source(name: str, saved: Callable[[str], tuple[Path, Any]], tmp_path: Path) -> None:
+    import torch
+
+    from cpullm.convert import convert
+
+    _, hf_model = saved(name)
+    half = type(hf_model)(hf_model.config).eval()
+    half.load_state_dict(hf_model.state_dict())
+    half = half.to(torch.bfloat16)
+    source = tmp_path / "src"
+    half.save_pretrained(source, max_shard_size="100KB")
+    assert (source / "model.safetensors.index.json").exists()
+    reference = type(hf_model)(hf_model.config).eval()
+    reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    ids = _ids(hf_model.config.vocab_size, 50, seed=3)
+    for dtype in ("f32", "int8"):
+        out = convert(source, tmp_path / dtype, dtype=dtype, progress=False)
+        converted = cpullm.load(out, threads=2)
+        in_memory = cpullm.load(source, dtype=dtype, threads=2)
+        assert _same_spec(converted.spec, in_memory.spec)
+        np.testing.assert_array_equal(converted.logits(ids), in_memory.logits(ids))
+        if dtype == "f32":
+            assert rel_err(converted.logits(ids), hf_logits(reference, ids)) < F32_TOL
+
+
+def _same_spec(a: Any, b: Any) -> bool:
+    from cpullm.spec import spec_to_json
+
+    return spec_to_json(a) == spec_to_json(b)
+
+
+def _route(hf_model: Any, ids: np.ndarray) -> list[set[int]]:
+    """The experts transformers' router picks in each layer for these tokens."""
+    import torch
+
+    chosen: list[set[int]] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: chosen.append(set(o[2].flatten().tolist())))
+             for layer in hf_model.model.layers]
+    try:
+        hf_logits(hf_model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return chosen
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_mixtral_reads_only_routed_experts(n_tokens: int, tmp_path: Path) -> None:
+    """Experts no token is routed to are never read: poisoning them with NaN changes nothing (decode:
+    one token reads its k experts; prefill: each expert runs only over the tokens routed to it)."""
+    from cpullm.hf import Checkpoint, canonical_tensors
+    from cpullm.spec import spec_from_hf_config
+
+    hf_model = build("mixtral", seed=11, num_local_experts=8, num_hidden_layers=1)
+    hf_model.save_pretrained(tmp_path)
+    spec = spec_from_hf_config(json.loads((tmp_path / "config.json").read_text()))
+    ids = _ids(spec.vocab_size, n_tokens, seed=5).astype(np.int32)
+    routed = _route(hf_model, ids)[0]
+    assert len(routed) < 8
+    for dtype in ("f32", "int8"):
+        tensors = canonical_tensors(spec, Checkpoint(tmp_path), dtype)
+        clean = cpullm._C.Sequence(cpullm._C.Transformer(spec.to_native(), tensors)).forward(ids, True, 2)
+        for e in set(range(8)) - routed:
+            for part in ("w13", "w2"):
+                name = f"layers.0.experts.{e}.{part}"
+                if dtype == "int8":
+                    tensors[name + ".scales"] = np.full_like(tensors[name + ".scales"], np.nan)
+                else:
+                    tensors[name] = np.full_like(tensors[name], np.nan)
+        poisoned = cpullm._C.Sequence(cpullm._C.Transformer(spec.to_native(), tensors)).forward(ids, True, 2)
+        np.testing.assert_array_equal(poisoned, clean)
+        if dtype == "f32":
+            assert rel_err(clean, hf_logits(hf_model, ids)) < F32_TOL
+
+
+def test_unsupported_rope_type_is_refused_by_name(tmp_path: Path) -> None:
+    from cpullm.errors import UnsupportedModelError
+    from cpullm.spec import spec_from_hf_config
+
+    config = dict(model_type="mistral", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
+                  intermediate_size=64, vocab_size=100, rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        spec_from_hf_config(config)
+    with pytest.raises(UnsupportedModelError, match="gemma"):
+        spec_from_hf_config({**config, "model_type": "gemma", "rope_scaling": None})
+
+
+def test_phi3_su_rope_type_reads_as_longrope() -> None:
+    """Older Phi-3 configs say "su" (or "yarn") for longrope; transformers reads both as longrope."""
+    from cpullm.spec import spec_from_hf_config
+
+    base = dict(model_type="phi3", hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                intermediate_size=64, vocab_size=100, max_position_embeddings=128,
+                original_max_position_embeddings=32)
+    specs = [spec_from_hf_config({**base, "rope_scaling": dict(type=t, short_factor=[1.0] * 8,
+                                                                 long_factor=[2.0] * 8)})
+             for t in ("su", "yarn", "longrope")]
+    for spec in specs:
+        assert spec.rope.rope_type == "longrope" and spec.rope.switch == 32
+        np.testing.assert_array_equal(spec.rope.inv_freq_long, specs[-1].rope.inv_freq_long)
+        assert spec.rope.attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(32)))
