@@ -143,6 +143,15 @@ def _file_merges(gguf: GGUFFile) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def _bpe(gguf: GGUFFile, **options: Any) -> _HFTokenizer:
+    """A BPE tokenizer over the file's vocabulary and merges; a merge the vocabulary does not hold (the
+    tokenizers library raises a bare Exception) is a format error."""
+    try:
+        return _HFTokenizer(models.BPE(**options))
+    except Exception as e:  # noqa: BLE001 - the library's only exception type here
+        raise ModelFormatError(f"{gguf.path}: the tokenizer's vocabulary and merges do not agree: {e}") from e
+
+
 def _byte_level(gguf: GGUFFile, tokens: list[str], scores: list[float] | None) -> tuple[_HFTokenizer, set[str]]:
     spelling = _byte_spelling()
     alphabet = set(spelling)
@@ -157,8 +166,8 @@ def _byte_level(gguf: GGUFFile, tokens: list[str], scores: list[float] | None) -
         if scores is None:
             raise ModelFormatError(f"{gguf.path}: a gpt2 tokenizer needs tokenizer.ggml.merges or scores")
         merges = _merges_from_scores(tokens, scores)
-    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                  end_of_word_suffix="", fuse_unk=False))
+    tok = _bpe(gguf, vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+               end_of_word_suffix="", fuse_unk=False)
     pre = gguf.get("tokenizer.ggml.pre")
     if pre in _REGEX_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -189,7 +198,7 @@ def _sentencepiece(gguf: GGUFFile, tokens: list[str], scores: list[float] | None
         if scores is None:
             raise ModelFormatError(f"{gguf.path}: a llama (SentencePiece) tokenizer needs tokenizer.ggml.scores")
         merges = _merges_from_scores(tokens, scores)
-    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=True))
+    tok = _bpe(gguf, vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=True)
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="\u2581", prepend_scheme="first" if add_space else "never", split=False
