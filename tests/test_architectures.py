@@ -152,11 +152,10 @@ def test_int8_logits_stay_within_documented_bound(arch: tuple[str, Any, Any]) ->
 
     from cpullm.dtypes import dequantize_q8, quantize_q8
 
-    _, f32_model, hf_model = arch
+    name, f32_model, hf_model = arch
     model = cpullm.load(f32_model.source, dtype="int8", threads=2)
-    ids = _ids(model.spec.vocab_size, 40, seed=7)
+    ids = _ids(model.spec.vocab_size, 70, seed=7)
     int8_logits = model.logits(ids)
-    assert rel_err(int8_logits, hf_logits(hf_model, ids)) < INT8_VS_F32_TOL
 
     def rounded(key: str, v: Any) -> Any:
         # The router stays f32 (hf.py); every other matrix is quantized, experts ([E, rows, cols] in
@@ -169,6 +168,16 @@ def test_int8_logits_stay_within_documented_bound(arch: tuple[str, Any, Any]) ->
     dequantized = type(hf_model)(hf_model.config).eval()
     dequantized.load_state_dict({k: rounded(k, v) for k, v in hf_model.state_dict().items()})
     assert rel_err(int8_logits, hf_logits(dequantized, ids)) < INT8_VS_DEQUANTIZED_TOL
+    # Against f32: the bound holds wherever the rounded weights route every token as f32 does. A token
+    # whose top-k experts change (a near-tie in the router, common in random models) gets a different
+    # FFN altogether; transformers itself does the same on the rounded weights (checked just above).
+    rows = np.arange(len(ids))
+    if name == "mixtral":
+        same = np.all([(a == b).all(axis=1) for a, b in zip(_route_rows(hf_model, ids), _route_rows(dequantized, ids))],
+                      axis=0)
+        assert same.mean() > 0.8
+        rows = rows[same]
+    assert rel_err(int8_logits[rows], hf_logits(hf_model, ids)[rows]) < INT8_VS_F32_TOL
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -209,6 +218,19 @@ def _route(hf_model: Any, ids: np.ndarray) -> list[set[int]]:
 
     chosen: list[set[int]] = []
     hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: chosen.append(set(o[2].flatten().tolist())))
+             for layer in hf_model.model.layers]
+    try:
+        hf_logits(hf_model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return chosen
+
+
+def _route_rows(hf_model: Any, ids: np.ndarray) -> list[np.ndarray]:
+    """Per layer, each token's chosen experts, sorted ([T, k])."""
+    chosen: list[np.ndarray] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: chosen.append(np.sort(o[2].numpy(), axis=1)))
              for layer in hf_model.model.layers]
     try:
         hf_logits(hf_model, ids)
@@ -273,3 +295,26 @@ def test_phi3_su_rope_type_reads_as_longrope() -> None:
         assert spec.rope.rope_type == "longrope" and spec.rope.switch == 32
         np.testing.assert_array_equal(spec.rope.inv_freq_long, specs[-1].rope.inv_freq_long)
         assert spec.rope.attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(32)))
+
+
+def test_qwen2_gguf_matches_transformers(tmp_path: Path) -> None:
+    """Qwen2 GGUFs (q/k/v biases, rows not permuted) load like the Hugging Face checkpoint; Phi-3 GGUFs
+    are refused by name until their window and longrope factors are read."""
+    from gguf_util import f32_state, write_gguf
+
+    hf_model = build("qwen2", seed=13)
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, hf_model.config, f32_state(hf_model), None, arch="qwen2", permute=False)
+    model = cpullm.load(path, threads=2)
+    assert model.spec.qkv_bias and model.spec.model_type == "qwen2"
+    ids = _ids(model.spec.vocab_size, 30, seed=6)
+    assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < F32_TOL
+
+    phi3 = build("phi3-longrope", seed=13)
+    path = tmp_path / "phi3.gguf"
+    state = {k: v for k, v in f32_state(phi3).items() if "qkv_proj" not in k and "gate_up_proj" not in k}
+    write_gguf(path, phi3.config, state, None, arch="phi3", permute=False)
+    from cpullm.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="Phi-3 GGUF"):
+        cpullm.load(path)

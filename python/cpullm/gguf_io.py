@@ -384,8 +384,7 @@ _LLAMA_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 
-# GGUF general.architecture -> how to read it. Architectures listed here but not (yet) runnable by the
-# runtime are refused by spec_from_hf_config with an UnsupportedModelError naming the model_type.
+# GGUF general.architecture -> how to read it. phi3 is mapped but refused in _check_arch (see there).
 ARCHITECTURES: dict[str, _Arch] = {
     "llama": _Arch("llama", True, _LLAMA_LAYER),  # also Llama 2/3, SmolLM, Mistral 7B, TinyLlama
     "qwen2": _Arch("qwen2", False, _LLAMA_LAYER),
@@ -403,6 +402,13 @@ def _check_arch(gguf: GGUFFile) -> _Arch:
     if spec is None:
         raise UnsupportedModelError(
             f"{gguf.path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    if arch == "phi3":
+        # llama.cpp keeps Phi-3's sliding window and longrope factors in metadata and tensors this reader
+        # does not map yet; running without them would silently change the model.
+        raise UnsupportedModelError(
+            f"{gguf.path}: Phi-3 GGUF files are not supported yet (sliding window and longrope factors are not "
+            "read); load or convert the Hugging Face checkpoint instead"
         )
     experts = gguf.get(f"{arch}.expert_count", 0)
     if experts or any("_exps." in n or ".ffn_gate_inp." in n for n in gguf.tensors):
