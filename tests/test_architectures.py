@@ -196,13 +196,13 @@ def test_convert_sharded_bf16_source(name: str, saved: Callable[[str], tuple[Pat
     reference = type(hf_model)(hf_model.config).eval()
     reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     ids = _ids(hf_model.config.vocab_size, 50, seed=3)
-    for dtype in ("f32", "int8"):
+    for dtype in ("f32", "bf16", "int8"):
         out = convert(source, tmp_path / dtype, dtype=dtype, progress=False)
         converted = cpullm.load(out, threads=2)
         in_memory = cpullm.load(source, dtype=dtype, threads=2)
         assert _same_spec(converted.spec, in_memory.spec)
         np.testing.assert_array_equal(converted.logits(ids), in_memory.logits(ids))
-        if dtype == "f32":
+        if dtype in ("f32", "bf16"):  # bf16 weights of a bf16 source are exact
             assert rel_err(converted.logits(ids), hf_logits(reference, ids)) < F32_TOL
 
 
