@@ -12,11 +12,18 @@ Semantics worth knowing:
 - Interruption. If a turn is interrupted (KeyboardInterrupt, any exception, or a stream abandoned before
   its end), the session stays usable: the turn is kept with the reply text yielded so far (what the user
   saw), or dropped entirely if no text had been yielded yet. The KV cache is cut back to the tokens it
-  verifiably holds, so the next turn is as correct as a fresh run.
+  verifiably holds, so the next turn is as correct as a fresh run. An interrupt that arrives while the
+  C++ forward pass runs (the GIL is released there) takes effect when it returns; the positions that pass
+  added are then dropped from the cache along with the rest of the interrupted turn's unrecorded work.
+- Threads. A session is one conversation: while a turn streams in one thread, using the session from
+  another thread (``send``, ``stream``, ``reset``, ``history``, ...) raises ``CpullmError`` and changes
+  nothing. Use one session per thread; sessions of one model share its weights and run in parallel.
+- Closing. ``Model.close()`` frees every session's KV cache; the session then raises ``CpullmError``.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -81,9 +88,27 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.stats = GenerationStats()
         self.dropped_messages = 0
-        self._sequence = _C.Sequence(model._model())
+        self._sequence: Any = _C.Sequence(model._model())
         self._cached: list[int] = []  # the token ids whose keys/values the sequence holds, in order
         self._active: _Turn | None = None
+        self._owner: int | None = None  # the thread whose turn is active
+        self._lock = threading.Lock()   # guards _active / _owner
+        sessions = getattr(model, "_sessions", None)
+        if sessions is not None:
+            sessions.add(self)
+
+    def _release(self) -> None:
+        """Model.close(): drops the KV cache; every later use raises CpullmError."""
+        self._sequence = None
+        self._cached = []
+
+    def _check_usable(self) -> None:
+        if self._sequence is None:
+            raise CpullmError("this chat session's model has been closed")
+        owner = self._owner
+        if self._active is not None and owner is not None and owner != threading.get_ident():
+            raise CpullmError("this ChatSession is in use by another thread (a turn is streaming there); "
+                              "use one session per thread")
 
     # --- conversation state ---------------------------------------------------------------------
     def _conversation(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
@@ -134,6 +159,8 @@ class ChatSession:
         before the first piece is asked for."""
         if not isinstance(message, str):
             raise TypeError(f"message must be a string, got {type(message).__name__}")
+        if not message:
+            raise ValueError("message is empty")
         _check_options(options)
         self._finish_active()
         merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
@@ -181,7 +208,7 @@ class ChatSession:
     def _run(self, turn: _Turn, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
              stops: tuple[str, ...]) -> Iterator[str]:
         model = self.model
-        self._active = turn
+        self._claim(turn)
         self.stats = turn.stats
         text = TextStream(model.tokenizer, stop=stops)  # the reply alone, as transformers decodes new tokens
         try:
@@ -195,6 +222,8 @@ class ChatSession:
                 if piece:
                     turn.pieces.append(piece)
                     yield piece
+                if self._sequence is None:
+                    raise CpullmError("this chat session's model has been closed")
                 if text.stopped:
                     turn.stats.finish_reason = "stop"
                     break
@@ -207,21 +236,42 @@ class ChatSession:
             self._finish(turn)
 
     def _finish_active(self) -> None:
-        if self._active is not None:
-            self._finish(self._active)
+        with self._lock:
+            self._check_usable()
+            active = self._active
+        if active is not None:
+            self._finish(active)
+
+    def _claim(self, turn: _Turn) -> None:
+        """Makes ``turn`` the active one, for this thread; refuses if another thread's turn is active."""
+        while True:
+            with self._lock:
+                self._check_usable()
+                active = self._active
+                if active is None:
+                    self._active = turn
+                    self._owner = threading.get_ident()
+                    return
+            self._finish(active)  # this thread's own abandoned stream: commit it first
 
     def _finish(self, turn: _Turn) -> None:
         """Commits a turn once, whether it ended normally, raised, or was abandoned."""
-        if self._active is not turn:
-            return
-        self._active = None
-        resync(self._sequence, self._cached)
-        if turn.stats.finish_reason is None:
-            turn.stats.finish_reason = "interrupted"
-            if not turn.pieces:
-                return  # nothing was said: the turn never happened
-        self.messages = turn.base + [turn.user, {"role": "assistant", "content": "".join(turn.pieces)}]
-        self.dropped_messages += turn.dropped
+        with self._lock:
+            if self._active is not turn:
+                return
+        try:
+            if self._sequence is not None:  # None: the model was closed, nothing left to keep
+                resync(self._sequence, self._cached)
+            if turn.stats.finish_reason is None:
+                turn.stats.finish_reason = "interrupted"
+                if not turn.pieces:
+                    return  # nothing was said: the turn never happened
+            self.messages = turn.base + [turn.user, {"role": "assistant", "content": "".join(turn.pieces)}]
+            self.dropped_messages += turn.dropped
+        finally:
+            with self._lock:
+                self._active = None
+                self._owner = None
 
     def __repr__(self) -> str:
         return f"ChatSession({len(self.messages)} messages, {len(self._cached)} cached tokens, on_overflow={self.on_overflow!r})"

@@ -155,7 +155,10 @@ def read_converted(directory: Path) -> tuple[dict[str, Any], ModelSpec, str, dic
     dtype = marker.get("dtype")
     if dtype not in _ALLOWED:
         raise ModelFormatError(f"{directory / MARKER}: unknown dtype {dtype!r}")
-    spec = spec_from_json(marker.get("spec"))
+    try:
+        spec = spec_from_json(marker.get("spec"))
+    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a value of the wrong JSON type
+        raise ModelFormatError(f"{directory / MARKER}: the model spec is malformed ({type(e).__name__}: {e})") from e
     if marker.get("group_size") != spec.group_size:
         raise ModelFormatError(f"{directory / MARKER}: group_size disagrees with the spec")
     file = SafetensorsFile(directory / "model.safetensors")

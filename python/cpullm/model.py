@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -47,11 +48,20 @@ class Model:
         except ValueError as e:
             raise ModelFormatError(f"{source}: {e}") from e
         self.eos_token_ids = _eos_ids(self.generation_config, self.config, tokenizer)
+        self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # chat sessions, whose caches close() frees
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Releases the weights (and their memory maps once nothing else refers to them)."""
+        """Releases the weights (their memory maps or arrays) and the KV caches of this model's chat
+        sessions and generations at once; afterwards every method raises ``CpullmError``. Idempotent."""
         self._native = None
+        for session in list(self._sessions):
+            session._release()
+        self._sessions.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._native is None
 
     def __enter__(self) -> "Model":
         return self
@@ -61,7 +71,7 @@ class Model:
 
     def _model(self) -> Any:
         if self._native is None:
-            raise CpullmError("this model has been closed")
+            raise CpullmError(f"this model ({self.source}) has been closed; load it again to use it")
         return self._native
 
     # --- raw forward ----------------------------------------------------------------------------
@@ -79,8 +89,9 @@ class Model:
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 [T, vocab] logits of one full forward pass over ``token_ids`` (a fresh cache)."""
+        model = self._model()
         ids = self._token_array(token_ids)
-        sequence = _C.Sequence(self._model())
+        sequence = _C.Sequence(model)
         return sequence.forward(ids, True, self.threads)
 
     # --- generation -----------------------------------------------------------------------------
@@ -112,6 +123,7 @@ class Model:
         context. Sampling options default to the model's generation config (see ``sampling_params``);
         ``temperature=0`` is greedy. ``stats``: a ``GenerationStats`` to fill in. Arguments are checked
         here, before the first token is asked for."""
+        self._model()
         _check_max_tokens(max_tokens)
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repetition_penalty=repetition_penalty, seed=seed)
@@ -125,8 +137,15 @@ class Model:
         cached: list[int] = []
         sampler = Sampler(params, self.spec.vocab_size, ids.tolist())
         logits = prefill(sequence, cached, ids, self.threads, stats)
-        yield from decode(sequence, cached, logits, sampler, max_tokens=max_tokens, stop_ids=stops,
-                          max_context=self.spec.max_context, threads=self.threads, stats=stats)
+        tokens = decode(sequence, cached, logits, sampler, max_tokens=max_tokens, stop_ids=stops,
+                        max_context=self.spec.max_context, threads=self.threads, stats=stats)
+        del sequence  # the decode loop holds the only reference: closing it frees the cache
+        try:
+            for token in tokens:
+                yield token
+                self._model()  # close() while a generation is under way ends it (CpullmError)
+        finally:
+            tokens.close()
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int] | Sequence[int]:
         if isinstance(prompt, str):
@@ -153,6 +172,7 @@ class Model:
         generation ends at the first stop string, which is not included. The pieces joined are the text
         the generated tokens add after the prompt (for a SentencePiece word that includes its leading
         space). Sampling options as for ``generate_tokens``."""
+        self._model()
         if self.tokenizer is None:
             raise CpullmError(f"{self.source} has no tokenizer.json: use generate_tokens() with token ids")
         stops = normalize_stop(stop)
