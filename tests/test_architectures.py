@@ -318,3 +318,10 @@ def test_qwen2_gguf_matches_transformers(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedModelError, match="Phi-3 GGUF"):
         cpullm.load(path)
+
+
+def test_results_do_not_depend_on_thread_count(arch: tuple[str, Any, Any]) -> None:
+    _, model, _ = arch
+    ids = _ids(model.spec.vocab_size, 40, seed=9).astype(np.int32)
+    outputs = [cpullm._C.Sequence(model._model()).forward(ids, True, threads) for threads in (1, 3)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
