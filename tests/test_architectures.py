@@ -274,8 +274,8 @@ def test_unsupported_rope_type_is_refused_by_name(tmp_path: Path) -> None:
     from cpullm.spec import spec_from_hf_config
 
     config = dict(model_type="mistral", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
-                  intermediate_size=64, vocab_size=100, rope_scaling={"type": "dynamic", "factor": 2.0})
-    with pytest.raises(UnsupportedModelError, match="dynamic"):
+                  intermediate_size=64, vocab_size=100, rope_scaling={"type": "mrope", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="mrope"):
         spec_from_hf_config(config)
     with pytest.raises(UnsupportedModelError, match="gemma"):
         spec_from_hf_config({**config, "model_type": "gemma", "rope_scaling": None})
@@ -325,3 +325,19 @@ def test_results_do_not_depend_on_thread_count(arch: tuple[str, Any, Any]) -> No
     ids = _ids(model.spec.vocab_size, 40, seed=9).astype(np.int32)
     outputs = [cpullm._C.Sequence(model._model()).forward(ids, True, threads) for threads in (1, 3)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_dynamic_rope_within_the_context_matches_transformers(tmp_path: Path) -> None:
+    """transformers' dynamic NTK scaling only departs from the default table beyond
+    max_position_embeddings, which is cpullm's context limit: over the whole context the two agree."""
+    hf_model = build("mistral", seed=17, max_position_embeddings=64, rope_scaling={"type": "dynamic", "factor": 2.0})
+    hf_model.save_pretrained(tmp_path)
+    model = cpullm.load(tmp_path, threads=2)
+    assert model.spec.rope.rope_type == "dynamic" and model.spec.max_context == 64
+    ids = _ids(model.spec.vocab_size, 64, seed=8)
+    expected = hf_logits(hf_model, ids)
+    assert rel_err(model.logits(ids), expected) < F32_TOL
+    sequence = cpullm._C.Sequence(model._model())
+    sequence.forward(ids[:60].astype(np.int32), False, 2)
+    steps = [sequence.forward(ids[i:i + 1].astype(np.int32), True, 2)[0] for i in range(60, 64)]
+    assert rel_err(np.stack(steps), expected[60:]) < F32_TOL

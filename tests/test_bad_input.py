@@ -74,8 +74,8 @@ def test_unsupported_model_type(model_dir: Path, model_type: Any) -> None:
 
 
 def test_unsupported_rope_type(model_dir: Path) -> None:
-    _set_config(model_dir, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
-    with pytest.raises(cpullm.UnsupportedModelError, match="rope type 'dynamic'"):
+    _set_config(model_dir, rope_parameters={"rope_type": "mrope", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(cpullm.UnsupportedModelError, match="rope type 'mrope'"):
         cpullm.load(model_dir)
 
 

@@ -19,9 +19,10 @@ import numpy as np
 from .errors import ModelFormatError, UnsupportedModelError
 
 DEFAULT_ROPE_THETA = 10000.0
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-# Known to transformers but refused: "dynamic" recomputes its table from the longest sequence a model
-# instance has seen so far (state outside any one sequence), which cpullm does not reproduce.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# "dynamic" (NTK): transformers starts from the default table and recomputes it only for sequences longer
+# than max_position_embeddings, which is also cpullm's context limit, so within every sequence cpullm
+# runs the table is the default one.
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ def compute_rope(params: Mapping[str, Any], rotary_dim: int) -> Rope:
         if factor <= 0:
             raise ModelFormatError(f"config: linear rope factor must be > 0, got {factor}")
         inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+    elif rope_type == "dynamic":
+        if _number(params, "factor") <= 0:
+            raise ModelFormatError(f"config: dynamic rope factor must be > 0, got {params['factor']}")
     elif rope_type == "llama3":
         inv_freq = _llama3(inv_freq, params)
     elif rope_type == "yarn":
