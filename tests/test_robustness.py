@@ -22,6 +22,8 @@ import cpullm.convert
 from chat_util import make_word_chat_model
 
 LONG = 10 if os.environ.get("CPULLM_LONG_TESTS") else 1
+# AddressSanitizer (tools/sanitize.sh) holds freed memory in quarantine: RSS grows by design there.
+SANITIZED = "asan" in os.environ.get("LD_PRELOAD", "")
 MESSAGES = ["hello there", "tell me more about the river", "what about the old house", "thank you",
             "where is the harbor", "please tell me a story about the ship"]
 
@@ -254,8 +256,9 @@ def test_close_releases_weights_and_caches_at_once(big_converted: Path, how: str
     after = rss_bytes()  # no gc.collect(): the release must not wait for the collector
     weights = m.weights_bytes
     assert weights > 40 * 2**20
-    assert loaded - base > 0.7 * weights, "the measurement does not see the weights"
-    assert loaded - after > 0.7 * weights, f"close() freed {(loaded - after) / 2**20:.1f} MiB of {weights / 2**20:.1f}"
+    if not SANITIZED:  # AddressSanitizer's allocator keeps freed memory: RSS says little there
+        assert loaded - base > 0.7 * weights, "the measurement does not see the weights"
+        assert loaded - after > 0.7 * weights, f"close() freed {(loaded - after) / 2**20:.1f} MiB of {weights / 2**20:.1f}"
     # Everything raises a clear error afterwards.
     for call in (lambda: m.logits([1]), lambda: m.generate("hi", 2), lambda: m.stream("hi", 2),
                  lambda: m.generate_tokens([1, 2], 2), lambda: m.chat(), lambda: session.send("hi"),
@@ -299,7 +302,8 @@ def test_thousand_generations_flat_memory_same_results(model: Any) -> None:
         assert list(model.generate_tokens(prompts[i % len(prompts)], 6)) == expected[i % len(prompts)]
     gc.collect()
     growth = rss_bytes() - start
-    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {n} generations"
+    print(f"{n} generations: RSS {start / 2**20:.1f} -> {(start + growth) / 2**20:.1f} MiB")
+    assert SANITIZED or growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {n} generations"
 
 
 def test_ten_thousand_token_conversation_flat_memory(chat_dir: Path) -> None:
@@ -317,8 +321,10 @@ def test_ten_thousand_token_conversation_flat_memory(chat_dir: Path) -> None:
                 start = rss_bytes()
         gc.collect()
         growth = rss_bytes() - start
+        print(f"{total} tokens in {turns} turns ({session.dropped_messages} messages dropped): "
+              f"RSS {start / 2**20:.1f} -> {(start + growth) / 2**20:.1f} MiB")
         assert session.dropped_messages > 0
-        assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {total} tokens ({turns} turns)"
+        assert SANITIZED or growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {total} tokens ({turns} turns)"
         # Results unchanged: the long-lived session answers like a fresh one over the same history.
         fresh = m.chat(system="You are terse.", on_overflow="drop_oldest", max_tokens=16)
         fresh.messages = list(session.messages)

@@ -153,7 +153,7 @@ def read_converted(directory: Path) -> tuple[dict[str, Any], ModelSpec, str, dic
             f"(it reads version {FORMAT_VERSION}); convert the model again"
         )
     dtype = marker.get("dtype")
-    if dtype not in _ALLOWED:
+    if not isinstance(dtype, str) or dtype not in _ALLOWED:
         raise ModelFormatError(f"{directory / MARKER}: unknown dtype {dtype!r}")
     try:
         spec = spec_from_json(marker.get("spec"))
