@@ -63,3 +63,37 @@ def test_fuzz_gguf(make_llama: Any, tmp_path: Path) -> None:
         write_gguf(path, model.config, f32_state(model), tok, matrices(qtype))
         seeds.append(path)
     _campaign(seeds, tmp_path)
+
+
+WRONG_TYPES = [[], {}, [1], {"type": []}, "x", None, -1, 0, 1e308, True]
+
+
+def test_every_config_value_of_the_wrong_type(make_llama: Any, tmp_path: Path) -> None:
+    """A sweep rather than a random draw: each config.json key (and the optional keys cpullm reads) set to
+    each value of a wrong type or range gives a known exception, both at load and at convert."""
+    import json
+    import shutil
+
+    source, _ = make_llama(seed=24, vocab_size=64, **SMALL)
+    config = json.loads((source / "config.json").read_text())
+    keys = sorted(set(config) | {"rope_scaling", "rope_parameters", "head_dim", "sliding_window", "use_sliding_window",
+                                 "partial_rotary_factor", "num_local_experts", "num_experts_per_tok", "attention_bias"})
+    work = tmp_path / "m"
+    unexpected = []
+    for key in keys:
+        for value in WRONG_TYPES:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(source, work)
+            (work / "config.json").write_text(json.dumps({**config, key: value}))
+            for action in ("load", "convert"):
+                try:
+                    if action == "load":
+                        with cpullm.load(work, threads=1) as m:
+                            m.logits([1, 2, 3])
+                    else:
+                        cpullm.convert.convert(work, tmp_path / "out", dtype="f32", force=True, progress=False)
+                except (cpullm.CpullmError, ValueError, OSError):
+                    pass
+                except Exception as e:  # noqa: BLE001 - collected and reported below
+                    unexpected.append(f"{action} {key}={value!r}: {type(e).__name__}: {e}")
+    assert not unexpected, "\n".join(unexpected)

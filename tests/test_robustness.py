@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,7 @@ class _InterruptDuringForward:
 
     def __init__(self, inner: Any, which: int) -> None:
         self.inner, self.which, self.calls = inner, which, 0
+        self.fired = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -175,6 +177,7 @@ class _InterruptDuringForward:
             def interrupter() -> None:
                 entered.wait()
                 _thread.interrupt_main()
+                self.fired.set()
 
             threading.Thread(target=interrupter, daemon=True).start()
             entered.set()
@@ -187,14 +190,16 @@ def test_real_interrupt_during_forward_leaves_session_consistent(model: Any, whi
     session.send(MESSAGES[0])
     before = list(session.messages)
     inner = session._sequence
-    session._sequence = _InterruptDuringForward(inner, which)
+    proxy = _InterruptDuringForward(inner, which)
+    session._sequence = proxy
     pieces: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         for piece in session.stream(MESSAGES[5]):
             pieces.append(piece)
-        # The interrupt may only land after the stream's last step on a very fast machine.
-        import time
-        time.sleep(1.0)
+        # Only if the stream ended before the interrupter thread ran: take the interrupt here.
+        proxy.fired.wait(60)
+        for _ in range(100):
+            time.sleep(0.01)
     session._sequence = inner
     assert inner.n_past == session.cached_tokens
     if pieces:

@@ -52,7 +52,11 @@ def convert(
     if not (source.is_dir() and (source / "config.json").exists()):
         raise ModelFormatError(f"{source}: not a Hugging Face model directory (no config.json) or a GGUF file")
     config = read_json(source / "config.json")
-    spec = replace(spec_from_hf_config(config), group_size=group_size)
+    try:
+        hf_spec = spec_from_hf_config(config)
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:  # a value of the wrong type
+        raise ModelFormatError(f"{source / 'config.json'}: malformed ({type(e).__name__}: {e})") from e
+    spec = replace(hf_spec, group_size=group_size)
     checkpoint = Checkpoint(source)
     tensors = _with_progress(iter_canonical_tensors(spec, checkpoint, dtype), canonical_tensor_count(spec, checkpoint),
                              progress)

@@ -157,7 +157,7 @@ def read_converted(directory: Path) -> tuple[dict[str, Any], ModelSpec, str, dic
         raise ModelFormatError(f"{directory / MARKER}: unknown dtype {dtype!r}")
     try:
         spec = spec_from_json(marker.get("spec"))
-    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a value of the wrong JSON type
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:  # a value of the wrong JSON type
         raise ModelFormatError(f"{directory / MARKER}: the model spec is malformed ({type(e).__name__}: {e})") from e
     if marker.get("group_size") != spec.group_size:
         raise ModelFormatError(f"{directory / MARKER}: group_size disagrees with the spec")

@@ -29,7 +29,11 @@ def _cap_context(spec: ModelSpec, context_length: int | None) -> ModelSpec:
 
 def _load_hf_directory(directory: Path, dtype: str, threads: int, context_length: int | None, group_size: int) -> Model:
     config = read_json(directory / "config.json")
-    spec = _cap_context(replace(spec_from_hf_config(config), group_size=group_size), context_length)
+    try:
+        hf_spec = spec_from_hf_config(config)
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:  # a value of the wrong type
+        raise ModelFormatError(f"{directory / 'config.json'}: malformed ({type(e).__name__}: {e})") from e
+    spec = _cap_context(replace(hf_spec, group_size=group_size), context_length)
     tensors = canonical_tensors(spec, Checkpoint(directory), dtype)
     return _assemble(directory, config, spec, tensors, dtype, threads)
 

@@ -90,7 +90,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise ModelFormatError(f"{where}: entry must be an object")
         dtype = entry.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ModelFormatError(f"{where}: unsupported dtype {dtype!r}")
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
