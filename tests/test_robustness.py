@@ -397,6 +397,5 @@ def test_bad_cli_parameters_give_one_clear_line(chat_dir: Path, argv: list[str])
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1, proc.stderr
+    assert len(lines) == 1 and "error:" in lines[0], proc.stderr
     assert proc.stdout.strip() == ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .errors import CpullmError
 
@@ -118,8 +118,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and a pointer to --help) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpullm", description="Run Llama-family language models on the CPU.")
+    parser = _Parser(prog="cpullm", description="Run Llama-family language models on the CPU.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"cpullm {__version__}")
