@@ -33,8 +33,8 @@ inline __m512 pair_scales(float a, float b) {
 }
 
 template <int TT, int RR>
-inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups, const int8_t* w,
-                 const float* ws, float* y, int64_t ldy) {
+inline void vnni_tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups, const int8_t* w,
+                      const float* ws, float* y, int64_t ldy) {
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[TT][RR];
@@ -90,21 +90,18 @@ inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int
 }
 
 struct VnniTiles {
-  template <int TT>
-  static inline void token_tile_rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
-                                     const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y,
-                                     int64_t ldy) {
-    constexpr int RR = TT == 1 ? 4 : 3;
-    int64_t n = r0;
-    for (; n + RR <= r1; n += RR) tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
-    for (; n < r1; ++n) tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+  static constexpr int rows(int tokens) { return tokens == 1 ? 4 : 3; }
+  template <int TT, int RR>
+  static inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
+                          const int8_t* w, const float* ws, float* y, int64_t ldy) {
+    vnni_tile<TT, RR>(x, xs, K, group, n_groups, w, ws, y, ldy);
   }
 };
 
 // 48 rows x K=4096 int8 = 192 KiB: stays in L2 across token tiles.
 void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
                const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  q8_drive<VnniTiles, 48>(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
+  Q8Driver<VnniTiles, 48>::matmul(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
 }
 
 }  // namespace

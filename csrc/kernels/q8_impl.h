@@ -15,29 +15,41 @@
 namespace cpullm {
 
 // Runs a tile family over row blocks of kRowBlock rows (they stay in cache while every token tile passes
-// over them) and tiles of up to 4 tokens. Tiles::token_tile_rows<TT> computes TT tokens against a row
-// range; activations are [T, 2K] (hi, then lo digits, per token).
+// over them), tiles of up to 4 tokens and Tiles::rows(TT) rows (then single rows for the remainder).
+// Tiles::tile<TT, RR> computes TT tokens x RR rows; activations are [T, 2K] (hi, then lo digits, per token).
 template <class Tiles, int64_t kRowBlock>
-inline void q8_drive(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
+struct Q8Driver {
+  template <int TT>
+  static inline void rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
+                          const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+    constexpr int RR = Tiles::rows(TT);
+    int64_t n = r0;
+    for (; n + RR <= r1; n += RR)
+      Tiles::template tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+    for (; n < r1; ++n)
+      Tiles::template tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+  }
+
+  static void matmul(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
                      const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t n_groups = (K + group - 1) / group;
-  for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
-    const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4)
-      Tiles::template token_tile_rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re,
-                                         y + t * ldy, ldy);
-    const int8_t* xt = x + t * 2 * K;
-    const float* xst = xs + t * n_groups;
-    float* yt = y + t * ldy;
-    switch (T - t) {
-      case 3: Tiles::template token_tile_rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
-      case 2: Tiles::template token_tile_rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
-      case 1: Tiles::template token_tile_rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
-      default: break;
+    const int64_t n_groups = (K + group - 1) / group;
+    for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
+      const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
+      int64_t t = 0;
+      for (; t + 4 <= T; t += 4)
+        rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
+      const int8_t* xt = x + t * 2 * K;
+      const float* xst = xs + t * n_groups;
+      float* yt = y + t * ldy;
+      switch (T - t) {
+        case 3: rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+        case 2: rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+        case 1: rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+        default: break;
+      }
     }
   }
-}
+};
 
 template <class Q>
 struct Q8Impl {
@@ -83,16 +95,7 @@ struct Q8Impl {
       for (int r = 0; r < RR; ++r) y[t * ldy + r] = Q::reduce(acc[t][r]);
   }
 
-  template <int TT>
-  static inline void token_tile_rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
-                                     const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y,
-                                     int64_t ldy) {
-    constexpr int RR = TT == 1 ? 4 : 2;
-    int64_t n = r0;
-    for (; n + RR <= r1; n += RR)
-      tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
-    for (; n < r1; ++n) tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
-  }
+  static constexpr int rows(int tokens) { return tokens == 1 ? 4 : 2; }
 
   // The int8 dot-product rate with no memory traffic: 8 independent accumulator chains over
   // register-resident operands. Returns a checksum so the work cannot be optimised away; each
@@ -112,7 +115,7 @@ struct Q8Impl {
 
   static void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
                         const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-    q8_drive<Q8Impl, 32>(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
+    Q8Driver<Q8Impl, 32>::matmul(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
   }
 };
 
