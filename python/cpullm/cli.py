@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn, Sequence
 
@@ -103,6 +104,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from . import hub
+    from .loader import load
+    from .server import require_server_dependencies, serve
+
+    require_server_dependencies()  # before the model is loaded: a missing extra is a one-line error
+    model = load(args.model, dtype=args.dtype, threads=args.threads, context_length=args.context_length)
+    name = args.model_name or (hub.canonical_name(args.model) if hub.is_known(args.model) else None)
+    if name is None:
+        from pathlib import Path
+
+        name = Path(args.model).name or str(args.model)
+    with model:
+        print(f"cpullm: serving {name} ({model.dtype}, context {model.spec.max_context}) at "
+              f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key,
+              max_concurrent=args.max_concurrent, max_queued=args.max_queued, log_level=args.log_level)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from . import hub
 
@@ -175,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=3, help="runs to take the median of (default: 3)")
     bench.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     bench.set_defaults(run=_cmd_bench)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI API (chat and text completions) over HTTP",
+                           description="Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and "
+                                       "/v1/completions (streaming or not), GET /v1/models and /health. Needs the "
+                                       "server extra: pip install 'cpullm[server]'.")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_int_at_least(0), default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("CPULLM_API_KEY") or None,
+                       help="require 'Authorization: Bearer KEY' on /v1 requests (default: $CPULLM_API_KEY; "
+                            "none: no key needed)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model id clients see (default: the known name, or the path's last part)")
+    serve.add_argument("--context-length", type=_positive_int, default=None,
+                       help="most tokens a request may hold, prompt and reply (default: the model's)")
+    serve.add_argument("--max-concurrent", type=_positive_int, default=4,
+                       help="requests generated at once, round-robin, each with its own KV cache (default: 4); "
+                            "the rest wait in a queue")
+    serve.add_argument("--max-queued", type=_non_negative_int, default=256,
+                       help="requests that may wait; beyond that the server answers 503 (default: 256)")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                       help="uvicorn's log level (default: info)")
+    serve.set_defaults(run=_cmd_serve)
 
     models = sub.add_parser("models", help="list the known models and what is in the cache",
                             description="List the known models (the default one is fetched on first use) and the "
