@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -39,13 +41,14 @@ TensorView view_of(const py::array& a, const std::string& name) {
   return v;
 }
 
-// Owns the arrays the Transformer points into.
+// Owns the arrays the Transformer points into (not those it copied: see Transformer's `release`).
 struct PyTransformer {
-  std::vector<py::array> arrays;
+  std::map<std::string, py::array> arrays;
   std::unique_ptr<Transformer> model;
 };
 
-std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const py::dict& tensor_dict) {
+std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const py::dict& tensor_dict,
+                                                const py::object& on_release) {
   ModelSpec s;
   auto get_int = [&](const char* key) {
     if (!spec_dict.contains(key)) throw std::invalid_argument(std::string("model spec: '") + key + "' is missing");
@@ -83,9 +86,13 @@ std::shared_ptr<PyTransformer> make_transformer(const py::dict& spec_dict, const
     if (!py::isinstance<py::array>(item.second))
       throw std::invalid_argument("tensor '" + name + "' is not a NumPy array");
     views[name] = view_of(arr, name);
-    owner->arrays.push_back(arr);
+    owner->arrays[name] = arr;
   }
-  owner->model = std::make_unique<Transformer>(std::move(s), views);
+  PyTransformer* raw = owner.get();
+  owner->model = std::make_unique<Transformer>(std::move(s), views, [&](const std::string& name) {
+    raw->arrays.erase(name);
+    if (!on_release.is_none()) on_release(name);
+  });
   return owner;
 }
 
@@ -159,11 +166,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_q8", [](const F32Array& x, int64_t group) {
     if (x.ndim() != 2) throw std::invalid_argument("quantize_q8: expected x [T, K]");
     if (group <= 0) throw std::invalid_argument("quantize_q8: group must be > 0");
-    const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group;
+    const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group, stride = q8_act_stride(K);
     py::array_t<int8_t> q({T, 2 * K});
     F32Array scales({T, G});
-    for (int64_t t = 0; t < T; ++t)
-      quantize_row_q8(x.data() + t * K, K, group, q.mutable_data() + 2 * t * K, scales.mutable_data() + t * G);
+    std::vector<int8_t> row(static_cast<size_t>(2 * stride));
+    std::vector<int32_t> sums(static_cast<size_t>(G));
+    for (int64_t t = 0; t < T; ++t) {
+      kernels().quantize_q8(x.data() + t * K, K, group, stride, row.data(), scales.mutable_data() + t * G, sums.data());
+      std::memcpy(q.mutable_data() + 2 * t * K, row.data(), size_t(K));
+      std::memcpy(q.mutable_data() + 2 * t * K + K, row.data() + stride, size_t(K));
+    }
     return py::make_tuple(q, scales);
   }, py::arg("x"), py::arg("group"),
      "Per-group two-digit int8 quantization of activation rows: (q [T, 2K]: hi then lo digits, scales [T, G])");
@@ -175,14 +187,46 @@ PYBIND11_MODULE(_C, m) {
       throw std::invalid_argument("matmul_q8: group must be a positive multiple of 32 up to 512");
     const int64_t T = x.shape(0), K = x.shape(1), N = wq.shape(0), G = (K + group - 1) / group;
     if (ws.ndim() != 2 || ws.shape(0) != N || ws.shape(1) != G) throw std::invalid_argument("matmul_q8: ws must be [N, ceil(K / group)]");
-    std::vector<int8_t> xq(size_t(2 * T * K));
+    const int64_t stride = q8_act_stride(K);
+    std::vector<int8_t> xq(size_t(2 * T * stride));
     std::vector<float> xs(size_t(T * G));
-    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x.data() + t * K, K, group, xq.data() + 2 * t * K, xs.data() + t * G);
+    std::vector<int32_t> sums(size_t(T * G));
+    for (int64_t t = 0; t < T; ++t)
+      kernels().quantize_q8(x.data() + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
+                            sums.data() + t * G);
+    Q8Acts acts;
+    acts.q = xq.data();
+    acts.scales = xs.data();
+    acts.sums = sums.data();
+    acts.T = T;
+    acts.K = K;
+    acts.stride = stride;
+    acts.group = group;
+    acts.n_groups = G;
+    Q8Weights w = q8_layout(N, K, group);
+    std::vector<uint8_t> packed(size_t(w.block_bytes * w.n_blocks));
+    pack_q8(wq.data(), ws.data(), w, packed.data());
+    w.data = packed.data();
     F32Array y({T, N});
-    kernels().matmul_q8(xq.data(), xs.data(), T, K, group, wq.data(), ws.data(), 0, N, y.mutable_data(), N);
+    kernels().matmul_q8(acts, w, 0, w.n_blocks, y.mutable_data(), N);
     return y;
   }, py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("group"),
      "y = x @ dequant(wq, ws).T with x quantized per group on the fly, as the model does");
+  m.def("q8_unpack", [](const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws, int64_t group) {
+    if (wq.ndim() != 2 || group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
+      throw std::invalid_argument("q8_unpack: expected wq [N, K] and a group that is a multiple of 32 up to 512");
+    const int64_t N = wq.shape(0), K = wq.shape(1);
+    Q8Weights w = q8_layout(N, K, group);
+    if (ws.ndim() != 2 || ws.shape(0) != N || ws.shape(1) != w.n_groups)
+      throw std::invalid_argument("q8_unpack: ws must be [N, ceil(K / group)]");
+    std::vector<uint8_t> packed(size_t(w.block_bytes * w.n_blocks));
+    pack_q8(wq.data(), ws.data(), w, packed.data());
+    w.data = packed.data();
+    F32Array out({N, K});
+    for (int64_t n = 0; n < N; ++n) q8_row(w, n, out.mutable_data() + n * K);
+    return out;
+  }, py::arg("wq"), py::arg("ws"), py::arg("group"),
+     "Packs int8 weights into the kernels' layout and reads every row back dequantized (a layout test)");
   m.def("probe_q8_peak", [](int64_t iterations, int threads) {
     if (iterations < 1 || threads < 1 || threads > 1024) throw std::invalid_argument("probe_q8_peak: bad arguments");
     int64_t checksum = 0;
@@ -219,8 +263,10 @@ PYBIND11_MODULE(_C, m) {
   }, "y += alpha * x, in place; returns y");
 
   py::class_<PyTransformer, std::shared_ptr<PyTransformer>>(m, "Transformer")
-      .def(py::init(&make_transformer), py::arg("spec"), py::arg("tensors"),
-           "Builds the model over arrays the caller keeps (it also holds references to them).");
+      .def(py::init(&make_transformer), py::arg("spec"), py::arg("tensors"), py::arg("on_release") = py::none(),
+           "Builds the model over arrays the caller keeps (it also holds references to them). int8 matrices "
+           "are copied into the kernels' packed layout; on_release(name), if given, is called for each "
+           "tensor no longer needed, so its memory can be released while loading.");
 
   py::class_<PySequence>(m, "Sequence")
       .def(py::init([](std::shared_ptr<PyTransformer> t) {

@@ -158,7 +158,7 @@ def _q8_reference(xq: np.ndarray, xs: np.ndarray, wq: np.ndarray, ws: np.ndarray
     return y, mag
 
 
-def test_activation_quantization_matches_numpy() -> None:
+def test_activation_quantization_matches_numpy(isa: str) -> None:
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((7, 333)) * np.exp(rng.standard_normal((7, 333)))).astype(np.float32)
     x[2, 64:96] = 0.0  # an all-zero group: scale 0, q 0
@@ -208,6 +208,17 @@ def test_matmul_q8_matches_numpy(isa: str, T: int, N: int, K: int, group: int) -
 
     weight_only = x.astype(np.float64) @ dequantize_q8(wq, ws, group).astype(np.float64).T
     assert np.max(np.abs(y - weight_only)) <= 1e-4 * np.max(np.abs(x) @ np.abs(w).T)
+
+
+@pytest.mark.parametrize("N,K,group", [(1, 1, 32), (17, 129, 32), (16, 64, 64), (33, 1000, 256), (5, 513, 512)])
+def test_packed_q8_layout_round_trips(N: int, K: int, group: int) -> None:
+    """The kernels' packed layout (16-row blocks, 4-byte quads, scales per group) holds exactly the
+    row-major weights: reading each row back equals NumPy's dequantization, padding included."""
+    from cpullm.dtypes import dequantize_q8, quantize_q8
+
+    rng = np.random.default_rng(N * 1000 + K)
+    wq, ws = quantize_q8(_rand(rng, N, K), group)
+    np.testing.assert_array_equal(C.q8_unpack(wq, ws, group), dequantize_q8(wq, ws, group))
 
 
 def test_q8_rejects_bad_group() -> None:

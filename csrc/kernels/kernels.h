@@ -15,6 +15,43 @@ enum class WType : int { F32 = 0, BF16 = 1, Q8 = 2 };
 constexpr int kQ8Block = 32;
 // |sum over a group of 128 * 127 * 127| must stay below 2^31.
 constexpr int kQ8MaxGroup = 512;
+// Output rows per block of the packed int8 layout: one 64-byte vector holds 4 inputs of 16 rows.
+constexpr int kQ8Rows = 16;
+
+// Int8 weights in the layout the kernels read, made once at load time by pack_q8 from the row-major
+// form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
+// for each group in turn, ceil(len / 4) 64-byte "quads" (byte 4 * r + j of quad i is row r's weight at
+// input 4 * i + j of the group, stored as w + 128 so that VNNI can treat it as unsigned; padding is
+// w = 0) and then the 16 rows' f32 scales of that group. A block is one contiguous stream, and a
+// vector of 16 lanes accumulates 16 output rows, so a tile needs no horizontal sums and applies each
+// group's scales once per 16 rows. The fields are plain data (no member functions), because this
+// header is compiled under several ISA flags (see kernels_impl.h).
+struct Q8Weights {
+  const uint8_t* data = nullptr;
+  int64_t rows = 0, cols = 0, group = 0;
+  int64_t n_groups = 0;      // ceil(cols / group)
+  int64_t n_blocks = 0;      // ceil(rows / kQ8Rows)
+  int64_t group_bytes = 0;   // bytes of a full group's record: 16 * group + 64
+  int64_t last_quads = 0;    // quads of the last group: ceil(its length / 4)
+  int64_t block_bytes = 0;   // bytes of one block: (n_groups - 1) * group_bytes + 64 * last_quads + 64
+};
+
+// Activations of one int8 matmul, quantized by quantize_row_q8 with the weights' group size.
+struct Q8Acts {
+  const int8_t* q = nullptr;       // [T, 2 * stride]: hi digits [0, K) then lo digits [stride, stride + K)
+  const float* scales = nullptr;   // [T, n_groups]
+  const int32_t* sums = nullptr;   // [T, n_groups]: 128 * (127 * sum(hi) + sum(lo)) over the group
+  int64_t T = 0, K = 0, stride = 0, group = 0, n_groups = 0;
+};
+
+// stride of Q8Acts for K inputs: K rounded up to whole quads (the padding digits are zero).
+int64_t q8_act_stride(int64_t K);
+// Fills a Q8Weights description for the given shape (data left null) and returns its size in bytes.
+Q8Weights q8_layout(int64_t rows, int64_t cols, int64_t group);
+// Packs row-major int8 weights into `out` (layout.block_bytes * layout.n_blocks bytes).
+void pack_q8(const int8_t* q, const float* scales, const Q8Weights& layout, uint8_t* out);
+// Row `row` of packed weights, dequantized: out[k] = w[row][k] * scale.
+void q8_row(const Q8Weights& w, int64_t row, float* out);
 
 struct Kernels {
   const char* name;
@@ -24,13 +61,14 @@ struct Kernels {
                      float* y, int64_t ldy);
   void (*matmul_bf16)(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                       float* y, int64_t ldy);
-  // Integer-dot matmul. Activations come quantized by quantize_row_q8 with the weights' group size as
-  // two int8 digits per value: xq [T, 2K] (row t: hi digits [0, K), lo digits [K, 2K)) and one scale per
-  // group xs [T, ceil(K / group)], with x ~= xs * (127 * hi + lo). Weights wq [N, K] int8, ws [N, G].
+  // Integer-dot matmul over packed weights, for the row blocks [b0, b1) (rows past w.rows are not
+  // written). Activations carry two int8 digits per value, x ~= xs * (127 * hi + lo):
   // y[t * ldy + n] = sum_g xs[t][g] * ws[n][g] * sum_{k in g} (127 * hi[t][k] + lo[t][k]) * wq[n][k].
   // group % kQ8Block == 0 and group <= kQ8MaxGroup (the int32 sums cannot overflow).
-  void (*matmul_q8)(const int8_t* xq, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* wq,
-                    const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy);
+  void (*matmul_q8)(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy);
+  // quantize_row_q8 (below), vectorised for the ISA; results are bit-identical on every path.
+  void (*quantize_q8)(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
+                      int32_t* sums);
   // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
   int64_t (*q8_peak_loop)(int64_t iterations);
   // sum_i a[i] * b[i]
@@ -49,7 +87,10 @@ const Kernels& kernels_avx512vnni();
 // Quantizes one row of activations per group into two int8 digits (see matmul_q8): scale s = max|x| / 127,
 // hi = round_half_even(x / s), lo = round_half_even((x - hi * s) / (s / 127)); stores s / 127 as the
 // group's scale. Two digits keep activations at about 14 bits, so int8 costs little more accuracy than
-// the weights' own rounding, while every product is still an int8 dot product. q: [2K].
-void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales);
+// the weights' own rounding, while every product is still an int8 dot product. q: [2 * stride] (see
+// Q8Acts; padding digits are zeroed); sums: per group 128 * (127 * sum(hi) + sum(lo)), which a kernel
+// reading the weights as unsigned (w + 128) subtracts.
+void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
+                     int32_t* sums);
 
 }  // namespace cpullm

@@ -44,6 +44,7 @@ const Kernels& kernels_avx2() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<Avx2V>::table("avx2");
     k.matmul_q8 = &Q8Impl<Q8Avx2>::matmul_q8;
+    k.quantize_q8 = &quantize_row_q8;
     k.q8_peak_loop = &Q8Impl<Q8Avx2>::peak_loop;
     return k;
   }();

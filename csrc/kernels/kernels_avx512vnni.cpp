@@ -2,106 +2,113 @@
 // the AVX-512 ones; the int8 matmul is written for 512-bit registers here. Compiled with -mavx512vnni;
 // only called after dispatch has checked the CPU.
 //
-// The int8 matmul works on 64-byte chunks: each 32-byte half of a chunk lies in one weight group (groups
-// are multiples of 32), so lanes 0-7 of a 16-lane int32 accumulator belong to the first half's group and
-// lanes 8-15 to the second's. vpdpbusd multiplies unsigned by signed bytes; activations are made
-// unsigned by flipping their top bit (x + 128) once per token, and the 128 * sum(w) this adds is taken
-// back with one more vpdpbusd of the weights against a vector of ones, shared by every token of a tile.
-// Per token and row a chunk then costs two vpdpbusd (the hi and lo digits), a few integer ops to combine
-// them, and one convert + multiply + FMA to apply both halves' scales.
+// The int8 matmul reads the packed layout (Q8Weights in kernels.h): one 64-byte vector holds 4 inputs of
+// 16 output rows, so each vpdpbusd advances 16 rows at once against one token's 4 activation bytes
+// broadcast to every lane, and a tile of TT tokens x RB blocks needs no horizontal sums. vpdpbusd
+// multiplies unsigned by signed bytes: the weights are stored as w + 128 (unsigned), and the 128 *
+// sum(x) this adds is taken back by seeding the lo digits' sum with the group's precomputed
+// -128 * (127 * sum(hi) + sum(lo)) (Q8Acts::sums). Per group and tile the epilogue (join the digits,
+// convert, scale) then runs once per 16 rows per token instead of once per row.
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/q8_x86.h"
 
 namespace cpullm {
 namespace {
 
-constexpr int kChunk = 64;
-
-inline __m512i load_bytes(const int8_t* p, int n) {
-  if (n >= kChunk) return _mm512_loadu_si512(p);
-  const __mmask64 m = n <= 0 ? 0 : (~__mmask64(0) >> (kChunk - n));
-  return _mm512_maskz_loadu_epi8(m, p);
-}
-
-// [a x 8, b x 8]
-inline __m512 pair_scales(float a, float b) {
-  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_setr_ps(a, b, 0.f, 0.f)));
-}
-
-template <int TT, int RR>
-inline void vnni_tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups, const int8_t* w,
-                      const float* ws, float* y, int64_t ldy) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[TT][RR];
+template <int TT, int RB>
+inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
+  const int64_t G = w.n_groups;
+  // Rows are streams of a few KiB per block: ask for the next tile's blocks now, so they arrive while
+  // this tile computes, instead of leaving each new stream to the hardware prefetcher's ramp-up.
+  const int64_t ahead = RB * w.block_bytes;
+  const uint8_t* blk[RB];
+  for (int b = 0; b < RB; ++b) blk[b] = w.data + (b0 + b) * w.block_bytes;
+  const int8_t* xt[TT];
+  for (int t = 0; t < TT; ++t) xt[t] = x.q + (t0 + t) * 2 * x.stride;
+  // The float sums change once per group: kept in memory, they leave all 32 registers to the integer
+  // accumulators of the inner loop (in registers they made the compiler shuffle accumulators around).
+  alignas(64) float acc[TT][RB][kQ8Rows];
   for (int t = 0; t < TT; ++t)
-    for (int r = 0; r < RR; ++r) acc[t][r] = _mm512_setzero_ps();
-  // Group of each 32-byte half, advanced by counting (a division per chunk would cost more than the
-  // chunk's arithmetic).
-  const int64_t halves_per_group = group / 32;
-  int64_t g = 0, half_in_group = 0;
-  auto next_half = [&]() {
-    const int64_t current = g;
-    if (++half_in_group == halves_per_group) {
-      half_in_group = 0;
-      ++g;
-    }
-    return current;
-  };
-  for (int64_t c = 0; c < K; c += kChunk) {
-    const int n = K - c < kChunk ? static_cast<int>(K - c) : kChunk;
-    const int64_t ga = next_half();
-    int64_t gb = next_half();
-    if (gb >= n_groups) gb = n_groups - 1;  // a tail chunk of 32 bytes or less: its upper lanes are zero
-    __m512i wv[RR], wsum[RR];
-    __m512 wscale[RR];
-    for (int r = 0; r < RR; ++r) {
-      // Rows are short (a few KiB): ask for the next tile's rows now, so they arrive while this tile
-      // computes, instead of leaving each new row stream to the hardware prefetcher's ramp-up.
-      _mm_prefetch(reinterpret_cast<const char*>(w + (RR + r) * K + c), _MM_HINT_T0);
-      wv[r] = load_bytes(w + r * K + c, n);
-      // -128 * 128 * sum(w) per lane takes back what the digits' +128 offsets add (127 * 128 * sum(w)
-      // through the hi digits, 128 * sum(w) through the lo ones). It seeds the lo digits' sum.
-      wsum[r] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                 _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv[r]), 14));
-      wscale[r] = pair_scales(ws[r * n_groups + ga], ws[r * n_groups + gb]);
-    }
+    for (int b = 0; b < RB; ++b) _mm512_store_ps(acc[t][b], _mm512_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
+    const int64_t off = g * w.group_bytes, begin = g * w.group;
+    __m512i hi[TT][RB], lo[TT][RB];
     for (int t = 0; t < TT; ++t) {
-      const int8_t* xt = x + t * 2 * K + c;
-      const __m512i xh = _mm512_xor_si512(load_bytes(xt, n), flip);
-      const __m512i xl = _mm512_xor_si512(load_bytes(xt + K, n), flip);
-      const __m512 xscale = pair_scales(xs[t * n_groups + ga], xs[t * n_groups + gb]);
-      for (int r = 0; r < RR; ++r) {
-        const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xh, wv[r]);
-        const __m512i dl = _mm512_dpbusd_epi32(wsum[r], xl, wv[r]);
-        // 127 * dh + dl (dl already holds the offsets' correction); wrapping int32 arithmetic, exact
-        // since the result fits.
-        const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(dh, 7), dh), dl);
-        acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(xscale, wscale[r]), acc[t][r]);
+      const __m512i seed = _mm512_set1_epi32(-x.sums[(t0 + t) * G + g]);
+      for (int b = 0; b < RB; ++b) {
+        hi[t][b] = _mm512_setzero_si512();
+        lo[t][b] = seed;
+      }
+    }
+#pragma GCC unroll 2
+    for (int64_t i = 0; i < quads; ++i) {
+      __m512i wv[RB];
+      for (int b = 0; b < RB; ++b) {
+        const uint8_t* p = blk[b] + off + i * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+        wv[b] = _mm512_loadu_si512(p);
+      }
+      for (int t = 0; t < TT; ++t) {
+        int32_t h4, l4;
+        std::memcpy(&h4, xt[t] + begin + 4 * i, 4);
+        std::memcpy(&l4, xt[t] + x.stride + begin + 4 * i, 4);
+        const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
+        for (int b = 0; b < RB; ++b) {
+          hi[t][b] = _mm512_dpbusd_epi32(hi[t][b], wv[b], xh);
+          lo[t][b] = _mm512_dpbusd_epi32(lo[t][b], wv[b], xl);
+        }
+      }
+    }
+    for (int b = 0; b < RB; ++b) {
+      const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk[b] + off + quads * 64));
+      for (int t = 0; t < TT; ++t) {
+        // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
+        const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]), lo[t][b]);
+        const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x.scales[(t0 + t) * G + g]));
+        _mm512_store_ps(acc[t][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, _mm512_load_ps(acc[t][b])));
       }
     }
   }
   for (int t = 0; t < TT; ++t)
-    for (int r = 0; r < RR; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t][r]);
+    for (int b = 0; b < RB; ++b) {
+      const int64_t row0 = (b0 + b) * kQ8Rows, rest = w.rows - row0;
+      float* out = y + (t0 + t) * ldy + row0;
+      if (rest >= kQ8Rows)
+        _mm512_storeu_ps(out, _mm512_load_ps(acc[t][b]));
+      else
+        _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << rest) - 1u), _mm512_load_ps(acc[t][b]));
+    }
 }
 
 struct VnniTiles {
-  static constexpr int rows(int tokens) { return tokens == 1 ? 4 : 3; }
-  template <int TT, int RR>
-  static inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
-                          const int8_t* w, const float* ws, float* y, int64_t ldy) {
-    vnni_tile<TT, RR>(x, xs, K, group, n_groups, w, ws, y, ldy);
+  static constexpr int kTokens = 4;
+  static constexpr int blocks(int tokens) { return tokens <= 2 ? 4 : 2; }
+  template <int TT, int RB>
+  static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
+    vnni_tile<TT, RB>(x, t0, w, b0, y, ldy);
   }
 };
 
-// 48 rows x K=4096 int8 = 192 KiB: stays in L2 across token tiles.
-void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
-               const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  Q8Driver<VnniTiles, 48>::matmul(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
+void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
+  Q8Driver<VnniTiles>::matmul(x, w, b0, b1, y, ldy);
+}
+
+// The 512-bit dot-product rate: 8 independent vpdpbusd chains from registers; each iteration is
+// 8 * 64 multiply-adds, reported in units of the probe's 8 * 32 (so iterations count double).
+int64_t peak_loop(int64_t iterations) {
+  __m512i acc[8];
+  const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-5);
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t it = 0; it < iterations / 2; ++it)
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  __m512i s = acc[0];
+  for (int i = 1; i < 8; ++i) s = _mm512_add_epi32(s, acc[i]);
+  return _mm512_reduce_add_epi32(s);
 }
 
 }  // namespace
@@ -111,7 +118,7 @@ const Kernels& kernels_avx512vnni() {
     Kernels k = kernels_avx512();
     k.name = "avx512vnni";
     k.matmul_q8 = &matmul_q8;
-    k.q8_peak_loop = &Q8Impl<Q8Vnni>::peak_loop;
+    k.q8_peak_loop = &peak_loop;
     return k;
   }();
   return table;

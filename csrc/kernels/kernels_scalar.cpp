@@ -86,9 +86,16 @@ struct ScalarQ {
     std::memcpy(r.v, p, kQ8Block);
     return r;
   }
-  static inline I load_partial(const int8_t* p, int n) {
-    I r = izero();
-    std::memcpy(r.v, p, static_cast<size_t>(n));
+  static inline I flip(I v) {
+    uint8_t b[kQ8Block];
+    std::memcpy(b, v.v, kQ8Block);
+    for (int i = 0; i < kQ8Block; ++i) b[i] ^= 0x80;
+    std::memcpy(v.v, b, kQ8Block);
+    return v;
+  }
+  static inline I bcast4(const int8_t* p) {
+    I r;
+    for (int i = 0; i < 8; ++i) std::memcpy(&r.v[i], p, 4);
     return r;
   }
   static inline I dot(I acc, I x, I w) {
@@ -106,10 +113,18 @@ struct ScalarQ {
     for (int l = 0; l < 8; ++l) hi.v[l] = 127 * hi.v[l] + lo.v[l];
     return hi;
   }
-  static inline F fma_scaled(F f, I i, float s) {
-    for (int l = 0; l < 8; ++l) f.v[l] += static_cast<float>(i.v[l]) * s;
+  static inline F fload(const float* p) { return ScalarV::load(p); }
+  static inline void fstore(float* p, F f) { ScalarV::store(p, f); }
+  static inline void fstore_partial(float* p, F f, int n) { ScalarV::store_partial(p, f, n); }
+  static inline F fmul(F f, float s) {
+    for (int l = 0; l < 8; ++l) f.v[l] *= s;
     return f;
   }
+  static inline F fma_scaled(F f, I i, F s) {
+    for (int l = 0; l < 8; ++l) f.v[l] += static_cast<float>(i.v[l]) * s.v[l];
+    return f;
+  }
+  static inline F fma_scaled(F f, I i, float s) { return fma_scaled(f, i, ScalarV::set1(s)); }
   static inline float reduce(F f) { return ScalarV::reduce(f); }
 };
 
@@ -119,51 +134,11 @@ const Kernels& kernels_scalar() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<ScalarV>::table("scalar");
     k.matmul_q8 = &Q8Impl<ScalarQ>::matmul_q8;
+    k.quantize_q8 = &quantize_row_q8;
     k.q8_peak_loop = &Q8Impl<ScalarQ>::peak_loop;
     return k;
   }();
   return table;
-}
-
-namespace {
-
-// Round half to even for |v| < 2^22, as nearbyint does in the default rounding mode, without a libm
-// call: adding 1.5 * 2^23 leaves no fraction bits, so the addition itself rounds. Written this way the
-// loops below vectorise on the baseline ISA.
-inline float round_even(float v) {
-  const float magic = 12582912.f;
-  return (v + magic) - magic;
-}
-
-inline float clamp127(float v) { return v < -127.f ? -127.f : (v > 127.f ? 127.f : v); }
-
-}  // namespace
-
-void quantize_row_q8(const float* x, int64_t K, int64_t group, int8_t* q, float* scales) {
-  int8_t* hi = q;
-  int8_t* lo = q + K;
-  for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
-    const int64_t end = begin + group < K ? begin + group : K;
-    float amax = 0.f;
-    for (int64_t k = begin; k < end; ++k) {
-      const float a = std::fabs(x[k]);
-      amax = a > amax ? a : amax;
-    }
-    const float scale = amax / 127.f;
-    const float fine = scale / 127.f;
-    scales[g] = fine;
-    if (!(scale > 0.f)) {  // all zero (or NaN): both digits 0
-      for (int64_t k = begin; k < end; ++k) hi[k] = lo[k] = 0;
-      continue;
-    }
-    for (int64_t k = begin; k < end; ++k) {
-      const float h = round_even(clamp127(x[k] / scale));
-      const float rest = x[k] - h * scale;
-      const float l = round_even(clamp127(rest / fine));
-      hi[k] = static_cast<int8_t>(h);
-      lo[k] = static_cast<int8_t>(l);
-    }
-  }
 }
 
 }  // namespace cpullm

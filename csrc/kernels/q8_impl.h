@@ -1,10 +1,15 @@
-// The int8 matmul written once over a small vocabulary `Q` of 8-lane integer and float vectors:
-//   Q::I / Q::F                       8 x int32 / 8 x float
+// The int8 matmul over packed weights (Q8Weights in kernels.h), written once over a small vocabulary
+// `Q` of 8-lane integer and float vectors; a 16-row block is two vectors wide:
+//   Q::I / Q::F                       8 x int32 (or 32 bytes) / 8 x float
 //   Q::izero(), Q::fzero()
-//   Q::load(p), Q::load_partial(p, n)   32 int8 (the partial form zero-fills lanes >= n)
+//   Q::load(p)                        32 bytes
+//   Q::flip(v)                        bytes ^ 0x80: the stored w + 128 back to signed w
+//   Q::bcast4(p)                      the 4 bytes at p in every lane
 //   Q::dot(acc, x, w)                 acc[i] += sum_{j < 4} x[4i + j] * w[4i + j]   (signed int8 both)
 //   Q::combine(hi, lo)                127 * hi + lo   (lane-wise int32)
-//   Q::fma_scaled(f, i, s)            f + float(i) * s
+//   Q::fload(p), Q::fstore(p, f), Q::fstore_partial(p, f, n)
+//   Q::fma_scaled(f, i, s)            f + float(i) * s      (s a float or an F)
+//   Q::fmul(f, s)                     f * s (s a float)
 //   Q::reduce(f)                      sum of lanes
 // Included inside an anonymous namespace by each ISA file (see kernels_impl.h for why).
 #pragma once
@@ -14,37 +19,33 @@
 
 namespace cpullm {
 
-// Runs a tile family over row blocks of kRowBlock rows (they stay in cache while every token tile passes
-// over them), tiles of up to 4 tokens and Tiles::rows(TT) rows (then single rows for the remainder).
-// Tiles::tile<TT, RR> computes TT tokens x RR rows; activations are [T, 2K] (hi, then lo digits, per token).
-template <class Tiles, int64_t kRowBlock>
+// Runs a tile family over the row blocks [b0, b1) in chunks small enough to stay in L2 while every
+// token tile passes over them, with tiles of up to Tiles::kTokens tokens and Tiles::blocks(TT) row
+// blocks (then single blocks for the remainder).
+template <class Tiles>
 struct Q8Driver {
   template <int TT>
-  static inline void rows(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
-                          const int8_t* w, const float* ws, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-    constexpr int RR = Tiles::rows(TT);
-    int64_t n = r0;
-    for (; n + RR <= r1; n += RR)
-      Tiles::template tile<TT, RR>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
-    for (; n < r1; ++n)
-      Tiles::template tile<TT, 1>(x, xs, K, group, n_groups, w + n * K, ws + n * n_groups, y + n, ldy);
+  static inline void blocks(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
+                            int64_t ldy) {
+    constexpr int RB = Tiles::blocks(TT);
+    int64_t b = b0;
+    for (; b + RB <= b1; b += RB) Tiles::template tile<TT, RB>(x, t0, w, b, y, ldy);
+    for (; b < b1; ++b) Tiles::template tile<TT, 1>(x, t0, w, b, y, ldy);
   }
 
-  static void matmul(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
-                     const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-    const int64_t n_groups = (K + group - 1) / group;
-    for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
-      const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
+  static void matmul(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
+    constexpr int TT = Tiles::kTokens;
+    constexpr int64_t RB = Tiles::blocks(TT);
+    int64_t chunk = (int64_t(256) << 10) / w.block_bytes / RB * RB;  // whole tiles
+    if (chunk < RB) chunk = RB;
+    for (int64_t cb = b0; cb < b1; cb += chunk) {
+      const int64_t ce = cb + chunk < b1 ? cb + chunk : b1;
       int64_t t = 0;
-      for (; t + 4 <= T; t += 4)
-        rows<4>(x + t * 2 * K, xs + t * n_groups, K, group, n_groups, w, ws, rb, re, y + t * ldy, ldy);
-      const int8_t* xt = x + t * 2 * K;
-      const float* xst = xs + t * n_groups;
-      float* yt = y + t * ldy;
-      switch (T - t) {
-        case 3: rows<3>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
-        case 2: rows<2>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
-        case 1: rows<1>(xt, xst, K, group, n_groups, w, ws, rb, re, yt, ldy); break;
+      for (; t + TT <= x.T; t += TT) blocks<TT>(x, t, w, cb, ce, y, ldy);
+      switch (x.T - t) {
+        case 3: if constexpr (TT > 3) blocks<3>(x, t, w, cb, ce, y, ldy); break;
+        case 2: if constexpr (TT > 2) blocks<2>(x, t, w, cb, ce, y, ldy); break;
+        case 1: if constexpr (TT > 1) blocks<1>(x, t, w, cb, ce, y, ldy); break;
         default: break;
       }
     }
@@ -55,47 +56,68 @@ template <class Q>
 struct Q8Impl {
   using I = typename Q::I;
   using F = typename Q::F;
+  static constexpr int kTokens = 2;
+  static constexpr int blocks(int tokens) { return tokens == 1 ? 2 : 1; }
 
-  // x points at token 0's hi digits; each token's row is 2K bytes (hi digits, then lo digits).
-  template <int TT, int RR>
-  static inline void tile(const int8_t* x, const float* xs, int64_t K, int64_t group, int64_t n_groups,
-                          const int8_t* w, const float* ws, float* y, int64_t ldy) {
-    F acc[TT][RR];
+  // TT tokens (from t0) x RB row blocks (from b0).
+  template <int TT, int RB>
+  static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
+    const int64_t G = w.n_groups;
+    const uint8_t* blk[RB];
+    for (int b = 0; b < RB; ++b) blk[b] = w.data + (b0 + b) * w.block_bytes;
+    const int8_t* xt[TT];
+    for (int t = 0; t < TT; ++t) xt[t] = x.q + (t0 + t) * 2 * x.stride;
+    F acc[TT][RB][2];
     for (int t = 0; t < TT; ++t)
-      for (int r = 0; r < RR; ++r) acc[t][r] = Q::fzero();
-    for (int64_t g = 0; g < n_groups; ++g) {
-      const int64_t begin = g * group;
-      const int64_t len = K - begin < group ? K - begin : group;
-      I hi[TT][RR], lo[TT][RR];
+      for (int b = 0; b < RB; ++b) acc[t][b][0] = acc[t][b][1] = Q::fzero();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
+      const int64_t off = g * w.group_bytes, begin = g * w.group;
+      I hi[TT][RB][2], lo[TT][RB][2];
       for (int t = 0; t < TT; ++t)
-        for (int r = 0; r < RR; ++r) hi[t][r] = lo[t][r] = Q::izero();
-      for (int64_t b = 0; b < len; b += kQ8Block) {
-        const int n = len - b < kQ8Block ? static_cast<int>(len - b) : kQ8Block;
-        I wv[RR];
-        for (int r = 0; r < RR; ++r) {
-          __builtin_prefetch(w + (RR + r) * K + begin + b);  // the next tile's rows (see kernels_avx512vnni.cpp)
-          wv[r] = n == kQ8Block ? Q::load(w + r * K + begin + b) : Q::load_partial(w + r * K + begin + b, n);
+        for (int b = 0; b < RB; ++b) hi[t][b][0] = hi[t][b][1] = lo[t][b][0] = lo[t][b][1] = Q::izero();
+      for (int64_t i = 0; i < quads; ++i) {
+        I wv[RB][2];
+        for (int b = 0; b < RB; ++b) {
+          const uint8_t* p = blk[b] + off + i * 64;
+          // The next tile's blocks, requested early (see kernels_avx512vnni.cpp).
+          __builtin_prefetch(p + RB * w.block_bytes);
+          wv[b][0] = Q::flip(Q::load(reinterpret_cast<const int8_t*>(p)));
+          wv[b][1] = Q::flip(Q::load(reinterpret_cast<const int8_t*>(p + 32)));
         }
         for (int t = 0; t < TT; ++t) {
-          const int8_t* xh = x + t * 2 * K + begin + b;
-          const I xhv = n == kQ8Block ? Q::load(xh) : Q::load_partial(xh, n);
-          const I xlv = n == kQ8Block ? Q::load(xh + K) : Q::load_partial(xh + K, n);
-          for (int r = 0; r < RR; ++r) {
-            hi[t][r] = Q::dot(hi[t][r], xhv, wv[r]);
-            lo[t][r] = Q::dot(lo[t][r], xlv, wv[r]);
-          }
+          const I xh = Q::bcast4(xt[t] + begin + 4 * i);
+          const I xl = Q::bcast4(xt[t] + x.stride + begin + 4 * i);
+          for (int b = 0; b < RB; ++b)
+            for (int h = 0; h < 2; ++h) {
+              hi[t][b][h] = Q::dot(hi[t][b][h], xh, wv[b][h]);
+              lo[t][b][h] = Q::dot(lo[t][b][h], xl, wv[b][h]);
+            }
         }
       }
-      for (int t = 0; t < TT; ++t)
-        for (int r = 0; r < RR; ++r)
-          acc[t][r] = Q::fma_scaled(acc[t][r], Q::combine(hi[t][r], lo[t][r]),
-                                    xs[t * n_groups + g] * ws[r * n_groups + g]);
+      for (int b = 0; b < RB; ++b) {
+        const float* ws = reinterpret_cast<const float*>(blk[b] + off + quads * 64);
+        const F w0 = Q::fload(ws), w1 = Q::fload(ws + 8);
+        for (int t = 0; t < TT; ++t) {
+          const float s = x.scales[(t0 + t) * G + g];
+          acc[t][b][0] = Q::fma_scaled(acc[t][b][0], Q::combine(hi[t][b][0], lo[t][b][0]), Q::fmul(w0, s));
+          acc[t][b][1] = Q::fma_scaled(acc[t][b][1], Q::combine(hi[t][b][1], lo[t][b][1]), Q::fmul(w1, s));
+        }
+      }
     }
     for (int t = 0; t < TT; ++t)
-      for (int r = 0; r < RR; ++r) y[t * ldy + r] = Q::reduce(acc[t][r]);
+      for (int b = 0; b < RB; ++b) {
+        const int64_t row0 = (b0 + b) * kQ8Rows, rest = w.rows - row0;
+        float* out = y + (t0 + t) * ldy + row0;
+        if (rest >= kQ8Rows) {
+          Q::fstore(out, acc[t][b][0]);
+          Q::fstore(out + 8, acc[t][b][1]);
+        } else {
+          Q::fstore_partial(out, acc[t][b][0], rest < 8 ? static_cast<int>(rest) : 8);
+          if (rest > 8) Q::fstore_partial(out + 8, acc[t][b][1], static_cast<int>(rest - 8));
+        }
+      }
   }
-
-  static constexpr int rows(int tokens) { return tokens == 1 ? 4 : 2; }
 
   // The int8 dot-product rate with no memory traffic: 8 independent accumulator chains over
   // register-resident operands. Returns a checksum so the work cannot be optimised away; each
@@ -113,9 +135,8 @@ struct Q8Impl {
     return static_cast<int64_t>(Q::reduce(f));
   }
 
-  static void matmul_q8(const int8_t* x, const float* xs, int64_t T, int64_t K, int64_t group, const int8_t* w,
-                        const float* ws, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-    Q8Driver<Q8Impl, 32>::matmul(x, xs, T, K, group, w, ws, n0, n1, y, ldy);
+  static void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
+    Q8Driver<Q8Impl>::matmul(x, w, b0, b1, y, ldy);
   }
 };
 

@@ -19,10 +19,11 @@ struct Q8Avx2 {
   static inline I izero() { return _mm256_setzero_si256(); }
   static inline F fzero() { return _mm256_setzero_ps(); }
   static inline I load(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline I load_partial(const int8_t* p, int n) {
-    alignas(32) int8_t buf[kQ8Block] = {};
-    std::memcpy(buf, p, static_cast<size_t>(n));
-    return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  static inline I flip(I v) { return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))); }
+  static inline I bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
   }
   static inline I dot(I acc, I x, I w) {
     const __m256i ax = _mm256_sign_epi8(x, x);
@@ -33,7 +34,15 @@ struct Q8Avx2 {
   static inline I combine(I hi, I lo) {
     return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(hi, 7), hi), lo);
   }
-  static inline F fma_scaled(F f, I i, float s) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), f); }
+  static inline F fload(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void fstore(float* p, F f) { _mm256_storeu_ps(p, f); }
+  static inline void fstore_partial(float* p, F f, int n) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(p, mask, f);
+  }
+  static inline F fmul(F f, float s) { return _mm256_mul_ps(f, _mm256_set1_ps(s)); }
+  static inline F fma_scaled(F f, I i, F s) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, f); }
+  static inline F fma_scaled(F f, I i, float s) { return fma_scaled(f, i, _mm256_set1_ps(s)); }
   static inline float reduce(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -42,14 +51,6 @@ struct Q8Avx2 {
   }
 };
 
-#if defined(__AVX512VNNI__)
-// AVX512-VNNI: vpdpbusd does the u8 x s8 multiply and the 4-way add into 32 bits in one instruction.
-struct Q8Vnni : Q8Avx2 {
-  static inline I dot(I acc, I x, I w) {
-    return _mm256_dpbusd_epi32(acc, _mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
-  }
-};
-#endif
 
 }  // namespace
 }  // namespace cpullm

@@ -2,7 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <limits>
 #include <stdexcept>
 
@@ -103,26 +109,6 @@ const float* vector_f32(const std::map<std::string, TensorView>& tensors, const 
   return static_cast<const float*>(t->data);
 }
 
-Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows, int64_t cols,
-              int group, bool required) {
-  Matrix m;
-  const TensorView* t = find(tensors, name, required);
-  if (!t) return m;
-  check_shape(name, *t, {rows, cols});
-  m.type = t->type;
-  m.data = t->data;
-  m.rows = rows;
-  m.cols = cols;
-  if (m.type == WType::Q8) {
-    m.group = group;
-    m.scales = vector_f32(tensors, name + ".scales", -1, true);
-    check_shape(name + ".scales", tensors.at(name + ".scales"), {rows, (cols + group - 1) / group});
-  }
-  return m;
-}
-
-int64_t n_groups(const Matrix& m) { return (m.cols + m.group - 1) / m.group; }
-
 void rmsnorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
@@ -135,9 +121,7 @@ void embedding_row(const Matrix& emb, int64_t row, float* out) {
   if (emb.type == WType::F32) {
     std::memcpy(out, static_cast<const float*>(emb.data) + row * n, sizeof(float) * n);
   } else if (emb.type == WType::Q8) {
-    const int8_t* q = static_cast<const int8_t*>(emb.data) + row * n;
-    const float* scales = emb.scales + row * n_groups(emb);
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]) * scales[i / emb.group];
+    q8_row(emb.q8, row, out);
   } else {
     const uint16_t* src = static_cast<const uint16_t*>(emb.data) + row * n;
     for (int64_t i = 0; i < n; ++i) {
@@ -180,36 +164,76 @@ int thread_id() {
 
 }  // namespace
 
-Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors) : spec_(std::move(spec)) {
+void AlignedBytes::Free::operator()(uint8_t* p) const { std::free(p); }
+
+Matrix Transformer::matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows,
+                           int64_t cols, bool required, const std::function<void(const std::string&)>& release) {
+  Matrix m;
+  const TensorView* t = find(tensors, name, required);
+  if (!t) return m;
+  check_shape(name, *t, {rows, cols});
+  m.type = t->type;
+  m.data = t->data;
+  m.rows = rows;
+  m.cols = cols;
+  if (m.type != WType::Q8) return m;
+  const int64_t group = spec_.group_size;
+  const Q8Weights layout = q8_layout(rows, cols, group);
+  const float* scales = vector_f32(tensors, name + ".scales", -1, true);
+  check_shape(name + ".scales", tensors.at(name + ".scales"), {rows, layout.n_groups});
+  AlignedBytes buf;
+  buf.size = size_t(layout.block_bytes) * size_t(layout.n_blocks);
+  // Large matrices go on 2 MiB boundaries and ask for transparent huge pages: fewer page faults while
+  // packing, fewer TLB misses while streaming the weights.
+  const size_t align = buf.size >= (size_t(2) << 20) ? (size_t(2) << 20) : 64;
+  buf.ptr.reset(static_cast<uint8_t*>(std::aligned_alloc(align, (buf.size + align - 1) / align * align)));
+  if (!buf.ptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align > 64) madvise(buf.ptr.get(), (buf.size + align - 1) / align * align, MADV_HUGEPAGE);
+#endif
+  pack_q8(static_cast<const int8_t*>(t->data), scales, layout, buf.ptr.get());
+  m.q8 = layout;
+  m.q8.data = buf.ptr.get();
+  m.data = nullptr;
+  packed_.push_back(std::move(buf));
+  if (release) {
+    release(name);
+    release(name + ".scales");
+  }
+  return m;
+}
+
+Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors,
+                         const std::function<void(const std::string&)>& release)
+    : spec_(std::move(spec)) {
   check_spec(spec_);
   const ModelSpec& s = spec_;
   const int64_t D = s.dim, F = s.ffn_dim, V = s.vocab_size;
-  const int G = s.group_size;
-  tok_embeddings_ = matrix(tensors, "tok_embeddings", V, D, G, true);
+  tok_embeddings_ = matrix(tensors, "tok_embeddings", V, D, true, release);
   norm_ = vector_f32(tensors, "norm", D, true);
-  lm_head_ = matrix(tensors, "lm_head", V, D, G, false);
-  if (!lm_head_.data) lm_head_ = tok_embeddings_;  // tied embeddings
+  lm_head_ = matrix(tensors, "lm_head", V, D, false, release);
+  if (lm_head_.rows == 0) lm_head_ = tok_embeddings_;  // tied embeddings
   layers_.resize(s.n_layers);
   for (int l = 0; l < s.n_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights& L = layers_[l];
     L.attn_norm = vector_f32(tensors, p + "attn_norm", D, true);
-    L.wqkv = matrix(tensors, p + "wqkv", qkv_dim(), D, G, true);
+    L.wqkv = matrix(tensors, p + "wqkv", qkv_dim(), D, true, release);
     L.bqkv = vector_f32(tensors, p + "bqkv", qkv_dim(), false);
-    L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, G, true);
+    L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, true, release);
     L.ffn_norm = vector_f32(tensors, p + "ffn_norm", D, true);
     L.window = s.layer_windows.empty() ? 0 : s.layer_windows[l];
     if (s.n_experts == 0) {
-      L.w13 = matrix(tensors, p + "w13", 2 * F, D, G, true);
-      L.w2 = matrix(tensors, p + "w2", D, F, G, true);
+      L.w13 = matrix(tensors, p + "w13", 2 * F, D, true, release);
+      L.w2 = matrix(tensors, p + "w2", D, F, true, release);
       continue;
     }
-    L.router = matrix(tensors, p + "router", s.n_experts, D, G, true);
+    L.router = matrix(tensors, p + "router", s.n_experts, D, true, release);
     if (L.router.type != WType::F32) fail("tensor '" + p + "router' must be float32");
     for (int e = 0; e < s.n_experts; ++e) {
       const std::string q = p + "experts." + std::to_string(e) + ".";
-      L.expert_w13.push_back(matrix(tensors, q + "w13", 2 * F, D, G, true));
-      L.expert_w2.push_back(matrix(tensors, q + "w2", D, F, G, true));
+      L.expert_w13.push_back(matrix(tensors, q + "w13", 2 * F, D, true, release));
+      L.expert_w2.push_back(matrix(tensors, q + "w2", D, F, true, release));
     }
   }
 }
@@ -257,31 +281,40 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
 void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
   const Kernels& k = kernels();
   const int64_t N = w.rows, K = w.cols;
-  const int8_t* xq = nullptr;
-  const float* xs = nullptr;
+  Q8Acts acts;
+  // Work is cut into chunks that threads claim dynamically: output rows for f32 / bf16, row blocks of
+  // the packed layout for Q8 (so tiles stay whole).
+  int64_t units = N;
   if (w.type == WType::Q8) {
-    const int64_t G = n_groups(w);
-    if (xq_.size() < size_t(2 * T * K)) xq_.resize(size_t(2 * T * K));
+    const int64_t G = w.q8.n_groups, stride = q8_act_stride(K);
+    if (xq_.size() < size_t(2 * T * stride)) xq_.resize(size_t(2 * T * stride));
     if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
+    if (xq_sums_.size() < size_t(T * G)) xq_sums_.resize(size_t(T * G));
 #pragma omp parallel for num_threads(n_threads) if (n_threads > 1 && T > 1)
-    for (int64_t t = 0; t < T; ++t) quantize_row_q8(x + t * K, K, w.group, xq_.data() + 2 * t * K, xq_scales_.data() + t * G);
-    xq = xq_.data();
-    xs = xq_scales_.data();
+    for (int64_t t = 0; t < T; ++t)
+      k.quantize_q8(x + t * K, K, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
+                    xq_sums_.data() + t * G);
+    acts.q = xq_.data();
+    acts.scales = xq_scales_.data();
+    acts.sums = xq_sums_.data();
+    acts.T = T;
+    acts.K = K;
+    acts.stride = stride;
+    acts.group = w.q8.group;
+    acts.n_groups = G;
+    units = w.q8.n_blocks;
   }
-  // Output rows are cut into chunks that threads claim dynamically; a chunk is a multiple of the row
-  // block so tiles stay whole.
-  int64_t chunk = (N + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
-  chunk = std::max<int64_t>(32, (chunk + 31) / 32 * 32);
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
+  const int64_t min_chunk = w.type == WType::Q8 ? 2 : 32;
+  int64_t chunk = (units + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
+  chunk = std::max<int64_t>(min_chunk, (chunk + min_chunk - 1) / min_chunk * min_chunk);
+  const int64_t n_chunks = (units + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1 && n_chunks > 1)
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
     switch (w.type) {
-      case WType::F32: k.matmul_f32(x, T, K, static_cast<const float*>(w.data), n0, n1, y, N); break;
-      case WType::BF16: k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), n0, n1, y, N); break;
-      case WType::Q8:
-        k.matmul_q8(xq, xs, T, K, w.group, static_cast<const int8_t*>(w.data), w.scales, n0, n1, y, N);
-        break;
+      case WType::F32: k.matmul_f32(x, T, K, static_cast<const float*>(w.data), u0, u1, y, N); break;
+      case WType::BF16: k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), u0, u1, y, N); break;
+      case WType::Q8: k.matmul_q8(acts, w.q8, u0, u1, y, N); break;
     }
   }
 }

@@ -3,7 +3,9 @@
 // an architecture name.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -49,10 +51,18 @@ struct TensorView {
 
 struct Matrix {
   WType type = WType::F32;
-  const void* data = nullptr;
-  const float* scales = nullptr;  // Q8 only: [rows, ceil(cols / group)]
+  const void* data = nullptr;     // F32 / BF16: row-major [rows, cols]
+  Q8Weights q8;                   // Q8: the packed copy the Transformer owns
   int64_t rows = 0, cols = 0;
-  int64_t group = 0;              // Q8 only
+};
+
+// 64-byte aligned bytes (the packed int8 weights).
+struct AlignedBytes {
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  std::unique_ptr<uint8_t, Free> ptr;
+  size_t size = 0;
 };
 
 struct LayerWeights {
@@ -73,7 +83,11 @@ struct LayerWeights {
 class Transformer {
  public:
   // Checks every tensor's presence, type and shape against the spec; throws std::invalid_argument.
-  Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors);
+  // int8 matrices are packed into the kernels' layout (a copy this object owns); `release(name)` is
+  // called for each source tensor that is no longer needed once its copy exists, so the caller can let
+  // go of it (the loader unmaps file pages as it goes, so loading never holds both forms of the weights).
+  Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors,
+              const std::function<void(const std::string&)>& release = nullptr);
 
   const ModelSpec& spec() const { return spec_; }
   int qkv_dim() const { return (spec_.n_heads + 2 * spec_.n_kv_heads) * spec_.head_dim; }
@@ -85,7 +99,11 @@ class Transformer {
   const Matrix& lm_head() const { return lm_head_; }
 
  private:
+  Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows,
+                int64_t cols, bool required, const std::function<void(const std::string&)>& release);
+
   ModelSpec spec_;
+  std::vector<AlignedBytes> packed_;  // the packed int8 matrices
   Matrix tok_embeddings_;  // [vocab, dim]
   std::vector<LayerWeights> layers_;
   const float* norm_ = nullptr;  // [dim]
@@ -125,8 +143,9 @@ class Sequence {
   std::vector<std::vector<float>> k_cache_, v_cache_;
   // Scratch, grown on demand and then reused: no allocation on the decode path.
   std::vector<float> x_, xn_, qkv_, attn_, ffn_, rope_cos_, rope_sin_, scores_;
-  std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul [T, K]
+  std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul (see Q8Acts)
   std::vector<float> xq_scales_;
+  std::vector<int32_t> xq_sums_;
   int scratch_tokens_ = 0;
   std::vector<int32_t> history_;  // the token at each cached position [n_past]
   bool long_rope_ = false;        // the cache was encoded with inv_freq_long

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -18,6 +19,23 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .chat import ChatSession
+
+
+def release_file_pages(array: np.ndarray) -> None:
+    """Drops this process's resident pages of an array that views a read-only file map (the pages stay
+    in the OS page cache; touching them again reads them back). The native model calls this for each
+    int8 tensor once it holds its packed copy, so loading never keeps both forms resident. Arrays that
+    own their memory are left alone: their memory goes when the last reference does."""
+    base: Any = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    if not isinstance(base, mmap.mmap) or array.nbytes == 0 or not hasattr(base, "madvise"):
+        return
+    start = array.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).__array_interface__["data"][0]
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, (start + array.nbytes) // page * page
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class Model:
@@ -44,7 +62,9 @@ class Model:
         self.source = source
         self.weights_bytes = sum(int(a.nbytes) for a in tensors.values())
         try:
-            self._native: Any = _C.Transformer(spec.to_native(), tensors)
+            self._native: Any = _C.Transformer(
+                spec.to_native(), tensors, on_release=lambda name: release_file_pages(tensors[name])
+            )
         except ValueError as e:
             raise ModelFormatError(f"{source}: {e}") from e
         self.eos_token_ids = _eos_ids(self.generation_config, self.config, tokenizer)
