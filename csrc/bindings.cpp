@@ -256,6 +256,23 @@ PYBIND11_MODULE(_C, m) {
     if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0)) throw std::invalid_argument("dot: expected two 1-D arrays of one length");
     return kernels().dot_f32(a.data(), b.data(), a.shape(0));
   });
+  m.def("silu_mul", [](const F32Array& gate, const F32Array& up) {
+    if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0))
+      throw std::invalid_argument("silu_mul: expected two 1-D arrays of one length");
+    F32Array out(gate.shape(0));
+    kernels().silu_mul(gate.data(), up.data(), out.mutable_data(), gate.shape(0));
+    return out;
+  }, py::arg("gate"), py::arg("up"), "silu(gate) * up");
+  m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale) {
+    if (q.ndim() != 1 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(0) || v.shape(1) != q.shape(0) ||
+        k.shape(0) != v.shape(0) || k.shape(0) < 1)
+      throw std::invalid_argument("attend: expected q [hd], k [n, hd], v [n, hd] with n >= 1");
+    const int64_t n = k.shape(0), hd = q.shape(0);
+    std::vector<float> scores(static_cast<size_t>(n));
+    F32Array out(hd);
+    kernels().attend(q.data(), k.data(), v.data(), n, hd, hd, scale, scores.data(), out.mutable_data());
+    return out;
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), "softmax(scale * k @ q) @ v for one head");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
     if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));

@@ -227,3 +227,30 @@ def test_q8_rejects_bad_group() -> None:
         C.matmul_q8(x, np.zeros((2, 64), np.int8), np.zeros((2, 4), np.float32), 16)
     with pytest.raises(ValueError, match="up to 512"):
         C.matmul_q8(x, np.zeros((2, 64), np.int8), np.zeros((2, 1), np.float32), 1024)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 33, 1000])
+def test_silu_mul_matches_numpy(isa: str, n: int) -> None:
+    rng = np.random.default_rng(n)
+    gate = (rng.standard_normal(n) * 8).astype(np.float32)
+    gate[: min(n, 4)] = [-100.0, 100.0, 0.0, -0.0][: min(n, 4)]  # saturated ends and zero
+    up = rng.standard_normal(n).astype(np.float32)
+    g = gate.astype(np.float64)
+    expected = g / (1.0 + np.exp(-g)) * up
+    # The vector exp is within a few ulp; silu's division and product add a few more roundings.
+    np.testing.assert_allclose(C.silu_mul(gate, up), expected, rtol=8 * np.finfo(np.float32).eps, atol=1e-30)
+
+
+@pytest.mark.parametrize("n,hd", [(1, 64), (5, 64), (17, 48), (40, 128), (300, 80)])
+def test_attend_matches_numpy(isa: str, n: int, hd: int) -> None:
+    rng = np.random.default_rng(n * hd)
+    q = rng.standard_normal(hd).astype(np.float32)
+    k = rng.standard_normal((n, hd)).astype(np.float32)
+    v = rng.standard_normal((n, hd)).astype(np.float32)
+    scale = 1.0 / np.sqrt(hd)
+    s = k.astype(np.float64) @ q.astype(np.float64) * scale
+    p = np.exp(s - s.max())
+    expected = (p / p.sum()) @ v.astype(np.float64)
+    # f32 dot products of length hd and a softmax over n terms: a few hundred ulp of the magnitude.
+    bound = 64 * np.finfo(np.float32).eps * (np.sqrt(hd) + np.sqrt(n)) * np.abs(v).max()
+    assert np.max(np.abs(C.attend(q, k, v, scale) - expected)) <= bound

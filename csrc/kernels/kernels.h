@@ -75,6 +75,12 @@ struct Kernels {
   float (*dot_f32)(const float* a, const float* b, int64_t n);
   // y[i] += alpha * x[i]
   void (*axpy_f32)(float alpha, const float* x, float* y, int64_t n);
+  // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may equal gate or lie before it.
+  void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
+  // Attention of one query head over n keys/values whose rows are `stride` floats apart:
+  // out[hd] = sum_p softmax_p(scale * q . k_p) * v_p. scores: n floats of scratch.
+  void (*attend)(const float* q, const float* k, const float* v, int64_t n, int64_t stride, int64_t hd, float scale,
+                 float* scores, float* out);
 };
 
 const Kernels& kernels_scalar();

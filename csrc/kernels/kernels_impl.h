@@ -3,6 +3,7 @@
 //   V::zero(), V::load(p), V::load_partial(p, n), V::store(p, v), V::store_partial(p, v, n)
 //   V::load_bf16(p), V::load_bf16_partial(p, n)      (bf16 bits widened to f32 lanes)
 //   V::set1(a), V::fmadd(a, b, c) = a * b + c, V::reduce(v) = sum of lanes
+//   V::exp(v) (within a few ulp of expf), V::add, V::mul, V::div
 // Each kernels_<isa>.cpp defines its V in an anonymous namespace and instantiates KernelsImpl<V>, so
 // the instantiations never merge across translation units built with different ISA flags. For the
 // same reason nothing here calls into templates of the standard library.
@@ -118,6 +119,100 @@ struct KernelsImpl {
     }
   }
 
+  // out[i] = silu(gate[i]) * up[i]. out may be gate itself, or lie before it (see transformer.cpp).
+  static void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+    const Vec one = V::set1(1.f), zero = V::zero();
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const Vec g = V::load(gate + i);
+      V::store(out + i, V::mul(V::div(g, V::add(one, V::exp(V::sub(zero, g)))), V::load(up + i)));
+    }
+    if (i < n) {
+      const int rem = static_cast<int>(n - i);
+      const Vec g = V::load_partial(gate + i, rem);
+      V::store_partial(out + i, V::mul(V::div(g, V::add(one, V::exp(V::sub(zero, g)))), V::load_partial(up + i, rem)),
+                       rem);
+    }
+  }
+
+  // q . k_p for NV whole vectors per head, the query held in registers.
+  template <int NV>
+  static inline void head_scores(const float* q, const float* k, int64_t n, int64_t stride, float scale,
+                                 float* scores) {
+    Vec qv[NV];
+    for (int j = 0; j < NV; ++j) qv[j] = V::load(q + j * W);
+    for (int64_t p = 0; p < n; ++p) {
+      const float* kp = k + p * stride;
+      Vec a0 = V::mul(qv[0], V::load(kp)), a1 = V::zero();
+      for (int j = 1; j < NV; ++j) {
+        if (j % 2) a1 = V::fmadd(qv[j], V::load(kp + j * W), a1);
+        else a0 = V::fmadd(qv[j], V::load(kp + j * W), a0);
+      }
+      scores[p] = V::reduce(V::add(a0, a1)) * scale;
+    }
+  }
+
+  // out = sum_p w_p * v_p for NV whole vectors per head, the sum held in registers.
+  template <int NV>
+  static inline void head_mix(const float* w, const float* v, int64_t n, int64_t stride, float* out) {
+    Vec acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = V::zero();
+    for (int64_t p = 0; p < n; ++p) {
+      const Vec wp = V::set1(w[p]);
+      for (int j = 0; j < NV; ++j) acc[j] = V::fmadd(wp, V::load(v + p * stride + j * W), acc[j]);
+    }
+    for (int j = 0; j < NV; ++j) V::store(out + j * W, acc[j]);
+  }
+
+  // One query head over n cached keys / values (rows `stride` floats apart): out [hd] = softmax(scale *
+  // q . k_p) weighted sum of v_p. scores: scratch of n floats.
+  static void attend(const float* q, const float* k, const float* v, int64_t n, int64_t stride, int64_t hd,
+                     float scale, float* scores, float* out) {
+    const int64_t nv = hd % W == 0 ? hd / W : 0;  // whole vectors per head, or 0 for the general path
+    switch (nv) {
+      case 1: head_scores<1>(q, k, n, stride, scale, scores); break;
+      case 2: head_scores<2>(q, k, n, stride, scale, scores); break;
+      case 3: head_scores<3>(q, k, n, stride, scale, scores); break;
+      case 4: head_scores<4>(q, k, n, stride, scale, scores); break;
+      case 5: head_scores<5>(q, k, n, stride, scale, scores); break;
+      case 6: head_scores<6>(q, k, n, stride, scale, scores); break;
+      case 8: head_scores<8>(q, k, n, stride, scale, scores); break;
+      default:
+        for (int64_t p = 0; p < n; ++p) scores[p] = dot_f32(q, k + p * stride, hd) * scale;
+    }
+    float mx = scores[0];
+    for (int64_t p = 1; p < n; ++p) mx = scores[p] > mx ? scores[p] : mx;
+    const Vec vmx = V::set1(mx);
+    Vec vsum = V::zero();
+    int64_t p = 0;
+    for (; p + W <= n; p += W) {
+      const Vec e = V::exp(V::sub(V::load(scores + p), vmx));
+      V::store(scores + p, e);
+      vsum = V::add(vsum, e);
+    }
+    float sum = V::reduce(vsum);
+    if (p < n) {
+      const int rem = static_cast<int>(n - p);
+      V::store_partial(scores + p, V::exp(V::sub(V::load_partial(scores + p, rem), vmx)), rem);
+      for (; p < n; ++p) sum += scores[p];
+    }
+    const Vec inv = V::set1(1.f / sum);
+    for (p = 0; p + W <= n; p += W) V::store(scores + p, V::mul(V::load(scores + p), inv));
+    for (const float inv_s = 1.f / sum; p < n; ++p) scores[p] *= inv_s;
+    switch (nv) {
+      case 1: head_mix<1>(scores, v, n, stride, out); break;
+      case 2: head_mix<2>(scores, v, n, stride, out); break;
+      case 3: head_mix<3>(scores, v, n, stride, out); break;
+      case 4: head_mix<4>(scores, v, n, stride, out); break;
+      case 5: head_mix<5>(scores, v, n, stride, out); break;
+      case 6: head_mix<6>(scores, v, n, stride, out); break;
+      case 8: head_mix<8>(scores, v, n, stride, out); break;
+      default:
+        for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+        for (int64_t j = 0; j < n; ++j) axpy_f32(scores[j], v + j * stride, out, hd);
+    }
+  }
+
   static Kernels table(const char* name) {
     Kernels k;
     k.name = name;
@@ -125,6 +220,8 @@ struct KernelsImpl {
     k.matmul_bf16 = &matmul_bf16;
     k.dot_f32 = &dot_f32;
     k.axpy_f32 = &axpy_f32;
+    k.silu_mul = &silu_mul;
+    k.attend = &attend;
     return k;
   }
 };

@@ -61,6 +61,26 @@ struct ScalarV {
     for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
     return r;
   }
+  static inline Vec add(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static inline Vec sub(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] -= b.v[i];
+    return a;
+  }
+  static inline Vec mul(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static inline Vec div(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
+    return a;
+  }
+  static inline Vec exp(Vec a) {
+    for (int i = 0; i < W; ++i) a.v[i] = std::exp(a.v[i]);
+    return a;
+  }
   static inline float reduce(Vec a) {
     float s = 0.f;
     for (int i = 0; i < W; ++i) s += a.v[i];

@@ -141,17 +141,10 @@ void apply_rope(float* head, const float* cos, const float* sin, int half) {
 }
 
 // SwiGLU over [T, 2F] rows (gate, then up), packed into the first F columns of a [T, F] view at the start
-// of the buffer: row t's input (offset 2tF) is never behind its output (offset tF), so in place is safe.
-void swiglu(float* ffn, int64_t T, int64_t F) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* gate = ffn + t * 2 * F;
-    const float* up = gate + F;
-    float* act = ffn + t * F;
-    for (int64_t j = 0; j < F; ++j) {
-      const float g = gate[j];
-      act[j] = g / (1.f + std::exp(-g)) * up[j];
-    }
-  }
+// of the buffer: row t's input (offset 2tF) is never behind its output (offset tF), so in place is safe
+// as long as rows go in order; each row is one kernel call.
+void swiglu(const Kernels& k, float* ffn, int64_t T, int64_t F) {
+  for (int64_t t = 0; t < T; ++t) k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, ffn + t * F, F);
 }
 
 int thread_id() {
@@ -410,21 +403,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       const float* kb = kc + first * kv_dim + kvh * hd;
       const float* vb = vc + first * kv_dim + kvh * hd;
       float* scores = scores_.data() + size_t(thread_id()) * capacity_;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t p = 0; p < n_keys; ++p) {
-        const float sc = k.dot_f32(q, kb + p * kv_dim, hd) * s.attn_scale;
-        scores[p] = sc;
-        mx = std::max(mx, sc);
-      }
-      float sum = 0.f;
-      for (int64_t p = 0; p < n_keys; ++p) {
-        scores[p] = std::exp(scores[p] - mx);
-        sum += scores[p];
-      }
-      const float inv_sum = 1.f / sum;
-      float* out = attn + t * q_dim + h * hd;
-      std::fill(out, out + hd, 0.f);
-      for (int64_t p = 0; p < n_keys; ++p) k.axpy_f32(scores[p] * inv_sum, vb + p * kv_dim, out, hd);
+      k.attend(q, kb, vb, n_keys, kv_dim, hd, s.attn_scale, scores, attn + t * q_dim + h * hd);
     }
 
     matmul(attn, T, L.wo, xn, n_threads);
@@ -436,7 +415,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       continue;
     }
     matmul(xn, T, L.w13, ffn, n_threads);
-    swiglu(ffn, T, F);
+    swiglu(k, ffn, T, F);
     matmul(ffn, T, L.w2, xn, n_threads);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
   }
@@ -503,7 +482,7 @@ void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(moe_in_.data() + r * D, xn + (expert_rows_[r] / K) * D, sizeof(float) * D);
     matmul(moe_in_.data(), n, L.expert_w13[e], ffn, n_threads);
-    swiglu(ffn, n, F);
+    swiglu(kernels(), ffn, n, F);
     matmul(ffn, n, L.expert_w2[e], moe_out_.data(), n_threads);
     for (int64_t r = 0; r < n; ++r) {
       const float w = route_w_[expert_rows_[r]];
