@@ -154,6 +154,18 @@ def _top_p_count(probs: np.ndarray, top_p: float) -> np.ndarray:
 _NEGLIGIBLE_NATS = 46.0
 
 
+def _top_k_pool(z: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
+    """Ids of a set of tokens that holds the k largest values of z, ties included: every token at or above
+    a threshold that a strided sample puts a little below the k-th largest value (a full partition of
+    the vocabulary is the costliest step of sampling; this one touches the sample and the pool only).
+    Falls back to every token when the sample's threshold turns out too high."""
+    sample = z[::stride]
+    picked = min(sample.size, k // stride + 8)
+    threshold = np.partition(sample, sample.size - picked)[sample.size - picked]
+    pool = np.flatnonzero(z >= threshold)
+    return pool if pool.size >= k else np.arange(z.size)
+
+
 def filter_distribution(
     logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -166,16 +178,17 @@ def filter_distribution(
     z = x / np.float32(params.temperature)  # float32, as transformers scales (same ties for top-k)
     vocab = z.size
     best = float(z.max())
+    floor = best - _NEGLIGIBLE_NATS
+    pool = None  # the token ids still in the running (None: all of them)
     if 0 < params.top_k < vocab:
-        kth = np.partition(z, vocab - params.top_k)[vocab - params.top_k]
-        floor = max(float(kth), best - _NEGLIGIBLE_NATS)
-    else:
-        floor = best - _NEGLIGIBLE_NATS
+        pool = _top_k_pool(z, params.top_k)
+        kth = np.partition(z[pool], pool.size - params.top_k)[pool.size - params.top_k]
+        floor = max(float(kth), floor)
     if params.min_p > 0.0 and params.top_p == 1.0:
         # Min-p's own cut (applied exactly below), lowered a little. Not with top-p, which comes first and
         # must see every token min-p will drop.
         floor = max(floor, best + math.log(params.min_p) - 1e-3)
-    ids = np.flatnonzero(z >= floor)
+    ids = np.flatnonzero(z >= floor) if pool is None else pool[z[pool] >= floor]
     probs = np.exp(z[ids].astype(np.float64) - best)
     probs /= probs.sum()
     if params.top_p < 1.0:
