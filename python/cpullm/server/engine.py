@@ -152,7 +152,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise QueueFullError("the server is shutting down")
-            if len(self._active) >= self.max_concurrent and len(self._waiting) >= self.max_queued:
+            if len(self._active) + len(self._waiting) >= self.max_concurrent + self.max_queued:
                 raise QueueFullError(f"the server is busy: {len(self._active)} requests running and "
                                      f"{len(self._waiting)} waiting; try again later")
             job.submitted = time.monotonic()
@@ -223,14 +223,14 @@ class Engine:
         tokens = job._tokens
         if tokens is not None:
             tokens.close()  # type: ignore[attr-defined]
-        if event is not None:
-            job._emit(event)
-        with self._cond:
+        with self._cond:  # counted before the client hears of it
             job.done = True
             if event is None:
                 self.cancelled += 1
             elif event.error is None:
                 self.completed += 1
+        if event is not None:
+            job._emit(event)
 
     def _step(self, job: Job) -> None:
         if job.cancelled:
