@@ -23,6 +23,13 @@ def _int_at_least(minimum: int):  # noqa: ANN202 - an argparse type
     return parse
 
 
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number up to 65535, got {value}")
+    return value
+
+
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "server extra: pip install 'cpullm[server]'.")
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_int_at_least(0), default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--api-key", default=os.environ.get("CPULLM_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $CPULLM_API_KEY; "
                             "none: no key needed)")
