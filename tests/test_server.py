@@ -299,7 +299,9 @@ def test_bad_request_is_a_400_naming_the_problem(server: Server, path: str, body
     assert needle in error["message"], error["message"]
 
 
-@pytest.mark.parametrize("body", [b"{\"messages\": [", b"", b"[1, 2]", b"null", b"\xff\xfe", b"{\"a\": NaN"])
+@pytest.mark.parametrize("body", [b"{\"messages\": [", b"", b"[1, 2]", b"null", b"\xff\xfe", b"{\"a\": NaN",
+                                  b"[" * 100_000, b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                                  b'{"prompt": "\\udfff"}'])
 def test_malformed_json_is_a_400(server: Server, body: bytes) -> None:
     response = post(server, CHAT, body)
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"

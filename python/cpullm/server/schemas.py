@@ -79,7 +79,26 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise RequestError(f"the request body must be a JSON object, got {_json_type(value)}")
+    _check_unicode(value)
     return value
+
+
+def _check_unicode(value: Any) -> None:
+    """Refuses strings JSON can carry but Unicode text cannot: lone surrogates ("\\ud800")."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("the request holds a string with a lone UTF-16 surrogate escape, which is "
+                                   "not valid Unicode text") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _json_type(value: Any) -> str:
