@@ -52,6 +52,7 @@ import numpy as np
 ENGINES = ["cpullm-int8", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
            "transformers-f32"]
 MODELS = ["smollm2", "llama-1b-shape"]
+REFERENCE = "cpullm-f32"  # whose greedy tokens and logits the others are compared with
 CHECK_TOKENS = 8
 TOP_LOGITS = 16  # the prompt's most likely next tokens, compared with the reference's
 KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2}  # llama.cpp's default cache is f16; the others keep f32
@@ -103,7 +104,13 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
 
         warm = cpullm._C.Sequence(model._model())
         warm.forward(np.asarray(prompt[:16], np.int32), False, threads)
-        return _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
+        result = _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
+        if engine == REFERENCE:  # untimed: how clear each greedy choice was, teacher-forced in one pass
+            ids = prompt + result["first_tokens"][:-1]
+            logits = cpullm._C.Sequence(model._model()).forward(np.asarray(ids, np.int32), True, threads)
+            top2 = np.sort(np.partition(logits[len(prompt) - 1:], -2, axis=1)[:, -2:], axis=1)
+            result["first_margins"] = (top2[:, 1] - top2[:, 0]).tolist()
+        return result
 
     if engine.startswith("llama.cpp"):
         import llama_cpp
@@ -414,17 +421,36 @@ def run_worker_process(python: str, engine: str, path: Path, threads: int, promp
 def compare_with_reference(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """How far a run's output agrees with the reference's: the first greedy tokens (equal, or the index of
     the first that differs), and how many of the prompt's TOP_LOGITS most likely next tokens both share,
-    with the largest logit difference among those. With random weights the logits are close to i.i.d.
-    normal across the vocabulary, so near-ties between the top two are common and a quantized engine may
-    legitimately leave the reference's greedy path; a different model shares almost none of the top ids."""
+    with the largest logit difference among those (this engine's logit error).
+
+    With random weights the logits are close to i.i.d. normal across the vocabulary, so the top two are
+    often nearly tied and a quantized engine may leave the reference's greedy path without being another
+    model; a different model shares almost none of the top ids. A difference is called a near-tie when
+    the reference's margin between its top two logits at that step is under twice this engine's error."""
     tokens, ref_tokens = run["first_tokens"], reference["first_tokens"]
     first_difference = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b),
                             None if len(tokens) == len(ref_tokens) else min(len(tokens), len(ref_tokens)))
     ref_top = dict(zip(reference["top_logits"]["ids"], reference["top_logits"]["values"]))
     common = {i: v for i, v in zip(run["top_logits"]["ids"], run["top_logits"]["values"]) if i in ref_top}
+    error = max((abs(v - ref_top[i]) for i, v in common.items()), default=None)
+    margins = reference.get("first_margins")
+    margin = margins[first_difference] if margins and first_difference is not None and \
+        first_difference < len(margins) else None
+    near_tie = (error is not None and margin is not None and len(common) >= TOP_LOGITS // 2
+                and margin < 2 * error)
+    if first_difference is None:
+        verdict = "yes"
+    else:
+        verdict = f"{'near-tie' if near_tie else 'NO'} at token {first_difference}"
+        if margin is not None:
+            verdict += f" (margin {margin:.3f})"
     return {"same_first_tokens": first_difference is None, "first_difference": first_difference,
-            "top_logits_common": len(common),
-            "top_logits_max_abs_diff": max((abs(v - ref_top[i]) for i, v in common.items()), default=None)}
+            "reference_margin_at_difference": margin, "near_tie": near_tie, "tokens_verdict": verdict,
+            "top_logits_common": len(common), "top_logits_max_abs_diff": error}
+
+
+def _format_error(error: float | None) -> str:
+    return "-" if error is None else f"{error:.3f}"
 
 
 def main() -> None:
@@ -479,7 +505,7 @@ def main() -> None:
         reference = runs.get(("cpullm-int8", threads))
         ref = statistics.median(r["decode_tok_s"] for r in reference) if reference else None
         ref_prefill = statistics.median(r["prefill_tok_s"] for r in reference) if reference else None
-        reference_run = runs.get(("cpullm-f32", threads), runs[(args.engines[0], threads)])[0]
+        reference_run = runs.get((REFERENCE, threads), runs[(args.engines[0], threads)])[0]
         int8_line = (f", cpullm int8 {ceilings.decode_tok_s('cpullm-int8', shape, weights['cpullm-int8']):.1f}"
                      if "cpullm-int8" in weights else "")
         print(f"\n{args.model}, {threads} thread(s); prompt {args.prompt_tokens}, decode {args.gen_tokens}; medians "
@@ -488,7 +514,7 @@ def main() -> None:
               f"{ceilings.int8_gop_s:.0f} GOP/s -> prefill {ceilings.prefill_tok_s:.0f} tok/s (all engines)")
         print(f"{'engine':<18} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'int8/this dec':>13} "
               f"{'int8/this pre':>13} {'dec ceil':>8} {'dec/ceil':>8} {'pre/ceil':>8} {'RSS MB':>7} "
-              f"{'top' + str(TOP_LOGITS):>6}  same tokens")
+              f"{'top' + str(TOP_LOGITS):>6} {'logit err':>9}  same tokens")
         for engine in args.engines:
             rs = runs[(engine, threads)]
             row = {key: statistics.median(r[key] for r in rs) for key in ("prefill_tok_s", "ttft_ms", "decode_tok_s",
@@ -506,8 +532,12 @@ def main() -> None:
                       if ref and ref_prefill else f"{'-':>13} {'-':>13}")
             print(f"{engine:<18} {row['prefill_tok_s']:>13.1f} {row['ttft_ms']:>8.1f} {row['decode_tok_s']:>12.2f} "
                   f"{ratios} {decode_ceiling:>8.1f} {row['decode_fraction']:>8.2f} {row['prefill_fraction']:>8.2f} "
-                  f"{row['peak_rss_mb']:>7.0f} {check['top_logits_common']:>3}/{TOP_LOGITS:<2}  "
-                  f"{'yes' if check['same_first_tokens'] else 'NO (from token %d)' % check['first_difference']}")
+                  f"{row['peak_rss_mb']:>7.0f} {check['top_logits_common']:>3}/{TOP_LOGITS:<2} "
+                  f"{_format_error(check['top_logits_max_abs_diff']):>9}  {check['tokens_verdict']}")
+        print(f"top{TOP_LOGITS}: the prompt's {TOP_LOGITS} most likely next tokens shared with {REFERENCE}; "
+              f"logit err: the largest logit difference among them; same tokens: the first {CHECK_TOKENS} greedy "
+              f"tokens, or where they first differ (near-tie: {REFERENCE}'s top two logits there are closer than "
+              f"2 x logit err)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
