@@ -4,8 +4,11 @@
 Engines: cpullm (int8, bf16, f32), llama.cpp through llama-cpp-python (Q8_0 and F16 GGUF), CTranslate2
 (int8) and transformers (f32). Each measurement runs in its own process (clean thread settings, its own
 peak RSS); the engines are taken in turn, round after round, and each figure is the median over rounds,
-so a drift of the machine's speed hits every engine alike. Every engine's first greedy tokens are
-compared with cpullm f32's, so a peer fed a different model shows up in the table.
+so a drift of the machine's speed hits every engine alike. Every engine's output is compared with cpullm
+f32's, so a peer fed a different model shows up in the table: its first 8 greedy tokens, and the 16 most
+likely next tokens after the prompt with their logits (a different model shares almost none of them).
+Where the tokens part, the table says whether cpullm f32's top two logits at that step were a near-tie
+(closer than twice the engine's logit error), which quantization legitimately breaks either way.
 
     python tools/bench_peers.py [--model smollm2|llama-1b-shape] [--threads 1 2] [--prompt-tokens 128]
                                 [--gen-tokens 64] [--rounds 3] [--peers-python PY] [--work DIR]
@@ -19,7 +22,8 @@ Models (--model):
   default init, a byte-level BPE tokenizer of 128256 ids), built by this tool as an f32 Hugging Face
   directory; its Q8_0 and F16 GGUFs are written from that directory as llama.cpp's converter would.
 Both then get a CTranslate2 int8 directory and cpullm's converted int8/bf16/f32 directories. Every file
-is built once into --work (an interrupted build is redone) and reused. The 1B files take about 19 GB.
+is built once into --work (an interrupted build is redone) and reused. The 1B files take 18 GiB and
+about 5 minutes to build on 2 cores.
 
 Ceilings (tools/probe.py, measured at the start of the run): an engine's decode ceiling is the read
 bandwidth / the bytes it reads per decoded token (its weight bytes, int8 scales included, plus the KV cache
