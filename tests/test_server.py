@@ -473,3 +473,17 @@ def test_serve_without_the_extra_is_a_one_line_error() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "cpullm: error: the server needs the optional package 'starlette': pip install 'cpullm[server]'"]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_to_the_same_result(server: Server, model: Any) -> None:
+    """A prompt longer than the engine's prefill chunk (256) runs in several steps, interleaved with other
+    requests, and still continues exactly as the Python API does."""
+    prompt = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box." for i in range(80)) + " Item 80:"
+    assert len(model.tokenizer.encode(prompt)) > 2 * 256 + 10
+    reply = server.client().completions.create(model="m", prompt=prompt, temperature=0, max_tokens=8)
+    assert reply.choices[0].text == model.generate(prompt, max_tokens=8, temperature=0)
+    raw = post(server, COMPLETIONS, {"prompt": prompt, "temperature": 0, "max_tokens": 8, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = raw.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-2]) == reply.choices[0].text
