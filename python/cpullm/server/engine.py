@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from .. import _C
 from ..generation import GenerationStats, common_prefix, decode, prefill, resync
@@ -108,7 +108,7 @@ class Job:
         except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
             self.cancelled = True
 
-    async def events(self) -> Any:
+    async def events(self) -> AsyncIterator[Event]:
         """The job's events as they come, ending with the final one."""
         while True:
             event = await self.queue.get()
