@@ -76,7 +76,8 @@ def model(smollm2_gguf: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def server(model: Any) -> Iterator[Server]:
-    s = Server(create_app(model, model_name="smollm2-135m-instruct", max_concurrent=4))
+    s = Server(create_app(model, model_name="smollm2-135m-instruct", max_concurrent=4,
+                          cors_origins=["http://localhost:3000"]))
     yield s
     s.close()
 
@@ -331,6 +332,19 @@ def test_unknown_routes_methods_and_oversized_bodies(server: Server) -> None:
         server.client().models.retrieve("gpt-4")
     big = post(server, CHAT, b"{\"messages\": \"" + b"x" * (9 * 1024 * 1024) + b"\"}")
     assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
+
+
+def test_cors_only_for_the_allowed_origins(server: Server, keyed: Server) -> None:
+    preflight = {"origin": "http://localhost:3000", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}
+    r = httpx.options(server.url + CHAT, headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = httpx.options(server.url + CHAT, headers={**preflight, "origin": "http://evil.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/v1/models", headers={"origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in httpx.get(keyed.url + "/health",
+                                                          headers={"origin": "http://localhost:3000"}).headers
 
 
 def test_api_key(keyed: Server) -> None:

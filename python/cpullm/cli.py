@@ -127,7 +127,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"cpullm: serving {name} ({model.dtype}, context {model.spec.max_context}) at "
               f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key,
-              max_concurrent=args.max_concurrent, max_queued=args.max_queued, log_level=args.log_level)
+              max_concurrent=args.max_concurrent, max_queued=args.max_queued, log_level=args.log_level,
+              cors_origins=args.allow_origin or ())
     return 0
 
 
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the rest wait in a queue")
     serve.add_argument("--max-queued", type=_non_negative_int, default=256,
                        help="requests that may wait; beyond that the server answers 503 (default: 256)")
+    serve.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                       help="let web pages from ORIGIN call the API from a browser (CORS; '*' for any; may be "
+                            "repeated; default: none)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                        help="uvicorn's log level (default: info)")
     serve.set_defaults(run=_cmd_serve)

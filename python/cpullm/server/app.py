@@ -15,12 +15,14 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -100,10 +102,12 @@ async def _aclose(chunks: AsyncIterator[bytes]) -> None:
 
 
 def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_concurrent: int = 4,
-               max_queued: int = 256, prefill_chunk: int = 256, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+               max_queued: int = 256, prefill_chunk: int = 256, max_body_bytes: int = MAX_BODY_BYTES,
+               cors_origins: Sequence[str] = ()) -> Starlette:
     """The server's application for a loaded ``model``, served as ``model_name``. ``api_key``: when set,
     every ``/v1`` request must carry ``Authorization: Bearer <api_key>`` (``/health`` stays open, for load
-    balancers). The engine (``app.state.engine``) starts here and stops with the application's lifespan."""
+    balancers). ``cors_origins``: web origins whose pages may call the API from a browser ("*": any).
+    The engine (``app.state.engine``) starts here and stops with the application's lifespan."""
     if model.tokenizer is None:
         raise ValueError(f"{model.source} has no tokenizer.json; the server needs one")
     engine = Engine(model, max_concurrent=max_concurrent, max_queued=max_queued, prefill_chunk=prefill_chunk)
@@ -263,7 +267,11 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
     ]
     handlers: dict[Any, Callable[..., Any]] = {RequestError: request_error, HTTPException: http_error,
                                                Exception: server_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = []
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                                     allow_headers=["*"]))
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.engine = engine
     app.state.model_name = model_name
     return app
