@@ -453,6 +453,7 @@ def test_cpullm_serve_command(smollm2_gguf: Path, cpullm_home: Path) -> None:
     env = {**os.environ, "CPULLM_HOME": str(cpullm_home), "CPULLM_API_KEY": API_KEY}
     proc = subprocess.Popen([sys.executable, "-m", "cpullm", "serve", "--port", str(port), "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    interrupted = False
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -469,8 +470,19 @@ def test_cpullm_serve_command(smollm2_gguf: Path, cpullm_home: Path) -> None:
         reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, temperature=0,
                                                max_tokens=8)
         assert "Paris" in reply.choices[0].message.content
+        # Ctrl-C with a stream running: the stream ends at once with an error event, the server exits.
+        body = {"prompt": "1, 2, 3,", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {API_KEY}"}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: {")
+            proc.send_signal(signal.SIGINT)
+            interrupted = True
+            rest = [line for line in lines if line]
+        assert "shutting down" in json.loads(rest[-1][6:])["error"]["message"]
     finally:
-        proc.send_signal(signal.SIGINT)
+        if not interrupted:
+            proc.send_signal(signal.SIGINT)
         try:
             out, _ = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:

@@ -126,9 +126,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     with model:
         print(f"cpullm: serving {name} ({model.dtype}, context {model.spec.max_context}) at "
               f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key,
-              max_concurrent=args.max_concurrent, max_queued=args.max_queued, log_level=args.log_level,
-              cors_origins=args.allow_origin or ())
+        try:
+            serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key,
+                  max_concurrent=args.max_concurrent, max_queued=args.max_queued, log_level=args.log_level,
+                  cors_origins=args.allow_origin or ())
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: the normal way to stop a server
+            pass
     return 0
 
 

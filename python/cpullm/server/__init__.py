@@ -41,4 +41,14 @@ def serve(model: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 8
     import uvicorn
 
     app = create_app(model, model_name=model_name, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # End the running streams now (each gets an error event, then its connection closes), rather
+            # than have uvicorn wait for them and then cancel them.
+            engine.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    Server(config).run()

@@ -171,11 +171,15 @@ class Engine:
                 self.cancelled += 1
             self._cond.notify()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Ends every job (with an error event), stops the worker and frees the KV caches."""
+    def stop(self) -> None:
+        """Asks the worker to end every job (with an error event) and stop; returns at once."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ends every job (with an error event), stops the worker and frees the KV caches."""
+        self.stop()
         self._thread.join(timeout)
 
     # --- the worker ---------------------------------------------------------------------------------
