@@ -442,6 +442,39 @@ def test_queue_full_is_a_503(model: Any) -> None:
         engine.close()
 
 
+def test_a_failing_generation_fails_alone(model: Any) -> None:
+    """A fault inside one generation ends that request with an error event; the next one is served."""
+    import asyncio
+
+    from cpullm.server.engine import Engine, Job
+
+    engine = Engine(model, max_concurrent=1)
+    original, calls = engine._decode_step, []
+
+    def fail_once(job: Any) -> None:
+        if not calls:
+            calls.append(job)
+            raise RuntimeError("injected fault")
+        original(job)
+
+    engine._decode_step = fail_once  # type: ignore[method-assign]
+
+    async def run() -> list[Any]:
+        finals = []
+        for _ in range(2):
+            job = Job([1, 2, 3], model.sampling_params(temperature=0), 4, (), chat=False)
+            engine.submit(job)
+            finals.append([e async for e in job.events()][-1])
+        return finals
+
+    try:
+        failed, served = asyncio.run(run())
+    finally:
+        engine.close()
+    assert "injected fault" in failed.error and served.error is None and served.finish_reason == "length"
+    assert engine.completed == 1
+
+
 # --- the command ---------------------------------------------------------------------------------------
 
 

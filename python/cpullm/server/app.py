@@ -29,7 +29,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..tokenizer import ChatTemplateError
-from .engine import Engine, Event, Job, QueueFullError
+from .engine import SHUTTING_DOWN, Engine, Event, Job, QueueFullError
 from .schemas import ChatRequest, CompletionRequest, RequestError, error_body, parse_chat, parse_completion, parse_json
 
 __all__ = ["create_app"]
@@ -193,7 +193,8 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
         if final is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         if final.error is not None:
-            return JSONResponse(error_body(final.error, type="server_error"), status_code=500)
+            return JSONResponse(error_body(final.error, type="server_error"),
+                                status_code=503 if final.error == SHUTTING_DOWN else 500)
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                       "logprobs": None, "finish_reason": final.finish_reason}

@@ -37,7 +37,9 @@ from ..generation import GenerationStats, common_prefix, decode, prefill, resync
 from ..sampling import Sampler, SamplingParams
 from ..streaming import TextStream
 
-__all__ = ["Engine", "Event", "Job", "QueueFullError"]
+__all__ = ["Engine", "Event", "Job", "QueueFullError", "SHUTTING_DOWN"]
+
+SHUTTING_DOWN = "the server is shutting down"
 
 log = logging.getLogger("cpullm.server")
 
@@ -151,7 +153,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
-                raise QueueFullError("the server is shutting down")
+                raise QueueFullError(SHUTTING_DOWN)
             if len(self._active) + len(self._waiting) >= self.max_concurrent + self.max_queued:
                 raise QueueFullError(f"the server is busy: {len(self._active)} requests running and "
                                      f"{len(self._waiting)} waiting; try again later")
@@ -303,6 +305,6 @@ class Engine:
             self._waiting.clear()
         for job in jobs:
             if not job.done:
-                self._finish(job, Event(error="the server is shutting down"))
+                self._finish(job, Event(error=SHUTTING_DOWN))
         for slot in self._slots:
             slot.sequence, slot.cached = None, []
