@@ -22,9 +22,12 @@ namespace {
 template <int TT, int RB>
 inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
   const int64_t G = w.n_groups;
-  // Rows are streams of a few KiB per block: ask for the next tile's blocks now, so they arrive while
-  // this tile computes, instead of leaving each new stream to the hardware prefetcher's ramp-up.
-  const int64_t ahead = RB * w.block_bytes;
+  // Software prefetch, because each block is a stream of only a few KiB that the hardware prefetcher
+  // would meet cold. Prefill re-reads a chunk of blocks for every token tile, so it asks for the next
+  // tile's blocks; decode reads each byte once and asks for a fixed distance ahead in its block (the
+  // blocks of a chunk lie back to back, so the last stream runs on into the next tile). Measured on
+  // SmolLM2 decode: 2 threads ~95 -> ~112 tok/s against next-tile prefetch, 1 thread unchanged.
+  const int64_t ahead = TT == 1 ? 1024 : RB * w.block_bytes;
   const uint8_t* blk[RB];
   for (int b = 0; b < RB; ++b) blk[b] = w.data + (b0 + b) * w.block_bytes;
   const int8_t* xt[TT];
