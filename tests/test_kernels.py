@@ -114,8 +114,8 @@ Q8_SHAPES = [(1, 1, 32, 32), (1, 7, 40, 32), (3, 17, 100, 32), (4, 9, 64, 64), (
 
 def _quantize_rows_reference(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """Independent NumPy statement of the activation quantization the kernels promise: per group
-    s = max|x| / 127, hi = rint(x / s), lo = rint((x - hi * s) / (s / 127)); returns ([T, 2K] hi then lo,
-    s / 127 per group)."""
+    s = max|x| / 127, hi = rint(x * (1 / s)), lo = rint((x - hi * s) * (1 / (s / 127))), every step in
+    float32 (the reciprocals are float32 divisions); returns ([T, 2K] hi then lo, s / 127 per group)."""
     T, K = x.shape
     G = -(-K // group)
     q = np.zeros((T, 2 * K), np.int8)
@@ -128,9 +128,9 @@ def _quantize_rows_reference(x: np.ndarray, group: int) -> tuple[np.ndarray, np.
             fine = scale / np.float32(127)
             s[t, g] = fine
             if scale > 0:
-                hi = np.clip(np.rint(part / scale), -127, 127).astype(np.float32)
+                hi = np.clip(np.rint(part * (np.float32(1) / scale)), -127, 127).astype(np.float32)
                 rest = (part - hi * scale).astype(np.float32)
-                lo = np.clip(np.rint(rest / fine), -127, 127)
+                lo = np.clip(np.rint(rest * (np.float32(1) / fine)), -127, 127)
                 q[t, sl] = hi.astype(np.int8)
                 q[t, K + sl.start:K + sl.stop] = lo.astype(np.int8)
     return q, s

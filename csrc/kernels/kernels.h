@@ -91,7 +91,8 @@ const Kernels& kernels_avx512vnni();
 #endif
 
 // Quantizes one row of activations per group into two int8 digits (see matmul_q8): scale s = max|x| / 127,
-// hi = round_half_even(x / s), lo = round_half_even((x - hi * s) / (s / 127)); stores s / 127 as the
+// hi = round_half_even(x * (1 / s)), lo = round_half_even((x - hi * s) * (1 / (s / 127))), in float32
+// with float32 reciprocals; stores s / 127 as the
 // group's scale. Two digits keep activations at about 14 bits, so int8 costs little more accuracy than
 // the weights' own rounding, while every product is still an int8 dot product. q: [2 * stride] (see
 // Q8Acts; padding digits are zeroed); sums: per group 128 * (127 * sum(hi) + sum(lo)), which a kernel
