@@ -154,16 +154,21 @@ def _top_p_count(probs: np.ndarray, top_p: float) -> np.ndarray:
 _NEGLIGIBLE_NATS = 46.0
 
 
-def _top_k_pool(z: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
-    """Ids of a set of tokens that holds the k largest values of z, ties included: every token at or above
-    a threshold that a strided sample puts a little below the k-th largest value (a full partition of
-    the vocabulary is the costliest step of sampling; this one touches the sample and the pool only).
-    Falls back to every token when the sample's threshold turns out too high."""
-    sample = z[::stride]
+def _top_k_pool(x: np.ndarray, k: int, temperature: np.float32, stride: int = 64) -> np.ndarray | None:
+    """Ids of a set of tokens that holds the k largest scaled logits x / temperature, ties included, or
+    None when the sample below fails. The pool is every token at or above a threshold that a strided
+    sample puts a little below the k-th largest logit: a full partition of the vocabulary was the
+    costliest step of sampling, and this touches the sample and the pool only. Scaling by a positive
+    temperature is monotonic, so the pool is taken on the raw logits; it is only refused when the
+    float32 rounding of the scaling could tie a token below the threshold with the k-th value."""
+    sample = x[::stride]
     picked = min(sample.size, k // stride + 8)
     threshold = np.partition(sample, sample.size - picked)[sample.size - picked]
-    pool = np.flatnonzero(z >= threshold)
-    return pool if pool.size >= k else np.arange(z.size)
+    pool = np.flatnonzero(x >= threshold)
+    if pool.size < k:
+        return None
+    kth = np.partition(x[pool], pool.size - k)[pool.size - k] / temperature
+    return pool if threshold / temperature < kth else None
 
 
 def filter_distribution(
@@ -175,21 +180,24 @@ def filter_distribution(
     x = _penalised(np.asarray(logits, dtype=np.float32), seen, params.repetition_penalty)
     if params.greedy:
         return np.array([int(np.argmax(x))]), np.array([1.0])
-    z = x / np.float32(params.temperature)  # float32, as transformers scales (same ties for top-k)
-    vocab = z.size
+    temperature = np.float32(params.temperature)
+    vocab = x.size
+    # The candidates: a top-k pool when top-k applies, else the whole vocabulary. Their logits are
+    # scaled in float32, as transformers scales (so top-k sees the same ties).
+    pool = _top_k_pool(x, params.top_k, temperature) if 0 < params.top_k < vocab else None
+    ids = np.arange(vocab) if pool is None else pool
+    z = x / temperature if pool is None else x[pool] / temperature
     best = float(z.max())
     floor = best - _NEGLIGIBLE_NATS
-    pool = None  # the token ids still in the running (None: all of them)
     if 0 < params.top_k < vocab:
-        pool = _top_k_pool(z, params.top_k)
-        kth = np.partition(z[pool], pool.size - params.top_k)[pool.size - params.top_k]
-        floor = max(float(kth), floor)
+        floor = max(float(np.partition(z, z.size - params.top_k)[z.size - params.top_k]), floor)
     if params.min_p > 0.0 and params.top_p == 1.0:
         # Min-p's own cut (applied exactly below), lowered a little. Not with top-p, which comes first and
         # must see every token min-p will drop.
         floor = max(floor, best + math.log(params.min_p) - 1e-3)
-    ids = np.flatnonzero(z >= floor) if pool is None else pool[z[pool] >= floor]
-    probs = np.exp(z[ids].astype(np.float64) - best)
+    keep = np.flatnonzero(z >= floor)
+    ids, z = ids[keep], z[keep]
+    probs = np.exp(z.astype(np.float64) - best)
     probs /= probs.sum()
     if params.top_p < 1.0:
         keep = _top_p_count(probs, params.top_p)
