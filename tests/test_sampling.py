@@ -85,6 +85,20 @@ def test_top_k_keeps_ties_like_transformers() -> None:
     assert sorted(ids.tolist()) == [0, 2, 3, 4] == np.flatnonzero(expected > 0).tolist()
 
 
+def test_large_vocabulary_with_ties_at_every_boundary_matches_transformers() -> None:
+    """A SmolLM2-sized vocabulary whose logits come in runs of equal values (coarsely rounded), so that
+    the k-th value, the top-p boundary and the min-p cut all fall on ties."""
+    rng = np.random.default_rng(11)
+    logits = (np.round(rng.standard_normal(49152) * 8) / 2).astype(np.float32)
+    for setting in (dict(temperature=0.7, top_k=40), dict(temperature=0.9, top_k=40, top_p=0.9),
+                    dict(temperature=1.0, min_p=0.2), dict(temperature=0.6, top_k=1000, top_p=0.5, min_p=0.01)):
+        params = SamplingParams(**setting)
+        expected = _transformers_distribution(logits, params, [])
+        ids, probs = filter_distribution(logits, params)
+        assert set(ids.tolist()) == set(np.flatnonzero(expected > 0).tolist()), setting
+        np.testing.assert_allclose(_as_dense(ids, probs, logits.size), expected, rtol=1e-5, atol=1e-9)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = np.log(probs).astype(np.float32)
