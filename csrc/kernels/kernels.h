@@ -46,6 +46,8 @@ struct Q8Acts {
 
 // stride of Q8Acts for K inputs: K rounded up to whole quads (the padding digits are zero).
 int64_t q8_act_stride(int64_t K);
+// The Q8Acts view of T rows quantized by quantize_row_q8 with this K and group.
+Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K, int64_t group);
 // Fills a Q8Weights description for the given shape (data left null) and returns its size in bytes.
 Q8Weights q8_layout(int64_t rows, int64_t cols, int64_t group);
 // Packs row-major int8 weights into `out` (layout.block_bytes * layout.n_blocks bytes).

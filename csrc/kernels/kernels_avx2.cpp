@@ -34,29 +34,19 @@ struct Avx2V {
   static inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
   static inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static inline Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
-  // expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product), a degree-6
-  // polynomial for exp(r), then 2^n built in the exponent bits. Inputs are clamped to the range
-  // where the result is a normal float.
-  static inline Vec exp(Vec x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    // 2^n in two halves so that n = 128 (x near the upper clamp) does not overflow the exponent field.
+  static inline Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+  static inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static inline Vec round_nearest(Vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n built in the exponent bits, in two halves so that n = 128 (x near the upper clamp) does
+  // not overflow the exponent field.
+  static inline Vec scale_pow2(Vec p, Vec n) {
     const __m256i ni = _mm256_cvtps_epi32(n);
     const __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
     const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
     const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
     return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
   }
+  static inline Vec exp(Vec x) { return exp_approx<Avx2V>(x); }
   static inline float reduce(Vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

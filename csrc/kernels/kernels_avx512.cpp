@@ -30,22 +30,11 @@ struct Avx512V {
   static inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
   static inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static inline Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
-  // expf as in kernels_avx2.cpp; scalef applies 2^n without building exponent bits.
-  static inline Vec exp(Vec x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.37626f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-  }
+  static inline Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+  static inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  static inline Vec round_nearest(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline Vec scale_pow2(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }
+  static inline Vec exp(Vec x) { return exp_approx<Avx512V>(x); }
   static inline float reduce(Vec a) { return _mm512_reduce_add_ps(a); }
 };
 

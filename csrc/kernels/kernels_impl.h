@@ -3,7 +3,8 @@
 //   V::zero(), V::load(p), V::load_partial(p, n), V::store(p, v), V::store_partial(p, v, n)
 //   V::load_bf16(p), V::load_bf16_partial(p, n)      (bf16 bits widened to f32 lanes)
 //   V::set1(a), V::fmadd(a, b, c) = a * b + c, V::reduce(v) = sum of lanes
-//   V::exp(v) (within a few ulp of expf), V::add, V::mul, V::div
+//   V::add, V::sub, V::mul, V::div, V::min, V::max, V::exp(v) (within a few ulp of expf; the x86
+//   vocabularies build it from exp_approx below with V::round_nearest and V::scale_pow2)
 // Each kernels_<isa>.cpp defines its V in an anonymous namespace and instantiates KernelsImpl<V>, so
 // the instantiations never merge across translation units built with different ISA flags. For the
 // same reason nothing here calls into templates of the standard library.
@@ -13,6 +14,27 @@
 #include "kernels/kernels.h"
 
 namespace cpullm {
+
+// expf for vocabularies with V::round_nearest(v) and V::scale_pow2(p, n) = p * 2^n (n integral):
+// x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n * ln2 is exact), a degree-6 polynomial for
+// exp(r) (Cephes' coefficients), then the power of two. Inputs are clamped to the range where the
+// result is a normal float.
+template <class V>
+inline typename V::Vec exp_approx(typename V::Vec x) {
+  using Vec = typename V::Vec;
+  x = V::min(V::max(x, V::set1(-87.33654f)), V::set1(88.37626f));
+  const Vec n = V::round_nearest(V::mul(x, V::set1(1.44269504088896341f)));
+  Vec r = V::fmadd(n, V::set1(-0.693359375f), x);
+  r = V::fmadd(n, V::set1(2.12194440e-4f), r);
+  Vec p = V::set1(1.9875691500e-4f);
+  p = V::fmadd(p, r, V::set1(1.3981999507e-3f));
+  p = V::fmadd(p, r, V::set1(8.3334519073e-3f));
+  p = V::fmadd(p, r, V::set1(4.1665795894e-2f));
+  p = V::fmadd(p, r, V::set1(1.6666665459e-1f));
+  p = V::fmadd(p, r, V::set1(5.0000001201e-1f));
+  p = V::fmadd(V::mul(p, r), r, V::add(r, V::set1(1.f)));
+  return V::scale_pow2(p, n);
+}
 
 template <class V>
 struct KernelsImpl {

@@ -287,14 +287,7 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
     for (int64_t t = 0; t < T; ++t)
       k.quantize_q8(x + t * K, K, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
                     xq_sums_.data() + t * G);
-    acts.q = xq_.data();
-    acts.scales = xq_scales_.data();
-    acts.sums = xq_sums_.data();
-    acts.T = T;
-    acts.K = K;
-    acts.stride = stride;
-    acts.group = w.q8.group;
-    acts.n_groups = G;
+    acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K, w.q8.group);
     units = w.q8.n_blocks;
   }
   const int64_t min_chunk = w.type == WType::Q8 ? 2 : 32;
