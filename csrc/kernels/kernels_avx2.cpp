@@ -11,9 +11,7 @@ namespace {
 struct Avx2V {
   static constexpr int W = 8;
   using Vec = __m256;
-  static inline __m256i lane_mask(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
+  static inline __m256i lane_mask(int n) { return mask256(n); }
   static inline Vec zero() { return _mm256_setzero_ps(); }
   static inline Vec set1(float a) { return _mm256_set1_ps(a); }
   static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
@@ -47,12 +45,7 @@ struct Avx2V {
     return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
   }
   static inline Vec exp(Vec x) { return exp_approx<Avx2V>(x); }
-  static inline float reduce(Vec a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static inline float reduce(Vec a) { return hsum256(a); }
 };
 
 }  // namespace

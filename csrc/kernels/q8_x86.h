@@ -11,6 +11,16 @@
 namespace cpullm {
 namespace {
 
+// Shared by the 256-bit vocabularies (this one and kernels_avx2.cpp's float one).
+inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// Lanes [0, n) of 8.
+inline __m256i mask256(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
 // AVX2: no signed x signed byte multiply exists, so |x| (unsigned) times w carrying x's sign feeds
 // maddubs (u8 x s8 -> s16 pairs; |products| <= 2 * 127 * 127 cannot saturate), then madd to 32 bits.
 struct Q8Avx2 {
@@ -37,18 +47,12 @@ struct Q8Avx2 {
   static inline F fload(const float* p) { return _mm256_loadu_ps(p); }
   static inline void fstore(float* p, F f) { _mm256_storeu_ps(p, f); }
   static inline void fstore_partial(float* p, F f, int n) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_maskstore_ps(p, mask, f);
+    _mm256_maskstore_ps(p, mask256(n), f);
   }
   static inline F fmul(F f, float s) { return _mm256_mul_ps(f, _mm256_set1_ps(s)); }
   static inline F fma_scaled(F f, I i, F s) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, f); }
   static inline F fma_scaled(F f, I i, float s) { return fma_scaled(f, i, _mm256_set1_ps(s)); }
-  static inline float reduce(F a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static inline float reduce(F a) { return hsum256(a); }
 };
 
 
