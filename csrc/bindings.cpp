@@ -194,7 +194,7 @@ PYBIND11_MODULE(_C, m) {
     for (int64_t t = 0; t < T; ++t)
       kernels().quantize_q8(x.data() + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
                             sums.data() + t * G);
-    const Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K, group);
+    const Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
     Q8Weights w = q8_layout(N, K, group);
     std::vector<uint8_t> packed(size_t(w.block_bytes * w.n_blocks));
     pack_q8(wq.data(), ws.data(), w, packed.data());

@@ -36,19 +36,21 @@ struct Q8Weights {
   int64_t block_bytes = 0;   // bytes of one block: (n_groups - 1) * group_bytes + 64 * last_quads + 64
 };
 
-// Activations of one int8 matmul, quantized by quantize_row_q8 with the weights' group size.
+// Activations of one int8 matmul, quantized by quantize_row_q8 with the weights' group size (so the
+// weights' n_groups also indexes scales and sums).
 struct Q8Acts {
   const int8_t* q = nullptr;       // [T, 2 * stride]: hi digits [0, K) then lo digits [stride, stride + K)
   const float* scales = nullptr;   // [T, n_groups]
   const int32_t* sums = nullptr;   // [T, n_groups]: 128 * (127 * sum(hi) + sum(lo)) over the group
-  int64_t T = 0, K = 0, stride = 0, group = 0, n_groups = 0;
+  int64_t T = 0, stride = 0;
 };
 
 // stride of Q8Acts for K inputs: K rounded up to whole quads (the padding digits are zero).
 int64_t q8_act_stride(int64_t K);
-// The Q8Acts view of T rows quantized by quantize_row_q8 with this K and group.
-Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K, int64_t group);
-// Fills a Q8Weights description for the given shape (data left null) and returns its size in bytes.
+// The Q8Acts view of T rows of K inputs quantized by quantize_row_q8.
+Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K);
+// The Q8Weights description of a [rows, cols] matrix with this group (data left null; its size is
+// block_bytes * n_blocks).
 Q8Weights q8_layout(int64_t rows, int64_t cols, int64_t group);
 // Packs row-major int8 weights into `out` (layout.block_bytes * layout.n_blocks bytes).
 void pack_q8(const int8_t* q, const float* scales, const Q8Weights& layout, uint8_t* out);

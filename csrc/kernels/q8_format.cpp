@@ -29,16 +29,13 @@ inline int64_t group_len(const Q8Weights& w, int64_t g) {
 
 int64_t q8_act_stride(int64_t K) { return (K + 3) / 4 * 4; }
 
-Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K, int64_t group) {
+Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K) {
   Q8Acts a;
   a.q = q;
   a.scales = scales;
   a.sums = sums;
   a.T = T;
-  a.K = K;
   a.stride = q8_act_stride(K);
-  a.group = group;
-  a.n_groups = (K + group - 1) / group;
   return a;
 }
 

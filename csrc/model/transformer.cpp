@@ -5,10 +5,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <limits>
 #include <stdexcept>
 
@@ -176,14 +172,8 @@ Matrix Transformer::matrix(const std::map<std::string, TensorView>& tensors, con
   check_shape(name + ".scales", tensors.at(name + ".scales"), {rows, layout.n_groups});
   AlignedBytes buf;
   buf.size = size_t(layout.block_bytes) * size_t(layout.n_blocks);
-  // Large matrices go on 2 MiB boundaries and ask for transparent huge pages: fewer page faults while
-  // packing, fewer TLB misses while streaming the weights.
-  const size_t align = buf.size >= (size_t(2) << 20) ? (size_t(2) << 20) : 64;
-  buf.ptr.reset(static_cast<uint8_t*>(std::aligned_alloc(align, (buf.size + align - 1) / align * align)));
+  buf.ptr.reset(static_cast<uint8_t*>(std::aligned_alloc(64, (buf.size + 63) / 64 * 64)));
   if (!buf.ptr) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-  if (align > 64) madvise(buf.ptr.get(), (buf.size + align - 1) / align * align, MADV_HUGEPAGE);
-#endif
   pack_q8(static_cast<const int8_t*>(t->data), scales, layout, buf.ptr.get());
   m.q8 = layout;
   m.q8.data = buf.ptr.get();
@@ -287,7 +277,7 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
     for (int64_t t = 0; t < T; ++t)
       k.quantize_q8(x + t * K, K, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
                     xq_sums_.data() + t * G);
-    acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K, w.q8.group);
+    acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K);
     units = w.q8.n_blocks;
   }
   const int64_t min_chunk = w.type == WType::Q8 ? 2 : 32;

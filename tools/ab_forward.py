@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Prefill and decode speed of the native forward pass alone (no tokenizer, sampling or Python loop
+around it), for A/B runs of kernel changes: each ``--so`` is a separately built ``_C`` extension (a
+scratch CMake build of a variant), loaded in turn by path in a fresh process, round after round, so a
+drift of the machine hits every variant alike. Without ``--so`` the installed extension is timed.
+
+    python tools/ab_forward.py MODEL [--so A.so B.so ...] [--threads 2] [--rounds 3]
+                               [--prompt-tokens 128] [--gen-tokens 48]
+
+Prints, per variant, the best prefill and decode tok/s of each round (best of 3 passes within a round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+
+def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int) -> dict[str, float]:
+    import numpy as np
+
+    import cpullm
+    import cpullm.model as model_module
+    from cpullm.bench import synthetic_prompt
+
+    if so:
+        spec = importlib.util.spec_from_file_location("_C", so)
+        native = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(native)
+        model_module._C = native  # the loader builds the Transformer through this name
+    else:
+        native = cpullm._C
+    model = cpullm.load(model_path, threads=threads)
+    prompt = synthetic_prompt(model.spec.vocab_size, prompt_tokens)
+    one = np.empty(1, np.int32)
+    best_prefill = best_decode = 0.0
+    for _ in range(3):
+        sequence = native.Sequence(model._model())
+        start = time.perf_counter()
+        sequence.forward(prompt, False, threads)
+        middle = time.perf_counter()
+        for j in range(gen_tokens):
+            one[0] = 100 + j
+            sequence.forward(one, False, threads)
+        end = time.perf_counter()
+        best_prefill = max(best_prefill, prompt_tokens / (middle - start))
+        best_decode = max(best_decode, gen_tokens / (end - middle))
+    return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--so", nargs="*", default=[None])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=48)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens)))
+        return
+    for r in range(args.rounds):
+        for so in args.so:
+            cmd = [sys.executable, __file__, args.model, "--worker", "--threads", str(args.threads),
+                   "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+            if so:
+                cmd += ["--so", so]
+            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            print(f"round {r + 1} {so or 'installed'}: prefill {result['prefill_tok_s']:.1f} tok/s, "
+                  f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
