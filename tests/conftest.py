@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -11,6 +12,16 @@ import pytest
 import cpullm._C as C
 
 ISAS = C.cpu_features()["available_isas"]
+
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and then neither
+# Ctrl-C in the children it spawns nor _thread.interrupt_main() does anything: the interrupt tests need
+# Python's own handler here and the default disposition in every child process.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def restore_sigint() -> None:
+    """preexec_fn for child processes that must react to Ctrl-C (see above)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(params=ISAS)

@@ -14,6 +14,7 @@ import pytest
 
 import cpullm
 from chat_util import make_word_chat_model
+from conftest import restore_sigint
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -24,7 +25,7 @@ def _spawn(tmp_path: Path, *args: str) -> Any:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "dumb",
            "LC_ALL": "C.UTF-8"}
     child = pexpect.spawn(sys.executable, ["-m", "cpullm", "chat", *args], env=env, encoding="utf-8",
-                          timeout=TIMEOUT, dimensions=(40, 200))
+                          timeout=TIMEOUT, dimensions=(40, 200), preexec_fn=restore_sigint)
     return child
 
 
