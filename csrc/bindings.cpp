@@ -255,16 +255,24 @@ PYBIND11_MODULE(_C, m) {
     kernels().silu_mul(gate.data(), up.data(), out.mutable_data(), gate.shape(0));
     return out;
   }, py::arg("gate"), py::arg("up"), "silu(gate) * up");
-  m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale) {
+  m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale, int64_t first) {
     if (q.ndim() != 1 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(0) || v.shape(1) != q.shape(0) ||
         k.shape(0) != v.shape(0) || k.shape(0) < 1)
       throw std::invalid_argument("attend: expected q [hd], k [n, hd], v [n, hd] with n >= 1");
     const int64_t n = k.shape(0), hd = q.shape(0);
-    std::vector<float> scores(static_cast<size_t>(n));
+    if (first < 0 || first >= n) throw std::invalid_argument("attend: first must be in [0, n)");
+    // The cache's layout: keys transposed in blocks of kKeyBlock positions (the tail block padded with
+    // NaN, which must not reach the result), values as given.
+    const int64_t blocks = (n + kKeyBlock - 1) / kKeyBlock;
+    std::vector<float> kt(size_t(blocks * kKeyBlock * hd), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t d = 0; d < hd; ++d) kt[(p / kKeyBlock * hd + d) * kKeyBlock + p % kKeyBlock] = k.data()[p * hd + d];
+    std::vector<float> scores(size_t((blocks + 1) * kKeyBlock));
     F32Array out(hd);
-    kernels().attend(q.data(), k.data(), v.data(), n, hd, hd, scale, scores.data(), out.mutable_data());
+    kernels().attend(q.data(), kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), out.mutable_data());
     return out;
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), "softmax(scale * k @ q) @ v for one head");
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0,
+     "softmax(scale * k[first:] @ q) @ v[first:] for one head");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
     if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));

@@ -66,6 +66,23 @@ def test_decode_with_cache_equals_full_pass(llama: tuple[Any, Any], isa: str) ->
     assert rel_err(stepped, full) < F32_TOL
 
 
+@pytest.mark.parametrize("config", ["mha-hd64-tied", "gqa3-hd24"])
+def test_cache_growth_keeps_every_position(make_llama: Any, config: str) -> None:
+    # The KV cache starts at 256 positions and doubles; growing moves each head's keys and values to new
+    # places (the cache is head-major), so a sequence that grows twice mid-way, at block boundaries and
+    # off them, must give the logits of one pass. Equal bit for bit: the same kernels see the same values.
+    directory, hf_model = make_llama(seed=7, **CONFIGS[config], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=2)
+    ids = _ids(model.spec.vocab_size, 600, seed=4).astype(np.int32)
+    full = model.logits(ids)
+    sequence = cpullm._C.Sequence(model._model())
+    bounds = [0, 100, 255, 256, 257, 301, 511, 600]
+    stepped = np.concatenate([sequence.forward(ids[a:b], True, model.threads) for a, b in zip(bounds, bounds[1:])])
+    assert sequence.capacity >= 600
+    np.testing.assert_array_equal(stepped, full)
+    assert rel_err(full[-50:], hf_logits(hf_model, ids)[-50:]) < F32_TOL
+
+
 def test_results_do_not_depend_on_thread_count(llama: tuple[Any, Any]) -> None:
     model, _ = llama
     ids = _ids(model.spec.vocab_size, 19, seed=2).astype(np.int32)

@@ -17,6 +17,11 @@ constexpr int kQ8Block = 32;
 constexpr int kQ8MaxGroup = 512;
 // Output rows per block of the packed int8 layout: one 64-byte vector holds 4 inputs of 16 rows.
 constexpr int kQ8Rows = 16;
+// The key cache holds each KV head's keys transposed in blocks of kKeyBlock positions: block b is
+// [hd][kKeyBlock] floats, element (d, j) the d-th component of position b * kKeyBlock + j, and a head's
+// blocks follow each other. So q . k for a block's 16 positions is hd vector multiply-adds of a
+// broadcast q[d] with one contiguous row, with no horizontal sums, and a head's keys are one stream.
+constexpr int kKeyBlock = 16;
 
 // Int8 weights in the layout the kernels read, made once at load time by pack_q8 from the row-major
 // form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
@@ -81,9 +86,11 @@ struct Kernels {
   void (*axpy_f32)(float alpha, const float* x, float* y, int64_t n);
   // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may equal gate or lie before it.
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
-  // Attention of one query head over n keys/values whose rows are `stride` floats apart:
-  // out[hd] = sum_p softmax_p(scale * q . k_p) * v_p. scores: n floats of scratch.
-  void (*attend)(const float* q, const float* k, const float* v, int64_t n, int64_t stride, int64_t hd, float scale,
+  // Attention of one query head over the cached positions [first, last] of one KV head:
+  // out[hd] = sum_p softmax_p(scale * q . k_p) * v_p. k: that head's keys in kKeyBlock-position blocks
+  // (see kKeyBlock), from position 0; v: its values, [positions, hd] from position 0. scores: scratch of
+  // (last / kKeyBlock - first / kKeyBlock + 1) * kKeyBlock floats.
+  void (*attend)(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd, float scale,
                  float* scores, float* out);
 };
 

@@ -157,21 +157,24 @@ struct KernelsImpl {
     }
   }
 
-  // q . k_p for NV whole vectors per head, the query held in registers.
-  template <int NV>
-  static inline void head_scores(const float* q, const float* k, int64_t n, int64_t stride, float scale,
-                                 float* scores) {
-    Vec qv[NV];
-    for (int j = 0; j < NV; ++j) qv[j] = V::load(q + j * W);
-    for (int64_t p = 0; p < n; ++p) {
-      const float* kp = k + p * stride;
-      Vec a0 = V::mul(qv[0], V::load(kp)), a1 = V::zero();
-      for (int j = 1; j < NV; ++j) {
-        if (j % 2) a1 = V::fmadd(qv[j], V::load(kp + j * W), a1);
-        else a0 = V::fmadd(qv[j], V::load(kp + j * W), a0);
-      }
-      scores[p] = V::reduce(V::add(a0, a1)) * scale;
+  // scores[16 i + j] = scale * q . k at position (b0 + i) * kKeyBlock + j, for NB blocks from b0: each
+  // block row is kKeyBlock / W vectors, and NB blocks at once give NB * kKeyBlock / W independent chains.
+  template <int NB>
+  static inline void block_scores(const float* q, const float* k, int64_t b0, int64_t hd, float scale, float* scores) {
+    constexpr int R = kKeyBlock / W;  // vectors per block row
+    Vec acc[NB][R];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) acc[b][r] = V::zero();
+    const float* kb = k + b0 * hd * kKeyBlock;
+    for (int64_t d = 0; d < hd; ++d) {
+      const Vec qd = V::set1(q[d]);
+      for (int b = 0; b < NB; ++b)
+        for (int r = 0; r < R; ++r)
+          acc[b][r] = V::fmadd(qd, V::load(kb + (b * hd + d) * kKeyBlock + r * W), acc[b][r]);
     }
+    const Vec vs = V::set1(scale);
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) V::store(scores + b * kKeyBlock + r * W, V::mul(acc[b][r], vs));
   }
 
   // out = sum_p w_p * v_p for NV whole vectors per head, the sum held in registers.
@@ -186,22 +189,25 @@ struct KernelsImpl {
     for (int j = 0; j < NV; ++j) V::store(out + j * W, acc[j]);
   }
 
-  // One query head over n cached keys / values (rows `stride` floats apart): out [hd] = softmax(scale *
-  // q . k_p) weighted sum of v_p. scores: scratch of n floats.
-  static void attend(const float* q, const float* k, const float* v, int64_t n, int64_t stride, int64_t hd,
-                     float scale, float* scores, float* out) {
-    const int64_t nv = hd % W == 0 ? hd / W : 0;  // whole vectors per head, or 0 for the general path
-    switch (nv) {
-      case 1: head_scores<1>(q, k, n, stride, scale, scores); break;
-      case 2: head_scores<2>(q, k, n, stride, scale, scores); break;
-      case 3: head_scores<3>(q, k, n, stride, scale, scores); break;
-      case 4: head_scores<4>(q, k, n, stride, scale, scores); break;
-      case 5: head_scores<5>(q, k, n, stride, scale, scores); break;
-      case 6: head_scores<6>(q, k, n, stride, scale, scores); break;
-      case 8: head_scores<8>(q, k, n, stride, scale, scores); break;
-      default:
-        for (int64_t p = 0; p < n; ++p) scores[p] = dot_f32(q, k + p * stride, hd) * scale;
+  // One query head over the cached positions [first, last] (see Kernels::attend for the layouts).
+  static void attend(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
+                     float scale, float* all_scores, float* out) {
+    static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
+    const int64_t b_first = first / kKeyBlock, b_last = last / kKeyBlock;
+    int64_t b = b_first;
+    for (; b + 4 <= b_last + 1; b += 4) block_scores<4>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock);
+    switch (b_last + 1 - b) {
+      case 3: block_scores<3>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock); break;
+      case 2: block_scores<2>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock); break;
+      case 1: block_scores<1>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock); break;
+      default: break;
     }
+    // The blocks' positions outside [first, last] were scored too (from whatever the cache holds there)
+    // and are left out from here on.
+    float* scores = all_scores + (first - b_first * kKeyBlock);
+    const int64_t n = last - first + 1;
+    v += first * hd;
+    const int64_t nv = hd % W == 0 ? hd / W : 0;  // whole vectors per head, or 0 for the general path
     float mx = scores[0];
     for (int64_t p = 1; p < n; ++p) mx = scores[p] > mx ? scores[p] : mx;
     const Vec vmx = V::set1(mx);
@@ -222,16 +228,16 @@ struct KernelsImpl {
     for (p = 0; p + W <= n; p += W) V::store(scores + p, V::mul(V::load(scores + p), inv));
     for (const float inv_s = 1.f / sum; p < n; ++p) scores[p] *= inv_s;
     switch (nv) {
-      case 1: head_mix<1>(scores, v, n, stride, out); break;
-      case 2: head_mix<2>(scores, v, n, stride, out); break;
-      case 3: head_mix<3>(scores, v, n, stride, out); break;
-      case 4: head_mix<4>(scores, v, n, stride, out); break;
-      case 5: head_mix<5>(scores, v, n, stride, out); break;
-      case 6: head_mix<6>(scores, v, n, stride, out); break;
-      case 8: head_mix<8>(scores, v, n, stride, out); break;
+      case 1: head_mix<1>(scores, v, n, hd, out); break;
+      case 2: head_mix<2>(scores, v, n, hd, out); break;
+      case 3: head_mix<3>(scores, v, n, hd, out); break;
+      case 4: head_mix<4>(scores, v, n, hd, out); break;
+      case 5: head_mix<5>(scores, v, n, hd, out); break;
+      case 6: head_mix<6>(scores, v, n, hd, out); break;
+      case 8: head_mix<8>(scores, v, n, hd, out); break;
       default:
         for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-        for (int64_t j = 0; j < n; ++j) axpy_f32(scores[j], v + j * stride, out, hd);
+        for (int64_t j = 0; j < n; ++j) axpy_f32(scores[j], v + j * hd, out, hd);
     }
   }
 

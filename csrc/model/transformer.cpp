@@ -236,10 +236,19 @@ void Sequence::reserve(int positions) {
   if (positions <= capacity_) return;
   const int max_ctx = model_.spec().max_context;
   int cap = std::max(positions, std::min(max_ctx, std::max(2 * capacity_, 256)));
-  const size_t elems = size_t(cap) * size_t(model_.kv_dim());
+  cap = (cap + kKeyBlock - 1) / kKeyBlock * kKeyBlock;  // whole key blocks
+  const int64_t KVH = model_.spec().n_kv_heads, hd = model_.spec().head_dim;
+  // Both caches are head-major (see transformer.h), so growing moves each head's positions to its new
+  // place; the cached prefix [0, n_past) is all that must survive.
+  const int64_t keep = (int64_t(n_past_) + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   for (size_t l = 0; l < k_cache_.size(); ++l) {
-    k_cache_[l].resize(elems);
-    v_cache_[l].resize(elems);
+    std::vector<float> k(size_t(cap) * KVH * hd), v(size_t(cap) * KVH * hd);
+    for (int64_t h = 0; h < KVH && capacity_ > 0; ++h) {
+      std::memcpy(k.data() + h * cap * hd, k_cache_[l].data() + h * capacity_ * hd, sizeof(float) * keep * hd);
+      std::memcpy(v.data() + h * cap * hd, v_cache_[l].data() + h * capacity_ * hd, sizeof(float) * n_past_ * hd);
+    }
+    k_cache_[l].swap(k);
+    v_cache_[l].swap(v);
   }
   capacity_ = cap;
 }
@@ -257,7 +266,8 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
     rope_sin_.resize(T * size_t(s.rotary_dim / 2 + 1));
     scratch_tokens_ = n_tokens;
   }
-  const size_t score_elems = size_t(n_threads) * size_t(capacity_);
+  // attend scores whole key blocks: up to one more block than the positions it attends to.
+  const size_t score_elems = size_t(n_threads) * size_t(capacity_ + 2 * kKeyBlock);
   if (scores_.size() < score_elems) scores_.resize(score_elems);
 }
 
@@ -358,6 +368,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     const LayerWeights& L = model_.layers()[l];
     float* kc = k_cache_[l].data();
     float* vc = v_cache_[l].data();
+    const int64_t cap = capacity_;
 
     for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps);
     matmul(xn, T, L.wqkv, qkv, n_threads);
@@ -369,8 +380,12 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       const float* sn = rope_sin_.data() + t * half;
       for (int64_t h = 0; h < H + KVH; ++h) apply_rope(row + h * hd, c, sn, half);
       const int64_t pos = n_past_ + t;
-      std::memcpy(kc + pos * kv_dim, row + q_dim, sizeof(float) * kv_dim);
-      std::memcpy(vc + pos * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
+      for (int64_t h = 0; h < KVH; ++h) {
+        const float* key = row + q_dim + h * hd;
+        float* kt = kc + (h * cap + pos / kKeyBlock * kKeyBlock) * hd + pos % kKeyBlock;
+        for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock] = key[d];
+        std::memcpy(vc + (h * cap + pos) * hd, row + q_dim + kv_dim + h * hd, sizeof(float) * hd);
+      }
     }
 
     // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
@@ -381,12 +396,10 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       const int64_t t = th / H, h = th % H, kvh = h / group;
       const int64_t last = n_past_ + t;
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      const int64_t n_keys = last - first + 1;
       const float* q = qkv + t * qkv_dim + h * hd;
-      const float* kb = kc + first * kv_dim + kvh * hd;
-      const float* vb = vc + first * kv_dim + kvh * hd;
-      float* scores = scores_.data() + size_t(thread_id()) * capacity_;
-      k.attend(q, kb, vb, n_keys, kv_dim, hd, s.attn_scale, scores, attn + t * q_dim + h * hd);
+      float* scores = scores_.data() + size_t(thread_id()) * size_t(capacity_ + 2 * kKeyBlock);
+      k.attend(q, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last, hd, s.attn_scale, scores,
+               attn + t * q_dim + h * hd);
     }
 
     matmul(attn, T, L.wo, xn, n_threads);

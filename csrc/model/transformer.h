@@ -139,7 +139,9 @@ class Sequence {
   const Transformer& model_;
   int n_past_ = 0;
   int capacity_ = 0;
-  // Per layer: [capacity, n_kv_heads * head_dim], position-major so growing is one copy per layer.
+  // Per layer, head-major so that attention reads each KV head's positions as one stream:
+  // keys [n_kv_heads][capacity / kKeyBlock][head_dim][kKeyBlock] (transposed blocks, see kKeyBlock),
+  // values [n_kv_heads][capacity][head_dim]. capacity is a multiple of kKeyBlock.
   std::vector<std::vector<float>> k_cache_, v_cache_;
   // Scratch, grown on demand and then reused: no allocation on the decode path.
   std::vector<float> x_, xn_, qkv_, attn_, ffn_, rope_cos_, rope_sin_, scores_;
