@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -14,6 +15,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/features.h"
+#include "model/sampling.h"
 #include "model/transformer.h"
 
 namespace py = pybind11;
@@ -278,6 +280,42 @@ PYBIND11_MODULE(_C, m) {
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));
     return y;
   }, "y += alpha * x, in place; returns y");
+
+  // Sampling: one call per generated token.
+  using Logits = py::array_t<float, py::array::c_style | py::array::forcecast>;
+  using Ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  const auto spec_of = [](float temperature, int64_t top_k, double top_p, double min_p, float penalty) {
+    SamplingSpec spec;
+    spec.temperature = temperature;
+    spec.top_k = top_k;
+    spec.top_p = top_p;
+    spec.min_p = min_p;
+    spec.repetition_penalty = penalty;
+    return spec;
+  };
+  m.def("filter_logits", [spec_of](const Logits& logits, float temperature, int64_t top_k, double top_p, double min_p,
+                                   float repetition_penalty, const Ids& seen) {
+    if (logits.ndim() != 1 || seen.ndim() != 1) throw std::invalid_argument("filter_logits: expected 1-D logits and seen ids");
+    std::vector<int64_t> ids;
+    std::vector<double> probs;
+    filter_logits(logits.data(), logits.shape(0), spec_of(temperature, top_k, top_p, min_p, repetition_penalty),
+                  seen.data(), seen.shape(0), ids, probs);
+    py::array_t<int64_t> ids_out(static_cast<py::ssize_t>(ids.size()));
+    py::array_t<double> probs_out(static_cast<py::ssize_t>(probs.size()));
+    std::copy(ids.begin(), ids.end(), ids_out.mutable_data());
+    std::copy(probs.begin(), probs.end(), probs_out.mutable_data());
+    return py::make_tuple(ids_out, probs_out);
+  }, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+     py::arg("repetition_penalty"), py::arg("seen"),
+     "(ids, probs): the tokens sampling may choose and their probabilities (see cpullm.sampling)");
+  m.def("sample_token", [spec_of](const Logits& logits, float temperature, int64_t top_k, double top_p, double min_p,
+                                  float repetition_penalty, const Ids& seen, double u) {
+    if (logits.ndim() != 1 || seen.ndim() != 1) throw std::invalid_argument("sample_token: expected 1-D logits and seen ids");
+    return sample_token(logits.data(), logits.shape(0), spec_of(temperature, top_k, top_p, min_p, repetition_penalty),
+                        seen.data(), seen.shape(0), u);
+  }, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+     py::arg("repetition_penalty"), py::arg("seen"), py::arg("u"),
+     "One token: the arg-max when greedy, else drawn from filter_logits' distribution with the uniform u");
 
   py::class_<PyTransformer, std::shared_ptr<PyTransformer>>(m, "Transformer")
       .def(py::init(&make_transformer), py::arg("spec"), py::arg("tensors"), py::arg("on_release") = py::none(),

@@ -12,9 +12,10 @@ The logits are processed in the order transformers uses (``generation/logits_pro
 5. min-p: keep the tokens whose probability is at least ``min_p`` times the largest probability;
 
 then one token is drawn from the renormalised probabilities of what is left. Tokens more than 46 nats
-below the best one (probability under 1e-20 of the best's) are never drawn. Every step works on whole
-NumPy arrays (a partition for top-k, a partial sort for top-p); nothing loops over the vocabulary in
-Python.
+below the best one (probability under 1e-20 of the best's) are never drawn. Among tokens of equal
+probability at the top-p boundary the higher id is kept first (transformers sorts ascending and drops
+from the low end). The filter and the draw run in C++, one call per token (``csrc/model/sampling.cpp``);
+the uniform number comes from a NumPy generator seeded with ``seed``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from . import _C
 
 __all__ = ["SamplingParams", "Sampler", "filter_distribution", "resolve_sampling"]
 
@@ -116,59 +119,12 @@ def resolve_sampling(generation_config: Mapping[str, Any] | None = None, **overr
         raise ValueError(f"generation_config.json: {e} (pass an explicit value to override it)") from None
 
 
-def _penalised(logits: np.ndarray, seen: np.ndarray | None, penalty: float) -> np.ndarray:
-    if seen is None or seen.size == 0 or penalty == 1.0:
-        return logits
-    out = np.array(logits, dtype=np.float32, copy=True)
-    values = out[seen]
-    out[seen] = np.where(values < 0, values * penalty, values / penalty)
-    return out
+_NO_IDS = np.empty(0, dtype=np.int64)
 
 
-def _top_p_count(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices (into ``probs``) of the smallest most-probable set whose mass reaches ``top_p``:
-    a token is kept when the mass of the tokens ranked above it is still below ``top_p``. Sorts only as
-    many of the largest probabilities as it needs (argpartition, growing the window)."""
-    n = probs.size
-    m = min(n, 64)
-    while True:
-        if 4 * m >= n:
-            m = n
-        if m < n:
-            part = np.argpartition(-probs, m - 1)[:m]
-        else:
-            part = np.arange(n)
-        order = part[np.argsort(-probs[part], kind="stable")]
-        sorted_p = probs[order]
-        before = np.cumsum(sorted_p) - sorted_p  # mass ranked above each token
-        keep = int(np.count_nonzero(before < top_p))
-        # Within this window the count is exact if the window's total mass reached top_p, or it is all tokens.
-        if m == n or keep < m:
-            return order[: max(keep, 1)]
-        m = min(n, m * 8)
-
-
-# Tokens this many nats below the best one have a probability under 1e-20 of the best one's: less, all
-# of them together, than the 2**-53 resolution of the uniform draw that picks a token, and less than top-p
-# (p < 1) or min-p (above 1e-20) would ever keep. They are set aside before any exponential is taken.
-_NEGLIGIBLE_NATS = 46.0
-
-
-def _top_k_pool(x: np.ndarray, k: int, temperature: np.float32, stride: int = 64) -> np.ndarray | None:
-    """Ids of a set of tokens that holds the k largest scaled logits x / temperature, ties included, or
-    None when the sample below fails. The pool is every token at or above a threshold that a strided
-    sample puts a little below the k-th largest logit: a full partition of the vocabulary was the
-    costliest step of sampling, and this touches the sample and the pool only. Scaling by a positive
-    temperature is monotonic, so the pool is taken on the raw logits; it is only refused when the
-    float32 rounding of the scaling could tie a token below the threshold with the k-th value."""
-    sample = x[::stride]
-    picked = min(sample.size, k // stride + 8)
-    threshold = np.partition(sample, sample.size - picked)[sample.size - picked]
-    pool = np.flatnonzero(x >= threshold)
-    if pool.size < k:
-        return None
-    kth = np.partition(x[pool], pool.size - k)[pool.size - k] / temperature
-    return pool if threshold / temperature < kth else None
+def _native_args(params: SamplingParams, seen: np.ndarray | None) -> tuple[Any, ...]:
+    ids = _NO_IDS if seen is None or params.repetition_penalty == 1.0 else seen
+    return (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty, ids)
 
 
 def filter_distribution(
@@ -176,38 +132,11 @@ def filter_distribution(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The tokens sampling may choose and their probabilities: ``(ids, probs)`` (ids in no particular
     order, probs summing to 1). ``seen``: the distinct token ids of the context, for the repetition
-    penalty. Greedy parameters give the single arg-max token with probability 1."""
-    x = _penalised(np.asarray(logits, dtype=np.float32), seen, params.repetition_penalty)
-    if params.greedy:
-        return np.array([int(np.argmax(x))]), np.array([1.0])
-    temperature = np.float32(params.temperature)
-    vocab = x.size
-    # The candidates: a top-k pool when top-k applies, else the whole vocabulary. Their logits are
-    # scaled in float32, as transformers scales (so top-k sees the same ties).
-    pool = _top_k_pool(x, params.top_k, temperature) if 0 < params.top_k < vocab else None
-    ids = np.arange(vocab) if pool is None else pool
-    z = x / temperature if pool is None else x[pool] / temperature
-    best = float(z.max())
-    floor = best - _NEGLIGIBLE_NATS
-    if 0 < params.top_k < vocab:
-        floor = max(float(np.partition(z, z.size - params.top_k)[z.size - params.top_k]), floor)
-    if params.min_p > 0.0 and params.top_p == 1.0:
-        # Min-p's own cut (applied exactly below), lowered a little. Not with top-p, which comes first and
-        # must see every token min-p will drop.
-        floor = max(floor, best + math.log(params.min_p) - 1e-3)
-    keep = np.flatnonzero(z >= floor)
-    ids, z = ids[keep], z[keep]
-    probs = np.exp(z.astype(np.float64) - best)
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        keep = _top_p_count(probs, params.top_p)
-        ids, probs = ids[keep], probs[keep]
-        probs = probs / probs.sum()
-    if params.min_p > 0.0:
-        keep = np.flatnonzero(probs >= params.min_p * probs.max())
-        ids, probs = ids[keep], probs[keep]
-        probs = probs / probs.sum()
-    return ids, probs
+    penalty. Greedy parameters give the single arg-max token with probability 1.
+
+    The work is done in C++ (``csrc/model/sampling.cpp``), once per generated token: a top-k pool from a
+    strided sample and one pass over the vocabulary, exponentials over the candidates only."""
+    return _C.filter_logits(np.asarray(logits, dtype=np.float32).reshape(-1), *_native_args(params, seen))
 
 
 class Sampler:
@@ -225,20 +154,17 @@ class Sampler:
             ctx = ctx[(ctx >= 0) & (ctx < vocab_size)]
             self._seen_mask[ctx] = True
             self._seen_ids = np.flatnonzero(self._seen_mask)
+        self._args = _native_args(self.params, self._seen_ids if self._track else None)
 
     def accept(self, token: int) -> None:
         if self._track and not self._seen_mask[token]:
             self._seen_mask[token] = True
             self._seen_ids = np.append(self._seen_ids, token)
+            self._args = _native_args(self.params, self._seen_ids)
 
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return filter_distribution(logits, self.params, self._seen_ids if self._track else None)
 
     def __call__(self, logits: np.ndarray) -> int:
-        if self.params.greedy:
-            x = _penalised(logits, self._seen_ids if self._track else None, self.params.repetition_penalty)
-            return int(np.argmax(x))
-        ids, probs = self.distribution(logits)
-        cdf = np.cumsum(probs)
-        i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
-        return int(ids[min(i, ids.size - 1)])
+        u = 0.0 if self.params.greedy else self._rng.random()
+        return _C.sample_token(logits, *self._args, u)
