@@ -56,13 +56,14 @@ struct Matrix {
   int64_t rows = 0, cols = 0;
 };
 
-// 64-byte aligned bytes (the packed int8 weights).
+// A chunk of the packed int8 weights: 2 MiB aligned, with transparent huge pages requested, matrices
+// placed one after another (64-byte aligned) until it is full.
 struct AlignedBytes {
   struct Free {
     void operator()(uint8_t* p) const;
   };
   std::unique_ptr<uint8_t, Free> ptr;
-  size_t size = 0;
+  size_t size = 0, used = 0;
 };
 
 struct LayerWeights {
@@ -101,9 +102,11 @@ class Transformer {
  private:
   Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows,
                 int64_t cols, bool required, const std::function<void(const std::string&)>& release);
+  // `bytes` of packed-weight memory (64-byte aligned) from the current chunk, or from a new one.
+  uint8_t* take_packed(size_t bytes);
 
   ModelSpec spec_;
-  std::vector<AlignedBytes> packed_;  // the packed int8 matrices
+  std::vector<AlignedBytes> packed_;  // the chunks holding the packed int8 matrices
   Matrix tok_embeddings_;  // [vocab, dim]
   std::vector<LayerWeights> layers_;
   const float* norm_ = nullptr;  // [dim]
