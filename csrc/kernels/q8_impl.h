@@ -57,7 +57,9 @@ struct Q8Impl {
   using I = typename Q::I;
   using F = typename Q::F;
   static constexpr int kTokens = 2;
-  static constexpr int blocks(int tokens) { return tokens == 1 ? 2 : 1; }
+  // One block per tile: a token then reads a chunk of blocks front to back, one sequential stream for
+  // the hardware prefetcher (see kernels_avx512vnni.cpp), and two tokens share each loaded block.
+  static constexpr int blocks(int) { return 1; }
 
   // TT tokens (from t0) x RB row blocks (from b0).
   template <int TT, int RB>
@@ -80,8 +82,8 @@ struct Q8Impl {
         I wv[RB][2];
         for (int b = 0; b < RB; ++b) {
           const uint8_t* p = blk[b] + off + i * 64;
-          // The next tile's blocks, requested early (see kernels_avx512vnni.cpp).
-          __builtin_prefetch(p + RB * w.block_bytes);
+          // Several tokens: the next tile's blocks, requested early (see kernels_avx512vnni.cpp).
+          if (TT > 1) __builtin_prefetch(p + RB * w.block_bytes);
           wv[b][0] = Q::flip(Q::load(reinterpret_cast<const int8_t*>(p)));
           wv[b][1] = Q::flip(Q::load(reinterpret_cast<const int8_t*>(p + 32)));
         }
