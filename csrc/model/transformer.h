@@ -147,7 +147,7 @@ class Sequence {
   // values [n_kv_heads][capacity][head_dim]. capacity is a multiple of kKeyBlock.
   std::vector<std::vector<float>> k_cache_, v_cache_;
   // Scratch, grown on demand and then reused: no allocation on the decode path.
-  std::vector<float> x_, xn_, qkv_, attn_, ffn_, rope_cos_, rope_sin_, scores_;
+  std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_, scores_;  // act_: SwiGLU out [T, ffn_dim]
   std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul (see Q8Acts)
   std::vector<float> xq_scales_;
   std::vector<int32_t> xq_sums_;
