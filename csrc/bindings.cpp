@@ -258,10 +258,12 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, py::arg("gate"), py::arg("up"), "silu(gate) * up");
   m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale, int64_t first) {
-    if (q.ndim() != 1 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(0) || v.shape(1) != q.shape(0) ||
-        k.shape(0) != v.shape(0) || k.shape(0) < 1)
-      throw std::invalid_argument("attend: expected q [hd], k [n, hd], v [n, hd] with n >= 1");
-    const int64_t n = k.shape(0), hd = q.shape(0);
+    // q: [hd] for one head or [n_q, hd] for several heads of one KV group.
+    if ((q.ndim() != 1 && q.ndim() != 2) || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(q.ndim() - 1) ||
+        v.shape(1) != k.shape(1) || k.shape(0) != v.shape(0) || k.shape(0) < 1)
+      throw std::invalid_argument("attend: expected q [hd] or [n_q, hd], k [n, hd], v [n, hd] with n >= 1");
+    const int64_t n = k.shape(0), hd = k.shape(1), n_q = q.ndim() == 2 ? q.shape(0) : 1;
+    if (n_q < 1) throw std::invalid_argument("attend: no query heads");
     if (first < 0 || first >= n) throw std::invalid_argument("attend: first must be in [0, n)");
     // The cache's layout: keys transposed in blocks of kKeyBlock positions (the tail block padded with
     // NaN, which must not reach the result), values as given.
@@ -269,12 +271,12 @@ PYBIND11_MODULE(_C, m) {
     std::vector<float> kt(size_t(blocks * kKeyBlock * hd), std::numeric_limits<float>::quiet_NaN());
     for (int64_t p = 0; p < n; ++p)
       for (int64_t d = 0; d < hd; ++d) kt[(p / kKeyBlock * hd + d) * kKeyBlock + p % kKeyBlock] = k.data()[p * hd + d];
-    std::vector<float> scores(size_t((blocks + 1) * kKeyBlock));
-    F32Array out(hd);
-    kernels().attend(q.data(), kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), out.mutable_data());
+    std::vector<float> scores(size_t(4 * (blocks + 1) * kKeyBlock));
+    F32Array out(q.ndim() == 2 ? std::vector<py::ssize_t>{n_q, hd} : std::vector<py::ssize_t>{hd});
+    kernels().attend(q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), out.mutable_data());
     return out;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0,
-     "softmax(scale * k[first:] @ q) @ v[first:] for one head");
+     "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
     if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));

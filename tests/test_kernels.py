@@ -257,3 +257,24 @@ def test_attend_matches_numpy(isa: str, n: int, hd: int, first: int) -> None:
     # f32 dot products of length hd and a softmax over n terms: a few hundred ulp of the magnitude.
     bound = 64 * np.finfo(np.float32).eps * (np.sqrt(hd) + np.sqrt(n)) * np.abs(v).max()
     assert np.max(np.abs(C.attend(q, k, v, scale, first) - expected)) <= bound
+
+
+@pytest.mark.parametrize("n_q,n,hd,first", [(2, 37, 64, 0), (3, 100, 64, 21), (4, 17, 128, 0), (5, 50, 40, 3),
+                                            (7, 300, 64, 200), (3, 9, 24, 0)])
+def test_attend_several_heads_of_a_group_matches_numpy(isa: str, n_q: int, n: int, hd: int, first: int) -> None:
+    # Heads of one KV group attend together (each key and value row loaded once for all of them), in
+    # batches of up to 4: every head's result must be its own attention.
+    rng = np.random.default_rng(n_q * 1000 + n + hd)
+    q = rng.standard_normal((n_q, hd)).astype(np.float32)
+    k = rng.standard_normal((n, hd)).astype(np.float32)
+    v = rng.standard_normal((n, hd)).astype(np.float32)
+    scale = 1.0 / np.sqrt(hd)
+    s = q.astype(np.float64) @ k[first:].astype(np.float64).T * scale
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    expected = (p / p.sum(axis=1, keepdims=True)) @ v[first:].astype(np.float64)
+    bound = 64 * np.finfo(np.float32).eps * (np.sqrt(hd) + np.sqrt(n)) * np.abs(v).max()
+    got = C.attend(q, k, v, scale, first)
+    assert got.shape == (n_q, hd)
+    assert np.max(np.abs(got - expected)) <= bound
+    for h in range(n_q):  # one head alone gives the same numbers
+        np.testing.assert_array_equal(C.attend(q[h], k, v, scale, first), got[h])

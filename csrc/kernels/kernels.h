@@ -86,12 +86,13 @@ struct Kernels {
   void (*axpy_f32)(float alpha, const float* x, float* y, int64_t n);
   // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may equal gate or lie before it.
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
-  // Attention of one query head over the cached positions [first, last] of one KV head:
-  // out[hd] = sum_p softmax_p(scale * q . k_p) * v_p. k: that head's keys in kKeyBlock-position blocks
-  // (see kKeyBlock), from position 0; v: its values, [positions, hd] from position 0. scores: scratch of
-  // (last / kKeyBlock - first / kKeyBlock + 1) * kKeyBlock floats.
-  void (*attend)(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd, float scale,
-                 float* scores, float* out);
+  // Attention of n_q query heads of one KV head over its cached positions [first, last]:
+  // out[h][hd] = sum_p softmax_p(scale * q[h] . k_p) * v_p. q and out: n_q rows of hd floats. k: that KV
+  // head's keys in kKeyBlock-position blocks (see kKeyBlock), from position 0; v: its values, [positions,
+  // hd] from position 0. scores: scratch of min(n_q, 4) * (last / kKeyBlock - first / kKeyBlock + 1) *
+  // kKeyBlock floats.
+  void (*attend)(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
+                 float scale, float* scores, float* out);
 };
 
 const Kernels& kernels_scalar();

@@ -157,63 +157,77 @@ struct KernelsImpl {
     }
   }
 
-  // scores[16 i + j] = scale * q . k at position (b0 + i) * kKeyBlock + j, for NB blocks from b0: each
-  // block row is kKeyBlock / W vectors, and NB blocks at once give NB * kKeyBlock / W independent chains.
-  template <int NB>
-  static inline void block_scores(const float* q, const float* k, int64_t b0, int64_t hd, float scale, float* scores) {
+  // Registers a batch of query heads may hold as accumulators (of 32 vector registers with AVX-512, 16
+  // otherwise), which sets how many heads of a KV group attend together.
+  static constexpr int kAccRegs = W == 16 ? 24 : 10;
+
+  // scores_h[16 i + j] = scale * q_h . k at position (b0 + i) * kKeyBlock + j for NQ query heads (rows hd
+  // apart in q, ld apart in scores) and NB blocks from b0: each key row loaded feeds NQ multiply-adds.
+  template <int NB, int NQ>
+  static inline void block_scores(const float* q, int64_t hd, const float* k, int64_t b0, float scale, float* scores,
+                                  int64_t ld) {
     constexpr int R = kKeyBlock / W;  // vectors per block row
-    Vec acc[NB][R];
-    for (int b = 0; b < NB; ++b)
-      for (int r = 0; r < R; ++r) acc[b][r] = V::zero();
+    Vec acc[NQ][NB][R];
+    for (int h = 0; h < NQ; ++h)
+      for (int b = 0; b < NB; ++b)
+        for (int r = 0; r < R; ++r) acc[h][b][r] = V::zero();
     const float* kb = k + b0 * hd * kKeyBlock;
     for (int64_t d = 0; d < hd; ++d) {
-      const Vec qd = V::set1(q[d]);
+      Vec qd[NQ];
+      for (int h = 0; h < NQ; ++h) qd[h] = V::set1(q[h * hd + d]);
       for (int b = 0; b < NB; ++b)
-        for (int r = 0; r < R; ++r)
-          acc[b][r] = V::fmadd(qd, V::load(kb + (b * hd + d) * kKeyBlock + r * W), acc[b][r]);
+        for (int r = 0; r < R; ++r) {
+          const Vec kv = V::load(kb + (b * hd + d) * kKeyBlock + r * W);
+          for (int h = 0; h < NQ; ++h) acc[h][b][r] = V::fmadd(qd[h], kv, acc[h][b][r]);
+        }
     }
     const Vec vs = V::set1(scale);
-    for (int b = 0; b < NB; ++b)
-      for (int r = 0; r < R; ++r) V::store(scores + b * kKeyBlock + r * W, V::mul(acc[b][r], vs));
+    for (int h = 0; h < NQ; ++h)
+      for (int b = 0; b < NB; ++b)
+        for (int r = 0; r < R; ++r) V::store(scores + h * ld + b * kKeyBlock + r * W, V::mul(acc[h][b][r], vs));
   }
 
-  // out = sum_p w_p * v_p for NV whole vectors per head, the sum held in registers.
-  template <int NV>
-  static inline void head_mix(const float* w, const float* v, int64_t n, int64_t stride, float* out) {
-    Vec acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = V::zero();
+  // out_h = sum_p w_h[p] * v_p for NQ heads (weights ld apart, outputs hd apart) and NV whole vectors per
+  // head, the sums held in registers: each value row loaded feeds NQ multiply-adds.
+  template <int NV, int NQ>
+  static inline void head_mix(const float* w, int64_t ld, const float* v, int64_t n, int64_t hd, float* out) {
+    Vec acc[NQ][NV];
+    for (int h = 0; h < NQ; ++h)
+      for (int j = 0; j < NV; ++j) acc[h][j] = V::zero();
     for (int64_t p = 0; p < n; ++p) {
-      const Vec wp = V::set1(w[p]);
-      for (int j = 0; j < NV; ++j) acc[j] = V::fmadd(wp, V::load(v + p * stride + j * W), acc[j]);
+      Vec wp[NQ];
+      for (int h = 0; h < NQ; ++h) wp[h] = V::set1(w[h * ld + p]);
+      for (int j = 0; j < NV; ++j) {
+        const Vec vv = V::load(v + p * hd + j * W);
+        for (int h = 0; h < NQ; ++h) acc[h][j] = V::fmadd(wp[h], vv, acc[h][j]);
+      }
     }
-    for (int j = 0; j < NV; ++j) V::store(out + j * W, acc[j]);
+    for (int h = 0; h < NQ; ++h)
+      for (int j = 0; j < NV; ++j) V::store(out + h * hd + j * W, acc[h][j]);
   }
 
-  // One query head over the cached positions [first, last] (see Kernels::attend for the layouts).
-  static void attend(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
-                     float scale, float* all_scores, float* out) {
-    static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
-    const int64_t b_first = first / kKeyBlock, b_last = last / kKeyBlock;
-    int64_t b = b_first;
-    for (; b + 4 <= b_last + 1; b += 4) block_scores<4>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock);
-    switch (b_last + 1 - b) {
-      case 3: block_scores<3>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock); break;
-      case 2: block_scores<2>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock); break;
-      case 1: block_scores<1>(q, k, b, hd, scale, all_scores + (b - b_first) * kKeyBlock); break;
-      default: break;
+  template <int NV, int NQ>
+  static inline void mix_whole(const float* w, int64_t ld, const float* v, int64_t n, int64_t hd, float* out) {
+    if constexpr (NV * NQ <= kAccRegs) {
+      head_mix<NV, NQ>(w, ld, v, n, hd, out);
+    } else {
+      for (int h = 0; h < NQ; ++h) head_mix<NV, 1>(w + h * ld, ld, v, n, hd, out + h * hd);
     }
-    // The blocks' positions outside [first, last] were scored too (from whatever the cache holds there)
-    // and are left out from here on.
-    float* scores = all_scores + (first - b_first * kKeyBlock);
-    const int64_t n = last - first + 1;
-    v += first * hd;
-    const int64_t nv = hd % W == 0 ? hd / W : 0;  // whole vectors per head, or 0 for the general path
-    float mx = scores[0];
-    for (int64_t p = 1; p < n; ++p) mx = scores[p] > mx ? scores[p] : mx;
+  }
+
+  // In place: scores[0, n) -> softmax(scores[0, n)).
+  static inline void softmax(float* scores, int64_t n) {
+    Vec vm = V::set1(scores[0]);
+    int64_t p = 0;
+    for (; p + W <= n; p += W) vm = V::max(vm, V::load(scores + p));
+    alignas(64) float lanes[W];
+    V::store(lanes, vm);
+    float mx = lanes[0];
+    for (int j = 1; j < W; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
+    for (; p < n; ++p) mx = scores[p] > mx ? scores[p] : mx;
     const Vec vmx = V::set1(mx);
     Vec vsum = V::zero();
-    int64_t p = 0;
-    for (; p + W <= n; p += W) {
+    for (p = 0; p + W <= n; p += W) {
       const Vec e = V::exp(V::sub(V::load(scores + p), vmx));
       V::store(scores + p, e);
       vsum = V::add(vsum, e);
@@ -227,17 +241,60 @@ struct KernelsImpl {
     const Vec inv = V::set1(1.f / sum);
     for (p = 0; p + W <= n; p += W) V::store(scores + p, V::mul(V::load(scores + p), inv));
     for (const float inv_s = 1.f / sum; p < n; ++p) scores[p] *= inv_s;
-    switch (nv) {
-      case 1: head_mix<1>(scores, v, n, hd, out); break;
-      case 2: head_mix<2>(scores, v, n, hd, out); break;
-      case 3: head_mix<3>(scores, v, n, hd, out); break;
-      case 4: head_mix<4>(scores, v, n, hd, out); break;
-      case 5: head_mix<5>(scores, v, n, hd, out); break;
-      case 6: head_mix<6>(scores, v, n, hd, out); break;
-      case 8: head_mix<8>(scores, v, n, hd, out); break;
+  }
+
+  // NQ query heads of one KV group over the cached positions [first, last].
+  template <int NQ>
+  static void attend_heads(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
+                           float scale, float* all_scores, float* out) {
+    const int64_t b_first = first / kKeyBlock, b_last = last / kKeyBlock;
+    const int64_t ld = (b_last - b_first + 1) * kKeyBlock;  // one head's row of scores
+    constexpr int R = kKeyBlock / W;
+    // Blocks per step: about 8 independent multiply-add chains in all (each chain is hd dependent
+    // steps; with 3 heads and one block per step a Zen 4 core waited on their latency).
+    constexpr int NB = 8 / (NQ * R) > 0 ? 8 / (NQ * R) : 1;
+    int64_t b = b_first;
+    for (; b + NB <= b_last + 1; b += NB)
+      block_scores<NB, NQ>(q, hd, k, b, scale, all_scores + (b - b_first) * kKeyBlock, ld);
+    for (; b <= b_last; ++b) block_scores<1, NQ>(q, hd, k, b, scale, all_scores + (b - b_first) * kKeyBlock, ld);
+    // The blocks' positions outside [first, last] were scored too (from whatever the cache holds there)
+    // and are left out from here on.
+    float* scores = all_scores + (first - b_first * kKeyBlock);
+    const int64_t n = last - first + 1;
+    for (int h = 0; h < NQ; ++h) softmax(scores + h * ld, n);
+    v += first * hd;
+    switch (hd % W == 0 ? hd / W : 0) {  // whole vectors per head, or 0 for the general path
+      case 1: mix_whole<1, NQ>(scores, ld, v, n, hd, out); break;
+      case 2: mix_whole<2, NQ>(scores, ld, v, n, hd, out); break;
+      case 3: mix_whole<3, NQ>(scores, ld, v, n, hd, out); break;
+      case 4: mix_whole<4, NQ>(scores, ld, v, n, hd, out); break;
+      case 5: mix_whole<5, NQ>(scores, ld, v, n, hd, out); break;
+      case 6: mix_whole<6, NQ>(scores, ld, v, n, hd, out); break;
+      case 8: mix_whole<8, NQ>(scores, ld, v, n, hd, out); break;
       default:
-        for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-        for (int64_t j = 0; j < n; ++j) axpy_f32(scores[j], v + j * hd, out, hd);
+        for (int h = 0; h < NQ; ++h) {
+          float* o = out + h * hd;
+          for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
+          for (int64_t j = 0; j < n; ++j) axpy_f32(scores[h * ld + j], v + j * hd, o, hd);
+        }
+    }
+  }
+
+  // n_q query heads of one KV group (see Kernels::attend for the layouts), up to 4 at a time.
+  static void attend(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last,
+                     int64_t hd, float scale, float* scores, float* out) {
+    static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
+    for (int64_t h = 0; h < n_q;) {
+      const int64_t batch = n_q - h < 4 ? n_q - h : 4;
+      const float* qh = q + h * hd;
+      float* oh = out + h * hd;
+      switch (batch) {
+        case 4: attend_heads<4>(qh, k, v, first, last, hd, scale, scores, oh); break;
+        case 3: attend_heads<3>(qh, k, v, first, last, hd, scale, scores, oh); break;
+        case 2: attend_heads<2>(qh, k, v, first, last, hd, scale, scores, oh); break;
+        default: attend_heads<1>(qh, k, v, first, last, hd, scale, scores, oh); break;
+      }
+      h += batch;
     }
   }
 

@@ -77,6 +77,14 @@ struct ScalarV {
     for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
     return a;
   }
+  static inline Vec min(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] = b.v[i] < a.v[i] ? b.v[i] : a.v[i];
+    return a;
+  }
+  static inline Vec max(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] = b.v[i] > a.v[i] ? b.v[i] : a.v[i];
+    return a;
+  }
   static inline Vec exp(Vec a) {
     for (int i = 0; i < W; ++i) a.v[i] = std::exp(a.v[i]);
     return a;

@@ -23,6 +23,8 @@ namespace cpullm {
 namespace {
 
 constexpr int kMaxThreads = 1024;
+// Rows of attention scores a thread needs: Kernels::attend scores up to 4 query heads at once.
+constexpr size_t kScoreRows = 4;
 // Refuse dimensions whose products could overflow the 64-bit index arithmetic below or that no real
 // model has: a hostile config must fail here, not in an allocation or a pointer offset.
 constexpr int64_t kMaxDim = int64_t(1) << 24;
@@ -291,7 +293,7 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
     scratch_tokens_ = n_tokens;
   }
   // attend scores whole key blocks: up to one more block than the positions it attends to.
-  const size_t score_elems = size_t(n_threads) * size_t(capacity_ + 2 * kKeyBlock);
+  const size_t score_elems = size_t(n_threads) * kScoreRows * size_t(capacity_ + 2 * kKeyBlock);
   if (scores_.size() < score_elems) scores_.resize(score_elems);
 }
 
@@ -425,15 +427,19 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
 
     // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
     // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
+    // With enough tokens a unit of work is one token's whole KV group, whose query heads then share
+    // each key and value row loaded; with few (decode) it is one head, so that the threads stay busy.
     const int64_t window = L.window;
+    const int64_t unit_heads = T * KVH >= 4 * int64_t(n_threads) ? group : 1;
+    const int64_t units_per_token = H / unit_heads;
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
-    for (int64_t th = 0; th < T * H; ++th) {
-      const int64_t t = th / H, h = th % H, kvh = h / group;
+    for (int64_t u = 0; u < T * units_per_token; ++u) {
+      const int64_t t = u / units_per_token, h = (u % units_per_token) * unit_heads, kvh = h / group;
       const int64_t last = n_past_ + t;
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const float* q = qkv + t * qkv_dim + h * hd;
-      float* scores = scores_.data() + size_t(thread_id()) * size_t(capacity_ + 2 * kKeyBlock);
-      k.attend(q, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last, hd, s.attn_scale, scores,
+      float* scores = scores_.data() + size_t(thread_id()) * kScoreRows * size_t(capacity_ + 2 * kKeyBlock);
+      k.attend(q, unit_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last, hd, s.attn_scale, scores,
                attn + t * q_dim + h * hd);
     }
 
