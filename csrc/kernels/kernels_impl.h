@@ -57,8 +57,9 @@ struct KernelsImpl {
     for (; k + W <= K; k += W) {
       Vec wv[RR];
       for (int r = 0; r < RR; ++r) {
-        // The next tile's rows, requested early (see kernels_avx512vnni.cpp): rows are short streams.
-        __builtin_prefetch(w + (RR + r) * K + k);
+        // Several tokens: the next tile's rows, requested early (see kernels_avx512vnni.cpp): rows are
+        // short streams. One token reads rows in order, a stream the hardware prefetcher follows.
+        if (TT > 1) __builtin_prefetch(w + (RR + r) * K + k);
         wv[r] = loadw(w + r * K + k);
       }
       for (int t = 0; t < TT; ++t) {
@@ -84,10 +85,17 @@ struct KernelsImpl {
   template <int TT, class WT>
   static inline void token_tile_rows(const float* x, int64_t K, const WT* w, int64_t r0, int64_t r1, float* y,
                                      int64_t ldy) {
-    constexpr int RR = TT == 1 ? 4 : 2;
-    int64_t n = r0;
-    for (; n + RR <= r1; n += RR) tile<TT, RR>(x, K, w + n * K, y + n, ldy);
-    for (; n < r1; ++n) tile<TT, 1>(x, K, w + n * K, y + n, ldy);
+    if constexpr (TT == 1) {
+      // One token: rows one after another, so the rows [r0, r1) are read as one sequential stream (see
+      // kernels_avx512vnni.cpp on why that matters). Each row keeps the tiles' order of additions, so a
+      // token's outputs do not depend on how many tokens share the call.
+      for (int64_t n = r0; n < r1; ++n) tile<1, 1>(x, K, w + n * K, y + n, ldy);
+    } else {
+      constexpr int RR = 2;
+      int64_t n = r0;
+      for (; n + RR <= r1; n += RR) tile<TT, RR>(x, K, w + n * K, y + n, ldy);
+      for (; n < r1; ++n) tile<TT, 1>(x, K, w + n * K, y + n, ldy);
+    }
   }
 
   template <class WT>
