@@ -55,6 +55,12 @@ def test_missing_path() -> None:
         cpullm.load("/definitely/not/here")
 
 
+@pytest.mark.parametrize("path", [None, 3, ["model"]])
+def test_path_of_the_wrong_type(path: object) -> None:
+    with pytest.raises(TypeError, match="path must be a model directory"):
+        cpullm.load(path)  # type: ignore[arg-type]
+
+
 def test_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(cpullm.ModelFormatError, match="no config.json"):
         cpullm.load(tmp_path)

@@ -24,7 +24,7 @@ _FILLER = ("And what about the mountains to the north of the valley, and the old
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default=None, help="model path (default: the default model)")
+    parser.add_argument("model", nargs="?", default="smollm2-135m-instruct", help="model path (default: the default model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--turn-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)

@@ -88,6 +88,9 @@ def load(
     ``context_length``: cap on positions per sequence (default: the model's max_position_embeddings).
     ``group_size``: inputs per int8 scale (default 32), a multiple of 32.
     """
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"cpullm.load: path must be a model directory, a .gguf file or a known model name such as "
+                        f"'smollm2-135m-instruct', got {type(path).__name__}")
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     n_threads = resolve_threads(threads)
