@@ -271,7 +271,7 @@ PYBIND11_MODULE(_C, m) {
     std::vector<float> kt(size_t(blocks * kKeyBlock * hd), std::numeric_limits<float>::quiet_NaN());
     for (int64_t p = 0; p < n; ++p)
       for (int64_t d = 0; d < hd; ++d) kt[(p / kKeyBlock * hd + d) * kKeyBlock + p % kKeyBlock] = k.data()[p * hd + d];
-    std::vector<float> scores(size_t(4 * (blocks + 1) * kKeyBlock));
+    std::vector<float> scores(size_t(kAttendHeads * (blocks + 1) * kKeyBlock));
     F32Array out(q.ndim() == 2 ? std::vector<py::ssize_t>{n_q, hd} : std::vector<py::ssize_t>{hd});
     kernels().attend(q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), out.mutable_data());
     return out;

@@ -22,6 +22,8 @@ constexpr int kQ8Rows = 16;
 // blocks follow each other. So q . k for a block's 16 positions is hd vector multiply-adds of a
 // broadcast q[d] with one contiguous row, with no horizontal sums, and a head's keys are one stream.
 constexpr int kKeyBlock = 16;
+// Query heads Kernels::attend handles at once (more are taken in batches of this many).
+constexpr int kAttendHeads = 4;
 
 // Int8 weights in the layout the kernels read, made once at load time by pack_q8 from the row-major
 // form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
@@ -89,8 +91,8 @@ struct Kernels {
   // Attention of n_q query heads of one KV head over its cached positions [first, last]:
   // out[h][hd] = sum_p softmax_p(scale * q[h] . k_p) * v_p. q and out: n_q rows of hd floats. k: that KV
   // head's keys in kKeyBlock-position blocks (see kKeyBlock), from position 0; v: its values, [positions,
-  // hd] from position 0. scores: scratch of min(n_q, 4) * (last / kKeyBlock - first / kKeyBlock + 1) *
-  // kKeyBlock floats.
+  // hd] from position 0. scores: scratch of min(n_q, kAttendHeads) * (last / kKeyBlock - first / kKeyBlock
+  // + 1) * kKeyBlock floats.
   void (*attend)(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
                  float scale, float* scores, float* out);
 };

@@ -19,9 +19,9 @@
 namespace cpullm {
 namespace {
 
-// One token (decode, and a prefill's last odd token): a single block at a time, read front to back, so that a thread's chunk of blocks
-// (which lie back to back) is one sequential stream: the hardware prefetcher then runs at the full read
-// bandwidth. Tiles over several blocks read as many interleaved streams of a few KiB each, which the
+// One token (decode, and a prefill's last odd token): a single block at a time, read front to back, so
+// that a thread's chunk of blocks (which lie back to back) is one sequential stream: the hardware
+// prefetcher then runs at the full read bandwidth. Tiles over several blocks read as many interleaved streams of a few KiB each, which the
 // prefetcher meets cold at every tile; on a Zen 4 core that held one thread to ~17 GB/s of its 31, and
 // software prefetching ahead in each stream only partly helped (measured 14-21 GB/s over distances and
 // tile widths; one stream without software prefetch 31-38 GB/s). Even and odd quads feed separate

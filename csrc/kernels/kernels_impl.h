@@ -288,12 +288,13 @@ struct KernelsImpl {
     }
   }
 
-  // n_q query heads of one KV group (see Kernels::attend for the layouts), up to 4 at a time.
+  // n_q query heads of one KV group (see Kernels::attend for the layouts), kAttendHeads at a time.
   static void attend(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last,
                      int64_t hd, float scale, float* scores, float* out) {
     static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
+    static_assert(kAttendHeads == 4, "the batches below go up to 4 heads");
     for (int64_t h = 0; h < n_q;) {
-      const int64_t batch = n_q - h < 4 ? n_q - h : 4;
+      const int64_t batch = n_q - h < kAttendHeads ? n_q - h : kAttendHeads;
       const float* qh = q + h * hd;
       float* oh = out + h * hd;
       switch (batch) {

@@ -23,8 +23,8 @@ namespace cpullm {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-// Rows of attention scores a thread needs: Kernels::attend scores up to 4 query heads at once.
-constexpr size_t kScoreRows = 4;
+// Rows of attention scores a thread needs: Kernels::attend scores up to kAttendHeads query heads at once.
+constexpr size_t kScoreRows = kAttendHeads;
 // Refuse dimensions whose products could overflow the 64-bit index arithmetic below or that no real
 // model has: a hostile config must fail here, not in an allocation or a pointer offset.
 constexpr int64_t kMaxDim = int64_t(1) << 24;
