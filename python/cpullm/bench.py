@@ -53,8 +53,10 @@ def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt
         raise ValueError("prompt tokens, generated tokens and repeats must all be >= 1")
     load_times, prefill, ttft, decode = [], [], [], []
     model: Any = None
+    sequence: Any = None
     for _ in range(repeats):
         if model is not None:
+            sequence = None  # it holds the previous model's weights: peak RSS would count two models
             model.close()
         start = time.perf_counter()
         model = load(model_path, dtype=dtype, threads=threads)
