@@ -99,6 +99,23 @@ def test_large_vocabulary_with_ties_at_every_boundary_matches_transformers() -> 
         np.testing.assert_allclose(_as_dense(ids, probs, logits.size), expected, rtol=1e-5, atol=1e-9)
 
 
+def test_tiny_temperatures_and_non_finite_logits() -> None:
+    logits = (np.random.default_rng(5).standard_normal(1000) * 5).astype(np.float32)
+    for temperature in (1e-30, 1e-38, 1e-45):  # the last two overflow float32 when logits are scaled
+        for extra in ({}, dict(top_k=10), dict(top_p=0.5), dict(min_p=0.1)):
+            ids, probs = filter_distribution(logits, SamplingParams(temperature=temperature, **extra))
+            assert ids.tolist() == [int(np.argmax(logits))] and probs.tolist() == [1.0]
+    with pytest.raises(ValueError, match="no finite value"):
+        filter_distribution(np.full(10, np.nan, np.float32), SamplingParams(temperature=1.0))
+    poisoned = logits.copy()
+    poisoned[[0, 7]] = np.nan  # a NaN never wins, wherever it is
+    best = int(np.nanargmax(poisoned))
+    assert filter_distribution(poisoned, SamplingParams())[0].tolist() == [best]
+    assert best in filter_distribution(poisoned, SamplingParams(temperature=0.5, top_k=3))[0].tolist()
+    with pytest.raises(ValueError, match="no finite value"):
+        filter_distribution(np.full(10, -np.inf, np.float32), SamplingParams(temperature=0.7, top_k=3))
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = np.log(probs).astype(np.float32)

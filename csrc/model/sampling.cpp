@@ -54,10 +54,11 @@ inline double exp_nonpositive(double d) {
   return p * scale;
 }
 
-// max of v[0, n) (n >= 1) with independent partial maxima, so the loop is not one long dependency chain.
+// max of v[0, n) with independent partial maxima, so the loop is not one long dependency chain. NaN
+// never wins (every comparison with it is false); -inf when nothing else is there.
 float max_of(const float* v, int64_t n) {
   float m[8];
-  for (int j = 0; j < 8; ++j) m[j] = v[0];
+  for (int j = 0; j < 8; ++j) m[j] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int j = 0; j < 8; ++j) m[j] = v[i + j] > m[j] ? v[i + j] : m[j];
@@ -106,17 +107,20 @@ const float* penalise(const float* logits, int64_t vocab, const SamplingSpec& sp
   return s.penalised.data();
 }
 
-// The first index of the largest value (as numpy.argmax, for finite values): the maximum first, in a loop
-// that vectorises, then where it is.
+// The first index of the largest value (as numpy.argmax, except that NaN is passed over): the maximum
+// first, in a loop that vectorises, then where it is.
 int64_t arg_max(const float* x, int64_t n) {
   const float best = max_of(x, n);
   for (int64_t i = 0; i < n; ++i)
     if (x[i] == best) return i;
-  return 0;  // no value compares equal: every one is NaN
+  return 0;  // nothing but NaN
 }
 
-// The value that `rank` values of v[0, n) are at least as large as (rank >= 1); reorders v.
+// The value that `rank` values of v[0, n) are at least as large as (rank >= 1); reorders v, and counts
+// NaN as -inf (nth_element needs a strict weak order, which NaN breaks).
 float kth_largest(float* v, int64_t n, int64_t rank) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(v[i])) v[i] = -std::numeric_limits<float>::infinity();
   std::nth_element(v, v + (n - rank), v + n);
   return v[n - rank];
 }
@@ -236,7 +240,15 @@ void filter_logits(const float* logits, int64_t vocab, const SamplingSpec& spec,
   else
     for (int64_t j = 0; j < m; ++j) z[j] = x[j] / temperature;
   const float best = max_of(z, m);
-  if (!std::isfinite(best)) fail("sampling: the logits hold no finite value to sample from");
+  if (!std::isfinite(best)) {
+    const int64_t top = arg_max(x, vocab);
+    if (!std::isfinite(x[top])) fail("sampling: the logits hold no finite value to sample from");
+    // A temperature so small that the scaled logits overflow float32: what is left is the limit of
+    // temperature -> 0, the best token.
+    ids.push_back(top);
+    probs.push_back(1.0);
+    return;
+  }
   double floor = double(best) - kNegligibleNats;
   if (top_k) {
     s.tmp.assign(s.z.begin(), s.z.end());
