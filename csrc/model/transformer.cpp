@@ -427,10 +427,11 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
 
     // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
     // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
-    // With enough tokens a unit of work is one token's whole KV group, whose query heads then share
-    // each key and value row loaded; with few (decode) it is one head, so that the threads stay busy.
+    // With enough tokens, or one thread, a unit of work is one token's whole KV group, whose query heads
+    // then share each key and value row loaded; with few tokens (decode) on several threads it is one
+    // head, so that the threads stay busy.
     const int64_t window = L.window;
-    const int64_t unit_heads = T * KVH >= 4 * int64_t(n_threads) ? group : 1;
+    const int64_t unit_heads = n_threads == 1 || T * KVH >= 4 * int64_t(n_threads) ? group : 1;
     const int64_t units_per_token = H / unit_heads;
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
     for (int64_t u = 0; u < T * units_per_token; ++u) {
