@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Python's share of a decoded token in a sampled chat stream: the time outside the C++ forward pass
-(sampling, the decode loop, incremental detokenizing, stop strings, the session's bookkeeping) against
-the whole turn. The session's native sequence is wrapped so that every forward call is timed; the rest
-of the turn's wall time is what Python and the sampler cost.
+"""Python's share of a decoded token in a sampled chat stream: the time outside the native calls (the
+decode loop, incremental detokenizing, stop strings, the session's bookkeeping) against the whole turn.
+The session's native sequence is wrapped so that every forward call is timed, and so is every call of
+the C++ sampler (reported apart); the rest of the turn's wall time is Python's.
 
     python tools/python_share.py [MODEL] [--threads 2] [--tokens 128] [--repeats 3]
                                  [--temperature 0.7] [--top-k 40] [--top-p 0.95]
@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import cpullm
+import cpullm.sampling as sampling
 
 
 class _TimedSequence:
@@ -35,6 +36,22 @@ class _TimedSequence:
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return result
+
+
+class _TimedNative:
+    """Stands in for cpullm._C inside cpullm.sampling, timing sample_token."""
+
+    def __init__(self, native: Any) -> None:
+        self.native, self.seconds = native, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.native, name)
+
+    def sample_token(self, *args: Any) -> int:
+        start = time.perf_counter()
+        token = self.native.sample_token(*args)
+        self.seconds += time.perf_counter() - start
+        return token
 
 
 def main() -> None:
@@ -57,15 +74,19 @@ def main() -> None:
             pass
         timed = _TimedSequence(chat._sequence)
         chat._sequence = timed
+        native = _TimedNative(sampling._C)
+        sampling._C = native
         start = time.perf_counter()
         for _ in chat.stream("Write a long story about a dragon who learns to cook.", max_tokens=args.tokens):
             pass
         total = time.perf_counter() - start
+        sampling._C = native.native
         chat._sequence = timed.inner
         generated = max(chat.stats.generated_tokens, 1)
-        outside = total - timed.seconds
-        print(f"{generated} tokens: forward {1e3 * timed.seconds / max(timed.calls, 1):.2f} ms a call, outside it "
-              f"{1e3 * outside / generated:.3f} ms a token = {100 * outside / total:.2f} % of the turn", flush=True)
+        python = total - timed.seconds - native.seconds
+        print(f"{generated} tokens: forward {1e3 * timed.seconds / max(timed.calls, 1):.2f} ms a call; C++ sampler "
+              f"{1e6 * native.seconds / generated:.0f} us a token = {100 * native.seconds / total:.2f} %; Python "
+              f"{1e3 * python / generated:.3f} ms a token = {100 * python / total:.2f} % of the turn", flush=True)
 
 
 if __name__ == "__main__":
