@@ -21,25 +21,37 @@ import cpullm
 import cpullm.sampling as sampling
 
 
-class _Timed:
-    """Forwards every attribute to ``inner``; calls of the methods named in ``timed`` are timed."""
+class _TimedSequence:
+    """Forwards everything to the native sequence, timing forward()."""
 
-    def __init__(self, inner: Any, *timed: str) -> None:
-        self.inner, self.seconds, self.calls, self._timed = inner, 0.0, 0, frozenset(timed)
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if name not in self._timed:
-            return attr
+        return getattr(self.inner, name)
 
-        def call(*args: Any) -> Any:
-            start = time.perf_counter()
-            result = attr(*args)
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
-            return result
+    def forward(self, *args: Any) -> Any:
+        start = time.perf_counter()
+        result = self.inner.forward(*args)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return result
 
-        return call
+
+class _TimedNative:
+    """Stands in for cpullm._C inside cpullm.sampling, timing sample_token."""
+
+    def __init__(self, native: Any) -> None:
+        self.native, self.seconds = native, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.native, name)
+
+    def sample_token(self, *args: Any) -> int:
+        start = time.perf_counter()
+        token = self.native.sample_token(*args)
+        self.seconds += time.perf_counter() - start
+        return token
 
 
 def main() -> None:
@@ -60,15 +72,15 @@ def main() -> None:
         chat.reset()
         for _ in chat.stream("Hi", max_tokens=8):  # a short first turn, so the timed one is mostly decoding
             pass
-        timed = _Timed(chat._sequence, "forward")
+        timed = _TimedSequence(chat._sequence)
         chat._sequence = timed
-        native = _Timed(sampling._C, "sample_token")
+        native = _TimedNative(sampling._C)
         sampling._C = native
         start = time.perf_counter()
         for _ in chat.stream("Write a long story about a dragon who learns to cook.", max_tokens=args.tokens):
             pass
         total = time.perf_counter() - start
-        sampling._C = native.inner
+        sampling._C = native.native
         chat._sequence = timed.inner
         generated = max(chat.stats.generated_tokens, 1)
         python = total - timed.seconds - native.seconds
