@@ -7,8 +7,8 @@ the C++ sampler (reported apart); the rest of the turn's wall time is Python's.
     python tools/python_share.py [MODEL] [--threads 2] [--tokens 128] [--repeats 3]
                                  [--temperature 0.7] [--top-k 40] [--top-p 0.95]
 
-Prints, per repeat, the tokens generated, the time per forward call and the time outside it per token,
-as a share of the turn.
+Prints, per repeat, the tokens generated, the time per forward call, and the sampler's and Python's time
+per token with their shares of the turn.
 """
 
 from __future__ import annotations
@@ -21,37 +21,25 @@ import cpullm
 import cpullm.sampling as sampling
 
 
-class _TimedSequence:
-    """Forwards everything to the native sequence, timing forward()."""
+class _Timed:
+    """Forwards every attribute to ``inner``, timing calls of its method ``name`` (the timed function is
+    made once, so the wrapper adds no work per call beyond the clock)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, name: str) -> None:
         self.inner, self.seconds, self.calls = inner, 0.0, 0
+        method = getattr(inner, name)
+
+        def timed(*args: Any) -> Any:
+            start = time.perf_counter()
+            result = method(*args)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            return result
+
+        setattr(self, name, timed)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
-
-    def forward(self, *args: Any) -> Any:
-        start = time.perf_counter()
-        result = self.inner.forward(*args)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return result
-
-
-class _TimedNative:
-    """Stands in for cpullm._C inside cpullm.sampling, timing sample_token."""
-
-    def __init__(self, native: Any) -> None:
-        self.native, self.seconds = native, 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.native, name)
-
-    def sample_token(self, *args: Any) -> int:
-        start = time.perf_counter()
-        token = self.native.sample_token(*args)
-        self.seconds += time.perf_counter() - start
-        return token
 
 
 def main() -> None:
@@ -72,15 +60,15 @@ def main() -> None:
         chat.reset()
         for _ in chat.stream("Hi", max_tokens=8):  # a short first turn, so the timed one is mostly decoding
             pass
-        timed = _TimedSequence(chat._sequence)
+        timed = _Timed(chat._sequence, "forward")
         chat._sequence = timed
-        native = _TimedNative(sampling._C)
+        native = _Timed(sampling._C, "sample_token")
         sampling._C = native
         start = time.perf_counter()
         for _ in chat.stream("Write a long story about a dragon who learns to cook.", max_tokens=args.tokens):
             pass
         total = time.perf_counter() - start
-        sampling._C = native.native
+        sampling._C = native.inner
         chat._sequence = timed.inner
         generated = max(chat.stats.generated_tokens, 1)
         python = total - timed.seconds - native.seconds

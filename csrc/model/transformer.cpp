@@ -142,11 +142,14 @@ void apply_rope(float* head, const float* cos, const float* sin, int half) {
   }
 }
 
-// SwiGLU over [T, 2F] rows (gate, then up), packed into the first F columns of a [T, F] view at the start
-// of the buffer: row t's input (offset 2tF) is never behind its output (offset tF), so in place is safe
-// as long as rows go in order; each row is one kernel call.
-void swiglu(const Kernels& k, float* ffn, int64_t T, int64_t F) {
-  for (int64_t t = 0; t < T; ++t) k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, ffn + t * F, F);
+// The per-token steps between the matmuls are split across threads too once there are this many tokens
+// to pay for the fork (on 2 threads they were ~7 % of a 128-token prefill, run by one thread).
+constexpr int64_t kPerTokenParallel = 8;
+
+// act [T, F] = silu(gate) * up for each row of ffn [T, 2F] (gate, then up).
+void swiglu(const Kernels& k, const float* ffn, float* act, int64_t T, int64_t F, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && T >= kPerTokenParallel)
+  for (int64_t t = 0; t < T; ++t) k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
 }
 
 int thread_id() {
@@ -377,9 +380,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   float* attn = attn_.data();
   float* ffn = ffn_.data();
   float* act = act_.data();
-  // The per-token steps between the matmuls are split across threads too once there are enough tokens
-  // to pay for the fork (on 2 threads they were ~7 % of a 128-token prefill, run by one thread).
-  const bool per_token_parallel = n_threads > 1 && T >= 8;
+  const bool per_token_parallel = n_threads > 1 && T >= kPerTokenParallel;
   const auto add_rows = [&](float* dst, const float* src) {
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
     for (int64_t t = 0; t < T; ++t)
@@ -454,8 +455,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       continue;
     }
     matmul(xn, T, L.w13, ffn, n_threads);
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
-    for (int64_t t = 0; t < T; ++t) k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
+    swiglu(k, ffn, act, T, F, n_threads);
     matmul(act, T, L.w2, xn, n_threads);
     add_rows(x, xn);
   }
@@ -522,8 +522,8 @@ void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(moe_in_.data() + r * D, xn + (expert_rows_[r] / K) * D, sizeof(float) * D);
     matmul(moe_in_.data(), n, L.expert_w13[e], ffn, n_threads);
-    swiglu(kernels(), ffn, n, F);
-    matmul(ffn, n, L.expert_w2[e], moe_out_.data(), n_threads);
+    swiglu(kernels(), ffn, act_.data(), n, F, n_threads);
+    matmul(act_.data(), n, L.expert_w2[e], moe_out_.data(), n_threads);
     for (int64_t r = 0; r < n; ++r) {
       const float w = route_w_[expert_rows_[r]];
       float* acc = moe_acc_.data() + (expert_rows_[r] / K) * D;
