@@ -8,8 +8,9 @@
 #include <limits>
 #include <stdexcept>
 
-#if defined(__linux__)
+#if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #ifdef _OPENMP
@@ -162,27 +163,65 @@ int thread_id() {
 
 }  // namespace
 
-void AlignedBytes::Free::operator()(uint8_t* p) const { std::free(p); }
+namespace {
+constexpr size_t kHugePage = size_t(2) << 20;
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+PageArena::PageArena(size_t bytes) {
+  if (bytes == 0) return;
+  if (bytes > std::numeric_limits<size_t>::max() / 2) throw std::bad_alloc();
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  // Over-map by one huge page and trim, so that the arena starts on a 2 MiB boundary.
+  void* raw = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) throw std::bad_alloc();
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+  if (aligned > start) munmap(raw, aligned - start);
+  if (aligned + size < start + size + kHugePage) munmap(reinterpret_cast<void*>(aligned + size), start + kHugePage - aligned);
+  data_ = reinterpret_cast<uint8_t*>(aligned);
+  size_ = size;
+#if defined(MADV_HUGEPAGE)
+  madvise(data_, size_, MADV_HUGEPAGE);  // a request: without THP it changes nothing
+#endif
+}
+
+PageArena::~PageArena() {
+  if (data_) munmap(data_, size_);
+}
+
+void PageArena::release(size_t offset, size_t bytes) {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  if (offset >= size_) return;
+  bytes = std::min(bytes, size_ - offset);
+  const size_t begin = (offset + page - 1) / page * page, end = (offset + bytes) / page * page;
+  if (end > begin) madvise(data_ + begin, end - begin, MADV_DONTNEED);
+}
+#else
+PageArena::PageArena(size_t bytes) {
+  if (bytes == 0) return;
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  data_ = static_cast<uint8_t*>(std::calloc(size, 1));
+  if (!data_) throw std::bad_alloc();
+  size_ = size;
+}
+
+PageArena::~PageArena() { std::free(data_); }
+
+void PageArena::release(size_t, size_t) {}
+#endif
 
 uint8_t* Transformer::take_packed(size_t bytes) {
   // Decode streams every weight once per token; with 4 KiB pages each page costs a TLB miss whose page
   // walk the stream waits for. 2 MiB pages took a Zen 4 core from ~23 to ~31 GB/s over SmolLM2's 151 MB
   // of packed weights (its read bandwidth), where the previous Xeon showed no difference. Chunks rather
   // than one allocation per matrix, so that small matrices share huge pages instead of each rounding up.
-  constexpr size_t kHuge = size_t(2) << 20, kChunk = size_t(64) << 20;
+  constexpr size_t kChunk = size_t(64) << 20;
   bytes = (bytes + 63) / 64 * 64;
-  if (packed_.empty() || packed_.back().size - packed_.back().used < bytes) {
-    AlignedBytes chunk;
-    chunk.size = (std::max(bytes, kChunk) + kHuge - 1) / kHuge * kHuge;
-    chunk.ptr.reset(static_cast<uint8_t*>(std::aligned_alloc(kHuge, chunk.size)));
-    if (!chunk.ptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(chunk.ptr.get(), chunk.size, MADV_HUGEPAGE);  // a request: without THP it changes nothing
-#endif
-    packed_.push_back(std::move(chunk));
-  }
-  AlignedBytes& chunk = packed_.back();
-  uint8_t* p = chunk.ptr.get() + chunk.used;
+  if (packed_.empty() || packed_.back().size() - packed_.back().used < bytes)
+    packed_.emplace_back(std::max(bytes, kChunk));
+  PageArena& chunk = packed_.back();
+  uint8_t* p = chunk.data() + chunk.used;
   chunk.used += bytes;
   return p;
 }
@@ -269,15 +308,25 @@ void Sequence::reserve(int positions) {
   // Both caches are head-major (see transformer.h), so growing moves each head's positions to its new
   // place; the cached prefix [0, n_past) is all that must survive.
   const int64_t keep = (int64_t(n_past_) + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-  for (size_t l = 0; l < k_cache_.size(); ++l) {
-    std::vector<float> k(size_t(cap) * KVH * hd), v(size_t(cap) * KVH * hd);
+  const size_t per_cache = size_t(cap) * KVH * hd;  // floats of one layer's keys (or values)
+  const size_t L = k_cache_.size();
+  PageArena arena(sizeof(float) * 2 * L * per_cache);
+  float* base = reinterpret_cast<float*>(arena.data());
+  for (size_t l = 0; l < L; ++l) {
+    float* k = base + 2 * l * per_cache;
+    float* v = k + per_cache;
     for (int64_t h = 0; h < KVH && capacity_ > 0; ++h) {
-      std::memcpy(k.data() + h * cap * hd, k_cache_[l].data() + h * capacity_ * hd, sizeof(float) * keep * hd);
-      std::memcpy(v.data() + h * cap * hd, v_cache_[l].data() + h * capacity_ * hd, sizeof(float) * n_past_ * hd);
+      std::memcpy(k + h * cap * hd, k_cache_[l] + h * capacity_ * hd, sizeof(float) * keep * hd);
+      std::memcpy(v + h * cap * hd, v_cache_[l] + h * capacity_ * hd, sizeof(float) * n_past_ * hd);
     }
-    k_cache_[l].swap(k);
-    v_cache_[l].swap(v);
+    // The old layer's pages go back as soon as they are copied, so that growing costs about one
+    // layer more than the new cache, not the old cache whole.
+    const size_t old_layer_bytes = sizeof(float) * 2 * size_t(capacity_) * KVH * hd;
+    kv_.release(l * old_layer_bytes, old_layer_bytes);
+    k_cache_[l] = k;
+    v_cache_[l] = v;
   }
+  kv_ = std::move(arena);
   capacity_ = cap;
 }
 
@@ -402,8 +451,8 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
 
   for (int l = 0; l < s.n_layers; ++l) {
     const LayerWeights& L = model_.layers()[l];
-    float* kc = k_cache_[l].data();
-    float* vc = v_cache_[l].data();
+    float* kc = k_cache_[l];
+    float* vc = v_cache_[l];
     const int64_t cap = capacity_;
 
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -58,12 +59,38 @@ struct Matrix {
 
 // A chunk of the packed int8 weights: 2 MiB aligned, with transparent huge pages requested, matrices
 // placed one after another (64-byte aligned) until it is full.
-struct AlignedBytes {
-  struct Free {
-    void operator()(uint8_t* p) const;
-  };
-  std::unique_ptr<uint8_t, Free> ptr;
-  size_t size = 0, used = 0;
+// Zero-filled memory of its own, 2 MiB aligned, with transparent huge pages requested where the system
+// has them: memory streamed every token (packed weights, the KV cache) then costs one TLB entry per 2 MiB
+// instead of per 4 KiB. On POSIX systems it is an anonymous mapping, so pages are backed only once
+// touched and can be handed back early.
+class PageArena {
+ public:
+  PageArena() = default;
+  explicit PageArena(size_t bytes);
+  ~PageArena();
+  PageArena(PageArena&& other) noexcept { swap(other); }
+  PageArena& operator=(PageArena&& other) noexcept {
+    PageArena gone(std::move(*this));
+    swap(other);
+    return *this;
+  }
+  PageArena(const PageArena&) = delete;
+  PageArena& operator=(const PageArena&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  size_t used = 0;  // for callers that carve it up
+  // Hands the whole pages inside [offset, offset + bytes) back to the system; they read as zero after.
+  void release(size_t offset, size_t bytes);
+
+ private:
+  void swap(PageArena& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    std::swap(used, other.used);
+  }
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
 };
 
 struct LayerWeights {
@@ -106,7 +133,7 @@ class Transformer {
   uint8_t* take_packed(size_t bytes);
 
   ModelSpec spec_;
-  std::vector<AlignedBytes> packed_;  // the chunks holding the packed int8 matrices
+  std::vector<PageArena> packed_;  // the chunks holding the packed int8 matrices
   Matrix tok_embeddings_;  // [vocab, dim]
   std::vector<LayerWeights> layers_;
   const float* norm_ = nullptr;  // [dim]
@@ -145,7 +172,11 @@ class Sequence {
   // Per layer, head-major so that attention reads each KV head's positions as one stream:
   // keys [n_kv_heads][capacity / kKeyBlock][head_dim][kKeyBlock] (transposed blocks, see kKeyBlock),
   // values [n_kv_heads][capacity][head_dim]. capacity is a multiple of kKeyBlock.
-  std::vector<std::vector<float>> k_cache_, v_cache_;
+  // Both caches of every layer, layer after layer, in one arena: decode streams them like the weights,
+  // and on 2 MiB pages a Zen 4 core decoded SmolLM2 after 2,000 positions 12 % faster on 1 thread and
+  // 25 % on 2 (per-layer vectors on 4 KiB pages before).
+  PageArena kv_;
+  std::vector<float*> k_cache_, v_cache_;
   // Scratch, grown on demand and then reused: no allocation on the decode path.
   std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_, scores_;  // act_: SwiGLU out [T, ffn_dim]
   std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul (see Q8Acts)
