@@ -271,12 +271,14 @@ PYBIND11_MODULE(_C, m) {
     std::vector<float> kt(size_t(blocks * kKeyBlock * hd), std::numeric_limits<float>::quiet_NaN());
     for (int64_t p = 0; p < n; ++p)
       for (int64_t d = 0; d < hd; ++d) kt[(p / kKeyBlock * hd + d) * kKeyBlock + p % kKeyBlock] = k.data()[p * hd + d];
-    std::vector<float> scores(size_t(kAttendHeads * (blocks + 1) * kKeyBlock));
+    std::vector<float> scores(size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock));
+    std::vector<float> part(size_t(n_q * (hd + 4)));
     F32Array out(q.ndim() == 2 ? std::vector<py::ssize_t>{n_q, hd} : std::vector<py::ssize_t>{hd});
-    kernels().attend(q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), out.mutable_data());
+    attend_chunked(kernels(), q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), part.data(),
+                   out.mutable_data());
     return out;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0,
-     "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q");
+     "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q (in chunks of positions, as the model does)");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
     if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));

@@ -242,10 +242,12 @@ def test_silu_mul_matches_numpy(isa: str, n: int) -> None:
 
 
 @pytest.mark.parametrize("n,hd,first", [(1, 64, 0), (5, 64, 0), (17, 48, 0), (40, 128, 0), (300, 80, 0), (16, 24, 0),
-                                         (33, 40, 17), (70, 64, 5), (300, 80, 113), (9, 64, 8)])
+                                         (33, 40, 17), (70, 64, 5), (300, 80, 113), (9, 64, 8), (256, 64, 0),
+                                         (257, 64, 0), (900, 64, 0), (1000, 40, 600), (800, 64, 255)])
 def test_attend_matches_numpy(isa: str, n: int, hd: int, first: int) -> None:
     # first > 0: a sliding window that starts inside a key block of the cache's layout; the binding
-    # pads the last block with NaN, which must not leak into the result.
+    # pads the last block with NaN, which must not leak into the result. Past 256 positions the range is
+    # cut into chunks whose results are folded (a window may start in any chunk).
     rng = np.random.default_rng(n * hd + first)
     q = rng.standard_normal(hd).astype(np.float32)
     k = rng.standard_normal((n, hd)).astype(np.float32)
@@ -260,7 +262,7 @@ def test_attend_matches_numpy(isa: str, n: int, hd: int, first: int) -> None:
 
 
 @pytest.mark.parametrize("n_q,n,hd,first", [(2, 37, 64, 0), (3, 100, 64, 21), (4, 17, 128, 0), (5, 50, 40, 3),
-                                            (7, 300, 64, 200), (3, 9, 24, 0)])
+                                            (7, 300, 64, 200), (3, 9, 24, 0), (3, 700, 64, 100)])
 def test_attend_several_heads_of_a_group_matches_numpy(isa: str, n_q: int, n: int, hd: int, first: int) -> None:
     # Heads of one KV group attend together (each key and value row loaded once for all of them), in
     # batches of up to 4: every head's result must be its own attention.

@@ -85,6 +85,25 @@ def test_cache_growth_keeps_every_position(make_llama: Any, config: str) -> None
     assert rel_err(full[-50:], hf_logits(hf_model, ids)[-50:]) < F32_TOL
 
 
+@pytest.mark.parametrize("config", ["mha-hd64-tied", "gqa3-hd24"])
+def test_decode_over_a_long_cache_is_the_same_on_any_thread_count(make_llama: Any, config: str) -> None:
+    # Past kAttendChunk (256) positions, a decode step's attention is cut into chunks of positions that
+    # threads take separately (whole KV groups or single heads, depending on the thread count) and folds
+    # them in order; one thread walks the same chunks itself. Every thread count must give the same bits,
+    # and the steps the logits of transformers' full pass.
+    directory, hf_model = make_llama(seed=11, **CONFIGS[config], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=1)
+    ids = _ids(model.spec.vocab_size, 704, seed=5).astype(np.int32)
+    outputs = []
+    for threads in (1, 2, 3, 4):
+        sequence = cpullm._C.Sequence(model._model())
+        sequence.forward(ids[:700], False, threads)
+        outputs.append(np.concatenate([sequence.forward(ids[i:i + 1], True, threads) for i in range(700, 704)]))
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other, outputs[0])
+    assert rel_err(outputs[0], hf_logits(hf_model, ids)[700:]) < F32_TOL
+
+
 def test_results_do_not_depend_on_thread_count(llama: tuple[Any, Any]) -> None:
     model, _ = llama
     ids = _ids(model.spec.vocab_size, 19, seed=2).astype(np.int32)

@@ -24,6 +24,12 @@ constexpr int kQ8Rows = 16;
 constexpr int kKeyBlock = 16;
 // Query heads Kernels::attend handles at once (more are taken in batches of this many).
 constexpr int kAttendHeads = 4;
+// Attention over a long range of positions goes in chunks aligned to multiples of kAttendChunk
+// positions, whose results are folded in order (attend_fold): by one thread walking a query's chunks
+// (attend_chunked), or by several threads each taking chunks of one query (decode over a long cache,
+// where a query's KV group alone would leave threads idle or make each read the cache again). Both fold
+// the same way, so results do not depend on the thread count.
+constexpr int kAttendChunk = 256;
 
 // Int8 weights in the layout the kernels read, made once at load time by pack_q8 from the row-major
 // form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
@@ -92,10 +98,22 @@ struct Kernels {
   // out[h][hd] = sum_p softmax_p(scale * q[h] . k_p) * v_p. q and out: n_q rows of hd floats. k: that KV
   // head's keys in kKeyBlock-position blocks (see kKeyBlock), from position 0; v: its values, [positions,
   // hd] from position 0. scores: scratch of min(n_q, kAttendHeads) * (last / kKeyBlock - first / kKeyBlock
-  // + 1) * kKeyBlock floats.
+  // + 1) * kKeyBlock floats. stats, when not null: per head {max_p scale * q . k_p, sum_p exp(that - max)},
+  // what attend_fold needs to join the results of several position ranges.
   void (*attend)(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
-                 float scale, float* scores, float* out);
+                 float scale, float* scores, float* out, float* stats);
 };
+
+// Folds a chunk's attention output oc [hd] (its stats {max, sum} from Kernels::attend) into the
+// output o [hd] of the positions before it, whose stats `running` is updated: o becomes the attention
+// over both ranges.
+void attend_fold(float* o, float* running, const float* oc, const float* chunk_stats, int64_t hd);
+
+// Kernels::attend of n_q query heads over [first, last], kAttendChunk-aligned chunk by chunk, folded in
+// order into out [n_q][hd]. scores: as Kernels::attend needs for one chunk (kAttendHeads * (kAttendChunk
+// + 2 * kKeyBlock) floats); part: n_q * (hd + 4) floats of scratch.
+void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const float* kc, const float* vc, int64_t first,
+                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out);
 
 const Kernels& kernels_scalar();
 #if defined(CPULLM_HAVE_X86_KERNELS)

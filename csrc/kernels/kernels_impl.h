@@ -251,8 +251,8 @@ struct KernelsImpl {
     }
   }
 
-  // In place: scores[0, n) -> softmax(scores[0, n)).
-  static inline void softmax(float* scores, int64_t n) {
+  // In place: scores[0, n) -> softmax(scores[0, n)); stats (when not null) gets {max, sum of exp(s - max)}.
+  static inline void softmax(float* scores, int64_t n, float* stats) {
     Vec vm = V::set1(scores[0]);
     int64_t p = 0;
     for (; p + W <= n; p += W) vm = V::max(vm, V::load(scores + p));
@@ -274,6 +274,10 @@ struct KernelsImpl {
       V::store_partial(scores + p, V::exp(V::sub(V::load_partial(scores + p, rem), vmx)), rem);
       for (; p < n; ++p) sum += scores[p];
     }
+    if (stats) {
+      stats[0] = mx;
+      stats[1] = sum;
+    }
     const Vec inv = V::set1(1.f / sum);
     for (p = 0; p + W <= n; p += W) V::store(scores + p, V::mul(V::load(scores + p), inv));
     for (const float inv_s = 1.f / sum; p < n; ++p) scores[p] *= inv_s;
@@ -282,7 +286,7 @@ struct KernelsImpl {
   // NQ query heads of one KV group over the cached positions [first, last].
   template <int NQ>
   static void attend_heads(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
-                           float scale, float* all_scores, float* out) {
+                           float scale, float* all_scores, float* out, float* stats) {
     const int64_t b_first = first / kKeyBlock, b_last = last / kKeyBlock;
     const int64_t ld = (b_last - b_first + 1) * kKeyBlock;  // one head's row of scores
     for (int64_t b = b_first; b <= b_last; ++b)
@@ -291,7 +295,7 @@ struct KernelsImpl {
     // and are left out from here on.
     float* scores = all_scores + (first - b_first * kKeyBlock);
     const int64_t n = last - first + 1;
-    for (int h = 0; h < NQ; ++h) softmax(scores + h * ld, n);
+    for (int h = 0; h < NQ; ++h) softmax(scores + h * ld, n, stats ? stats + 2 * h : nullptr);
     v += first * hd;
     switch (hd % W == 0 ? hd / W : 0) {  // whole vectors per head, or 0 for the general path
       case 1: mix_whole<1, NQ>(scores, ld, v, n, hd, out); break;
@@ -312,18 +316,19 @@ struct KernelsImpl {
 
   // n_q query heads of one KV group (see Kernels::attend for the layouts), kAttendHeads at a time.
   static void attend(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last,
-                     int64_t hd, float scale, float* scores, float* out) {
+                     int64_t hd, float scale, float* scores, float* out, float* stats) {
     static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
     static_assert(kAttendHeads == 4, "the batches below go up to 4 heads");
     for (int64_t h = 0; h < n_q;) {
       const int64_t batch = n_q - h < kAttendHeads ? n_q - h : kAttendHeads;
       const float* qh = q + h * hd;
       float* oh = out + h * hd;
+      float* sh = stats ? stats + 2 * h : nullptr;
       switch (batch) {
-        case 4: attend_heads<4>(qh, k, v, first, last, hd, scale, scores, oh); break;
-        case 3: attend_heads<3>(qh, k, v, first, last, hd, scale, scores, oh); break;
-        case 2: attend_heads<2>(qh, k, v, first, last, hd, scale, scores, oh); break;
-        default: attend_heads<1>(qh, k, v, first, last, hd, scale, scores, oh); break;
+        case 4: attend_heads<4>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
+        case 3: attend_heads<3>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
+        case 2: attend_heads<2>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
+        default: attend_heads<1>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
       }
       h += batch;
     }

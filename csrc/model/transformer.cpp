@@ -24,8 +24,9 @@ namespace cpullm {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-// Rows of attention scores a thread needs: Kernels::attend scores up to kAttendHeads query heads at once.
-constexpr size_t kScoreRows = kAttendHeads;
+// Attention scores a thread needs: Kernels::attend scores up to kAttendHeads query heads at once, over
+// one chunk, which covers up to one more key block than its positions.
+constexpr size_t kScoreStride = size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock);
 // Refuse dimensions whose products could overflow the 64-bit index arithmetic below or that no real
 // model has: a hostile config must fail here, not in an allocation or a pointer offset.
 constexpr int64_t kMaxDim = int64_t(1) << 24;
@@ -344,9 +345,9 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
     rope_sin_.resize(T * size_t(s.rotary_dim / 2 + 1));
     scratch_tokens_ = n_tokens;
   }
-  // attend scores whole key blocks: up to one more block than the positions it attends to.
-  const size_t score_elems = size_t(n_threads) * kScoreRows * size_t(capacity_ + 2 * kKeyBlock);
-  if (scores_.size() < score_elems) scores_.resize(score_elems);
+  if (scores_.size() < size_t(n_threads) * kScoreStride) scores_.resize(size_t(n_threads) * kScoreStride);
+  const size_t part = size_t(s.n_heads) * size_t(s.head_dim + 4);
+  if (part_.size() < size_t(n_threads) * part) part_.resize(size_t(n_threads) * part);
 }
 
 void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
@@ -449,6 +450,18 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     }
   }
 
+  // How attention splits its work (see the attention step below). A whole KV group's chunk is a unit
+  // once there are about two full-chunk units per thread.
+  const int64_t split_chunks = (n_past_ + T - 1) / kAttendChunk + 1;  // the most chunks one query spans
+  const bool split = n_threads > 1 && T * KVH < 4 * int64_t(n_threads);
+  const int64_t split_heads = T * KVH * (n_past_ + T) >= 2 * int64_t(n_threads) * kAttendChunk ? group : 1;
+  const size_t score_stride = kScoreStride, part_stride = size_t(H) * size_t(hd + 4);
+  if (split) {
+    const size_t slots = size_t(T * split_chunks * H);
+    if (split_out_.size() < slots * hd) split_out_.resize(slots * hd);
+    if (split_stats_.size() < slots * 2) split_stats_.resize(slots * 2);
+  }
+
   for (int l = 0; l < s.n_layers; ++l) {
     const LayerWeights& L = model_.layers()[l];
     float* kc = k_cache_[l];
@@ -477,21 +490,55 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
 
     // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
     // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
-    // With enough tokens, or one thread, a unit of work is one token's whole KV group, whose query heads
-    // then share each key and value row loaded; with few tokens (decode) on several threads it is one
-    // head, so that the threads stay busy.
+    // With enough tokens, or one thread, a unit of work is one token's whole KV group (its query heads
+    // then share each key and value row loaded), which walks its positions chunk by chunk. With few
+    // tokens (decode) on several threads, each chunk of a token's positions is a unit of its own and the
+    // chunks are folded afterwards, in the same order: whole KV groups where that makes enough units,
+    // else single heads (a short cache, cheap to read again).
     const int64_t window = L.window;
-    const int64_t unit_heads = n_threads == 1 || T * KVH >= 4 * int64_t(n_threads) ? group : 1;
-    const int64_t units_per_token = H / unit_heads;
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
-    for (int64_t u = 0; u < T * units_per_token; ++u) {
-      const int64_t t = u / units_per_token, h = (u % units_per_token) * unit_heads, kvh = h / group;
+    const auto range = [&](int64_t t) {
       const int64_t last = n_past_ + t;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      const float* q = qkv + t * qkv_dim + h * hd;
-      float* scores = scores_.data() + size_t(thread_id()) * kScoreRows * size_t(capacity_ + 2 * kKeyBlock);
-      k.attend(q, unit_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last, hd, s.attn_scale, scores,
-               attn + t * q_dim + h * hd);
+      return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
+    };
+    if (!split) {
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
+      for (int64_t u = 0; u < T * KVH; ++u) {
+        const int64_t t = u / KVH, kvh = u % KVH, h = kvh * group;
+        const auto [first, last] = range(t);
+        const size_t tid = size_t(thread_id());
+        attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
+                       hd, s.attn_scale, scores_.data() + tid * score_stride, part_.data() + tid * part_stride,
+                       attn + t * q_dim + h * hd);
+      }
+    } else {
+      const int64_t units_per_token = H / split_heads;
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+      for (int64_t u = 0; u < T * units_per_token * split_chunks; ++u) {
+        const int64_t t = u / (units_per_token * split_chunks), j = u % split_chunks;
+        const int64_t h = (u / split_chunks % units_per_token) * split_heads, kvh = h / group;
+        const auto [first, last] = range(t);
+        const int64_t c = first / kAttendChunk + j;
+        if (c > last / kAttendChunk) continue;
+        const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
+        const size_t slot = size_t((t * split_chunks + j) * H + h);
+        k.attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
+                 s.attn_scale, scores_.data() + size_t(thread_id()) * score_stride, split_out_.data() + slot * hd,
+                 split_stats_.data() + slot * 2);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const auto [first, last] = range(t);
+        const int64_t n_chunks = last / kAttendChunk - first / kAttendChunk + 1;
+        for (int64_t h = 0; h < H; ++h) {
+          float* o = attn + t * q_dim + h * hd;
+          const size_t slot0 = size_t(t * split_chunks * H + h);
+          std::memcpy(o, split_out_.data() + slot0 * hd, sizeof(float) * hd);
+          float running[2] = {split_stats_[slot0 * 2], split_stats_[slot0 * 2 + 1]};
+          for (int64_t j = 1; j < n_chunks; ++j) {
+            const size_t slot = slot0 + size_t(j * H);
+            attend_fold(o, running, split_out_.data() + slot * hd, split_stats_.data() + slot * 2, hd);
+          }
+        }
+      }
     }
 
     matmul(attn, T, L.wo, xn, n_threads);

@@ -178,7 +178,10 @@ class Sequence {
   PageArena kv_;
   std::vector<float*> k_cache_, v_cache_;
   // Scratch, grown on demand and then reused: no allocation on the decode path.
-  std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_, scores_;  // act_: SwiGLU out [T, ffn_dim]
+  std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_;  // act_: SwiGLU out [T, ffn_dim]
+  // Attention: per thread, scores of one chunk and attend_chunked's scratch; the chunks' outputs and
+  // stats when threads split a query's chunks ([T][chunks][n_heads] x head_dim or 2).
+  std::vector<float> scores_, part_, split_out_, split_stats_;
   std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul (see Q8Acts)
   std::vector<float> xq_scales_;
   std::vector<int32_t> xq_sums_;
