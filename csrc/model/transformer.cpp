@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -168,6 +169,23 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 }
 
+bool huge_pages_enabled() {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    // "always [madvise] never": the bracketed word is the mode; an unreadable file means no THP.
+    std::FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (!f) return false;
+    char line[128] = {};
+    const bool read = std::fgets(line, sizeof line, f) != nullptr;
+    std::fclose(f);
+    return read && std::strstr(line, "[never]") == nullptr;
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
 #if defined(__unix__) || defined(__APPLE__)
 PageArena::PageArena(size_t bytes) {
   if (bytes == 0) return;
@@ -237,7 +255,18 @@ Matrix Transformer::matrix(const std::map<std::string, TensorView>& tensors, con
   m.data = t->data;
   m.rows = rows;
   m.cols = cols;
-  if (m.type != WType::Q8) return m;
+  if (m.type != WType::Q8) {
+    // f32 / bf16 matrices are read in place from the file map, unless huge pages are to be had: then
+    // a copy on them decoded SmolLM2 bf16 on a Zen 4 core ~40 % faster (72 -> 102 tok/s) than 4 KiB
+    // file pages, for a longer load (0.1 -> 0.2 s; a 1B model 0.3 -> 0.9 s).
+    if (!huge_pages_enabled()) return m;
+    const size_t bytes = size_t(rows) * size_t(cols) * (m.type == WType::BF16 ? 2 : 4);
+    uint8_t* copy = take_packed(bytes);
+    std::memcpy(copy, t->data, bytes);
+    m.data = copy;
+    if (release) release(name);
+    return m;
+  }
   const int64_t group = spec_.group_size;
   const Q8Weights layout = q8_layout(rows, cols, group);
   const float* scales = vector_f32(tensors, name + ".scales", -1, true);

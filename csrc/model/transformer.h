@@ -63,6 +63,9 @@ struct Matrix {
 // has them: memory streamed every token (packed weights, the KV cache) then costs one TLB entry per 2 MiB
 // instead of per 4 KiB. On POSIX systems it is an anonymous mapping, so pages are backed only once
 // touched and can be handed back early.
+// Whether the system grants transparent huge pages to memory that asks for them (Linux, THP not "never").
+bool huge_pages_enabled();
+
 class PageArena {
  public:
   PageArena() = default;
@@ -129,11 +132,12 @@ class Transformer {
  private:
   Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows,
                 int64_t cols, bool required, const std::function<void(const std::string&)>& release);
-  // `bytes` of packed-weight memory (64-byte aligned) from the current chunk, or from a new one.
+  // `bytes` of weight memory (64-byte aligned, on huge pages where granted) from the current chunk, or
+  // from a new one.
   uint8_t* take_packed(size_t bytes);
 
   ModelSpec spec_;
-  std::vector<PageArena> packed_;  // the chunks holding the packed int8 matrices
+  std::vector<PageArena> packed_;  // the chunks holding the matrices the model copied (see matrix())
   Matrix tok_embeddings_;  // [vocab, dim]
   std::vector<LayerWeights> layers_;
   const float* norm_ = nullptr;  // [dim]

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def release_file_pages(array: np.ndarray) -> None:
     """Drops this process's resident pages of an array that views a read-only file map (the pages stay
     in the OS page cache; touching them again reads them back). The native model calls this for each
-    int8 tensor once it holds its packed copy, so loading never keeps both forms resident. Arrays that
+    tensor once it holds its own copy (int8 packed; f32 / bf16 on huge pages where the system has them),
+    so loading never keeps both forms resident. Arrays that
     own their memory are left alone: their memory goes when the last reference does."""
     base: Any = array
     while isinstance(base, (np.ndarray, memoryview)):
@@ -61,10 +62,13 @@ class Model:
         self.threads = threads
         self.source = source
         self.weights_bytes = sum(int(a.nbytes) for a in tensors.values())
+        def release(name: str) -> None:
+            # The native model holds its own copy of this tensor now: drop the file pages, and the
+            # last reference of an array that owns its memory, so that loading never holds both.
+            release_file_pages(tensors.pop(name))
+
         try:
-            self._native: Any = _C.Transformer(
-                spec.to_native(), tensors, on_release=lambda name: release_file_pages(tensors[name])
-            )
+            self._native: Any = _C.Transformer(spec.to_native(), tensors, on_release=release)
         except ValueError as e:
             raise ModelFormatError(f"{source}: {e}") from e
         self.eos_token_ids = _eos_ids(self.generation_config, self.config, tokenizer)
