@@ -5,9 +5,11 @@ scratch CMake build of a variant), loaded in turn by path in a fresh process, ro
 drift of the machine hits every variant alike. Without ``--so`` the installed extension is timed.
 
     python tools/ab_forward.py MODEL [--so A.so B.so ...] [--threads 2] [--rounds 3]
-                               [--prompt-tokens 128] [--gen-tokens 48]
+                               [--prompt-tokens 128] [--gen-tokens 48] [--steady]
 
 Prints, per variant, the best prefill and decode tok/s of each round (best of 3 passes within a round).
+With ``--steady`` each pass first sizes the KV cache for the whole run (a pass over prompt + generated
+tokens, then truncated to nothing), so that no growth of the cache falls inside the timed window.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 import time
 
 
-def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int) -> dict[str, float]:
+def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int,
+            steady: bool = False) -> dict[str, float]:
     import numpy as np
 
     import cpullm
@@ -40,6 +43,9 @@ def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, g
     best_prefill = best_decode = 0.0
     for _ in range(3):
         sequence = native.Sequence(model._model())
+        if steady:
+            sequence.forward(synthetic_prompt(model.spec.vocab_size, prompt_tokens + gen_tokens), False, threads)
+            sequence.truncate(0)  # keeps the capacity
         start = time.perf_counter()
         sequence.forward(prompt, False, threads)
         middle = time.perf_counter()
@@ -60,15 +66,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=48)
+    parser.add_argument("--steady", action="store_true", help="size the KV cache before timing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens)))
+        print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens, args.steady)))
         return
     for r in range(args.rounds):
         for so in args.so:
             cmd = [sys.executable, __file__, args.model, "--worker", "--threads", str(args.threads),
                    "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+            if args.steady:
+                cmd.append("--steady")
             if so:
                 cmd += ["--so", so]
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])

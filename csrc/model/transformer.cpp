@@ -28,6 +28,8 @@ constexpr int kMaxThreads = 1024;
 // Attention scores a thread needs: Kernels::attend scores up to kAttendHeads query heads at once, over
 // one chunk, which covers up to one more key block than its positions.
 constexpr size_t kScoreStride = size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock);
+// attend_chunked's scratch per thread, for up to all of a model's query heads.
+size_t attend_part_floats(const ModelSpec& s) { return size_t(s.n_heads) * size_t(s.head_dim + 4); }
 // Refuse dimensions whose products could overflow the 64-bit index arithmetic below or that no real
 // model has: a hostile config must fail here, not in an allocation or a pointer offset.
 constexpr int64_t kMaxDim = int64_t(1) << 24;
@@ -197,7 +199,7 @@ PageArena::PageArena(size_t bytes) {
   const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
   if (aligned > start) munmap(raw, aligned - start);
-  if (aligned + size < start + size + kHugePage) munmap(reinterpret_cast<void*>(aligned + size), start + kHugePage - aligned);
+  munmap(reinterpret_cast<void*>(aligned + size), start + kHugePage - aligned);  // never empty: aligned < start + 2 MiB
   data_ = reinterpret_cast<uint8_t*>(aligned);
   size_ = size;
 #if defined(MADV_HUGEPAGE)
@@ -375,8 +377,7 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
     scratch_tokens_ = n_tokens;
   }
   if (scores_.size() < size_t(n_threads) * kScoreStride) scores_.resize(size_t(n_threads) * kScoreStride);
-  const size_t part = size_t(s.n_heads) * size_t(s.head_dim + 4);
-  if (part_.size() < size_t(n_threads) * part) part_.resize(size_t(n_threads) * part);
+  if (part_.size() < size_t(n_threads) * attend_part_floats(s)) part_.resize(size_t(n_threads) * attend_part_floats(s));
 }
 
 void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
@@ -484,7 +485,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   const int64_t split_chunks = (n_past_ + T - 1) / kAttendChunk + 1;  // the most chunks one query spans
   const bool split = n_threads > 1 && T * KVH < 4 * int64_t(n_threads);
   const int64_t split_heads = T * KVH * (n_past_ + T) >= 2 * int64_t(n_threads) * kAttendChunk ? group : 1;
-  const size_t score_stride = kScoreStride, part_stride = size_t(H) * size_t(hd + 4);
+  const size_t part_stride = attend_part_floats(s);
   if (split) {
     const size_t slots = size_t(T * split_chunks * H);
     if (split_out_.size() < slots * hd) split_out_.resize(slots * hd);
@@ -536,7 +537,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
         const auto [first, last] = range(t);
         const size_t tid = size_t(thread_id());
         attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
-                       hd, s.attn_scale, scores_.data() + tid * score_stride, part_.data() + tid * part_stride,
+                       hd, s.attn_scale, scores_.data() + tid * kScoreStride, part_.data() + tid * part_stride,
                        attn + t * q_dim + h * hd);
       }
     } else {
@@ -551,7 +552,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
         const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
         const size_t slot = size_t((t * split_chunks + j) * H + h);
         k.attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
-                 s.attn_scale, scores_.data() + size_t(thread_id()) * score_stride, split_out_.data() + slot * hd,
+                 s.attn_scale, scores_.data() + size_t(thread_id()) * kScoreStride, split_out_.data() + slot * hd,
                  split_stats_.data() + slot * 2);
       }
       for (int64_t t = 0; t < T; ++t) {

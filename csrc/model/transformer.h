@@ -57,15 +57,13 @@ struct Matrix {
   int64_t rows = 0, cols = 0;
 };
 
-// A chunk of the packed int8 weights: 2 MiB aligned, with transparent huge pages requested, matrices
-// placed one after another (64-byte aligned) until it is full.
-// Zero-filled memory of its own, 2 MiB aligned, with transparent huge pages requested where the system
-// has them: memory streamed every token (packed weights, the KV cache) then costs one TLB entry per 2 MiB
-// instead of per 4 KiB. On POSIX systems it is an anonymous mapping, so pages are backed only once
-// touched and can be handed back early.
 // Whether the system grants transparent huge pages to memory that asks for them (Linux, THP not "never").
 bool huge_pages_enabled();
 
+// Zero-filled memory of its own, 2 MiB aligned, with transparent huge pages requested where the system
+// has them: memory streamed every token (weights, the KV cache) then costs one TLB entry per 2 MiB
+// instead of per 4 KiB. On POSIX systems it is an anonymous mapping, so pages are backed only once
+// touched and can be handed back early.
 class PageArena {
  public:
   PageArena() = default;

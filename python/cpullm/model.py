@@ -25,8 +25,8 @@ def release_file_pages(array: np.ndarray) -> None:
     """Drops this process's resident pages of an array that views a read-only file map (the pages stay
     in the OS page cache; touching them again reads them back). The native model calls this for each
     tensor once it holds its own copy (int8 packed; f32 / bf16 on huge pages where the system has them),
-    so loading never keeps both forms resident. Arrays that
-    own their memory are left alone: their memory goes when the last reference does."""
+    so loading never keeps both forms resident. Arrays that own their memory are left alone: their
+    memory goes when the last reference does."""
     base: Any = array
     while isinstance(base, (np.ndarray, memoryview)):
         base = base.base if isinstance(base, np.ndarray) else base.obj
