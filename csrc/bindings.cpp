@@ -337,6 +337,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("n_past", [](const PySequence& s) { return s.seq->n_past(); })
       .def_property_readonly("capacity", [](const PySequence& s) { return s.seq->capacity(); })
       .def("truncate", [](PySequence& s, int n) { s.seq->truncate(n); }, py::arg("n"))
+      .def("reserve", [](PySequence& s, int n) { s.seq->reserve(n); }, py::arg("positions"),
+           "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")
       .def("forward", &forward, py::arg("tokens"), py::arg("all_logits"), py::arg("threads"),
            "Runs new tokens after the cached ones; returns logits [T or 1, vocab].");
 }

@@ -75,6 +75,9 @@ class CountingSequence:
     def truncate(self, n: int) -> None:
         self.inner.truncate(n)
 
+    def reserve(self, n: int) -> None:
+        self.inner.reserve(n)
+
     def forward(self, ids: np.ndarray, all_logits: bool, threads: int) -> np.ndarray:
         out = self.inner.forward(ids, all_logits, threads)
         self.calls.append(int(ids.size))

@@ -85,6 +85,55 @@ def test_cache_growth_keeps_every_position(make_llama: Any, config: str) -> None
     assert rel_err(full[-50:], hf_logits(hf_model, ids)[-50:]) < F32_TOL
 
 
+def test_reserve_sizes_the_cache_ahead_and_changes_no_result(make_llama: Any) -> None:
+    # generate() reserves prompt + max_tokens positions before the prompt runs, so that the cache does
+    # not grow (a copy of every cached position) in the middle of decoding.
+    directory, _ = make_llama(seed=3, **CONFIGS["gqa3-hd24"], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=2)
+    ids = _ids(model.spec.vocab_size, 300, seed=6).astype(np.int32)
+    full = model.logits(ids)
+    sequence = cpullm._C.Sequence(model._model())
+    sequence.reserve(300)
+    assert sequence.capacity >= 300
+    capacity = sequence.capacity
+    stepped = np.concatenate([sequence.forward(ids[a:b], True, model.threads) for a, b in ((0, 7), (7, 290), (290, 300))])
+    assert sequence.capacity == capacity
+    np.testing.assert_array_equal(stepped, full)
+    sequence.reserve(10)  # never shrinks, and keeps what is cached
+    assert sequence.capacity == capacity and sequence.n_past == 300
+    sequence.reserve(10**9)  # clamped to the context
+    assert 1024 <= sequence.capacity < 1024 + 16
+    np.testing.assert_array_equal(sequence.forward(ids[:1], True, model.threads)[0],
+                                  model.logits(np.concatenate([ids, ids[:1]]))[-1])
+    with pytest.raises(ValueError, match="reserve"):
+        sequence.reserve(-1)
+
+
+def test_generate_sizes_the_cache_once(make_llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, _ = make_llama(seed=3, **CONFIGS["gqa3-hd24"], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=1)
+    seen: list[tuple[int, int]] = []  # (tokens run, capacity after) per forward call
+    native = cpullm._C.Sequence
+
+    class Recording:
+        def __init__(self, m: Any) -> None:
+            self.inner = native(m)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def forward(self, tokens: Any, all_logits: bool, threads: int) -> Any:
+            out = self.inner.forward(tokens, all_logits, threads)
+            seen.append((len(tokens), self.inner.capacity))
+            return out
+
+    monkeypatch.setattr(cpullm._C, "Sequence", Recording)
+    prompt = _ids(model.spec.vocab_size, 250, seed=8).tolist()
+    assert len(list(model.generate_tokens(prompt, max_tokens=40, stop_token_ids=[], temperature=0))) == 40
+    assert seen[0][0] == 250 and len(seen) == 40  # the last token is not run
+    assert {capacity for _, capacity in seen} == {seen[0][1]} and seen[0][1] >= 290
+
+
 @pytest.mark.parametrize("config", ["mha-hd64-tied", "gqa3-hd24"])
 def test_decode_over_a_long_cache_is_the_same_on_any_thread_count(make_llama: Any, config: str) -> None:
     # Past kAttendChunk (256) positions, a decode step's attention is cut into chunks of positions that

@@ -96,6 +96,7 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
 
         model = cpullm.load(path, threads=threads)
         seq = cpullm._C.Sequence(model._model())
+        seq.reserve(len(prompt) + gen_tokens)  # as generate() does; the peers size their caches untimed too
         one = np.empty(1, np.int32)
 
         def prefill(ids: list[int]) -> int:

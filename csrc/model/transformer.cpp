@@ -332,6 +332,12 @@ void Sequence::truncate(int n) {
 }
 
 void Sequence::reserve(int positions) {
+  if (positions < 0) fail("reserve: position count must be >= 0");
+  const int n = std::min(positions, model_.spec().max_context);
+  if (n > capacity_) grow(n);
+}
+
+void Sequence::grow(int positions) {
   if (positions <= capacity_) return;
   const int max_ctx = model_.spec().max_context;
   int cap = std::max(positions, std::min(max_ctx, std::max(2 * capacity_, 256)));
@@ -447,7 +453,7 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
 
 void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out_rows, int n_threads) {
   const ModelSpec& s = model_.spec();
-  reserve(n_past_ + n_tokens);
+  grow(n_past_ + n_tokens);
   ensure_scratch(n_tokens, n_threads);
   const Kernels& k = kernels();
   const int64_t T = n_tokens, D = s.dim, F = s.ffn_dim, H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim;

@@ -151,6 +151,10 @@ class Sequence {
   int capacity() const { return capacity_; }
   // Forgets positions >= n (keeps the cached prefix [0, n)).
   void truncate(int n);
+  // Sizes the cache for at least min(positions, max_context) positions now, so that a generation whose
+  // length is known does not grow it (a copy of the whole cache) in the middle of decoding. The memory
+  // is backed only as positions are written.
+  void reserve(int positions);
 
   // Runs `n_tokens` new tokens at positions n_past .. n_past + n_tokens - 1 and appends them to the
   // cache. Writes logits for every new position ([n_tokens, vocab]) when all_logits, else for the last
@@ -163,7 +167,8 @@ class Sequence {
   void run(const int32_t* tokens, int n_tokens, float* logits, int n_out, int n_threads);
   // x [T, dim] += the mixture-of-experts FFN of xn [T, dim] (layer L).
   void moe(const LayerWeights& L, int64_t T, int n_threads);
-  void reserve(int positions);
+  // Grows the cache to hold `positions` (<= max_context), at least doubling it.
+  void grow(int positions);
   void ensure_scratch(int n_tokens, int n_threads);
   // y [T, w.rows] = x [T, w.cols] @ w^T, rows split across threads; Q8 weights get x quantized once.
   void matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads);

@@ -213,7 +213,7 @@ class ChatSession:
         text = TextStream(model.tokenizer, stop=stops)  # the reply alone, as transformers decodes new tokens
         try:
             sampler = Sampler(params, model.spec.vocab_size, prompt_ids)
-            logits = prefill(self._sequence, self._cached, prompt_ids, model.threads, turn.stats)
+            logits = prefill(self._sequence, self._cached, prompt_ids, model.threads, turn.stats, max_tokens)
             tokens = decode(self._sequence, self._cached, logits, sampler, max_tokens=max_tokens,
                             stop_ids=model._stop_ids(None), max_context=model.spec.max_context,
                             threads=model.threads, stats=turn.stats)

@@ -63,14 +63,17 @@ def resync(sequence: Any, cached: list[int]) -> None:
 
 
 def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads: int,
-            stats: GenerationStats) -> np.ndarray:
+            stats: GenerationStats, max_tokens: int | None = None) -> np.ndarray:
     """Runs the part of ``prompt_ids`` that the sequence does not hold yet and returns the logits of the
     prompt's last position. The cached tokens that agree with the prompt are kept (at least the last
-    prompt token is always run, since its logits are needed)."""
+    prompt token is always run, since its logits are needed). With ``max_tokens`` (the tokens that may
+    follow), the cache is sized for the whole generation first, so it does not grow while decoding."""
     start = time.perf_counter()
     reuse = min(common_prefix(cached, prompt_ids), len(prompt_ids) - 1)
     sequence.truncate(reuse)
     del cached[reuse:]
+    if max_tokens is not None:
+        sequence.reserve(len(prompt_ids) + max_tokens)  # the sequence clamps it to the context
     new = np.asarray(prompt_ids[reuse:], dtype=np.int32)
     logits = sequence.forward(new, False, threads)
     cached.extend(int(t) for t in new)

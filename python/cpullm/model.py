@@ -160,7 +160,7 @@ class Model:
         sequence = _C.Sequence(self._model())
         cached: list[int] = []
         sampler = Sampler(params, self.spec.vocab_size, ids.tolist())
-        logits = prefill(sequence, cached, ids, self.threads, stats)
+        logits = prefill(sequence, cached, ids, self.threads, stats, max_tokens)
         tokens = decode(sequence, cached, logits, sampler, max_tokens=max_tokens, stop_ids=stops,
                         max_context=self.spec.max_context, threads=self.threads, stats=stats)
         del sequence  # the decode loop holds the only reference: closing it frees the cache

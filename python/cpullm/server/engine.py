@@ -269,7 +269,8 @@ class Engine:
             job._prefilled = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
             job._cached_tokens = job._prefilled
         end = min(len(prompt), job._prefilled + self.prefill_chunk)
-        logits = prefill(slot.sequence, slot.cached, prompt[:end], model.threads, job._stats)
+        logits = prefill(slot.sequence, slot.cached, prompt[:end], model.threads, job._stats,
+                         None if job.max_tokens is None else job.max_tokens + len(prompt) - end)
         job._prefilled = end
         if end < len(prompt):
             return
