@@ -257,7 +257,20 @@ PYBIND11_MODULE(_C, m) {
     kernels().silu_mul(gate.data(), up.data(), out.mutable_data(), gate.shape(0));
     return out;
   }, py::arg("gate"), py::arg("up"), "silu(gate) * up");
-  m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale, int64_t first) {
+  m.def("to_f16", [](const F32Array& x) {
+    py::array_t<uint16_t> out(x.request().shape);
+    const float* src = x.data();
+    uint16_t* dst = out.mutable_data();
+    for (py::ssize_t i = 0; i < x.size(); ++i) dst[i] = float_to_half(src[i]).bits;
+    return out;
+  }, py::arg("x"), "The f16 bits a half-precision KV cache stores for each value (nearest even, saturating)");
+  m.def("from_f16", [](const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& bits) {
+    F32Array out(bits.request().shape);
+    for (py::ssize_t i = 0; i < bits.size(); ++i) out.mutable_data()[i] = half_to_float(Half{bits.data()[i]});
+    return out;
+  }, py::arg("bits"), "f16 bits back to f32 (exact)");
+  m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale, int64_t first,
+                     const std::string& kv_dtype) {
     // q: [hd] for one head or [n_q, hd] for several heads of one KV group.
     if ((q.ndim() != 1 && q.ndim() != 2) || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(q.ndim() - 1) ||
         v.shape(1) != k.shape(1) || k.shape(0) != v.shape(0) || k.shape(0) < 1)
@@ -268,17 +281,27 @@ PYBIND11_MODULE(_C, m) {
     // The cache's layout: keys transposed in blocks of kKeyBlock positions (the tail block padded with
     // NaN, which must not reach the result), values as given.
     const int64_t blocks = (n + kKeyBlock - 1) / kKeyBlock;
+    if (kv_dtype != "f32" && kv_dtype != "f16") throw std::invalid_argument("attend: kv_dtype must be \"f32\" or \"f16\"");
     std::vector<float> kt(size_t(blocks * kKeyBlock * hd), std::numeric_limits<float>::quiet_NaN());
     for (int64_t p = 0; p < n; ++p)
       for (int64_t d = 0; d < hd; ++d) kt[(p / kKeyBlock * hd + d) * kKeyBlock + p % kKeyBlock] = k.data()[p * hd + d];
     std::vector<float> scores(size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock));
     std::vector<float> part(size_t(n_q * (hd + 4)));
     F32Array out(q.ndim() == 2 ? std::vector<py::ssize_t>{n_q, hd} : std::vector<py::ssize_t>{hd});
-    attend_chunked(kernels(), q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(), part.data(),
-                   out.mutable_data());
+    if (kv_dtype == "f16") {  // the cache's f16 form of the same layout (NaN padding stays NaN)
+      std::vector<Half> kh(kt.size()), vh(size_t(n * hd));
+      for (size_t i = 0; i < kt.size(); ++i) kh[i] = float_to_half(kt[i]);
+      for (size_t i = 0; i < vh.size(); ++i) vh[i] = float_to_half(v.data()[i]);
+      attend_chunked(kernels(), q.data(), n_q, kh.data(), vh.data(), first, n - 1, hd, scale, scores.data(),
+                     part.data(), out.mutable_data());
+    } else {
+      attend_chunked(kernels(), q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(),
+                     part.data(), out.mutable_data());
+    }
     return out;
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0,
-     "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q (in chunks of positions, as the model does)");
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0, py::arg("kv_dtype") = "f32",
+     "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q (in chunks of positions, as the "
+     "model does), over a cache of kv_dtype (\"f16\": k and v rounded to f16 first)");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
     if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));
@@ -328,12 +351,21 @@ PYBIND11_MODULE(_C, m) {
            "tensor no longer needed, so its memory can be released while loading.");
 
   py::class_<PySequence>(m, "Sequence")
-      .def(py::init([](std::shared_ptr<PyTransformer> t) {
+      .def(py::init([](std::shared_ptr<PyTransformer> t, const std::string& kv_dtype) {
+             KVType kv;
+             if (kv_dtype == "f32")
+               kv = KVType::F32;
+             else if (kv_dtype == "f16")
+               kv = KVType::F16;
+             else
+               throw std::invalid_argument("kv_dtype must be \"f32\" or \"f16\", got \"" + kv_dtype + "\"");
              auto ps = std::make_unique<PySequence>();
              ps->owner = std::move(t);
-             ps->seq = std::make_unique<Sequence>(*ps->owner->model);
+             ps->seq = std::make_unique<Sequence>(*ps->owner->model, kv);
              return ps;
-           }), py::arg("model"))
+           }), py::arg("model"), py::arg("kv_dtype") = "f32",
+           "A sequence over the model, its KV cache of f32 or f16 elements")
+      .def_property_readonly("kv_dtype", [](const PySequence& s) { return s.seq->kv_type() == KVType::F16 ? "f16" : "f32"; })
       .def_property_readonly("n_past", [](const PySequence& s) { return s.seq->n_past(); })
       .def_property_readonly("capacity", [](const PySequence& s) { return s.seq->capacity(); })
       .def("truncate", [](PySequence& s, int n) { s.seq->truncate(n); }, py::arg("n"))

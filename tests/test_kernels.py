@@ -261,6 +261,56 @@ def test_attend_matches_numpy(isa: str, n: int, hd: int, first: int) -> None:
     assert np.max(np.abs(C.attend(q, k, v, scale, first) - expected)) <= bound
 
 
+def test_f16_rounding_matches_numpy() -> None:
+    # The f16 KV cache's conversion, against NumPy's float16 (round to nearest even): every magnitude
+    # from subnormals to the top of the range, exact ties, signed zeros, infinities and NaN. Beyond the
+    # largest f16 the cache saturates at +-65504 where NumPy gives infinities.
+    rng = np.random.default_rng(16)
+    x = np.concatenate([
+        rng.standard_normal(20000) * np.exp2(rng.uniform(-30, 17, 20000)),
+        # halfway between neighbouring f16 values (normal and subnormal): ties go to the even one
+        (np.arange(-3000, 3000, dtype=np.float64) + 0.5) * 2.0**-24,
+        (np.arange(1024, 2048, dtype=np.float64) + 0.5) * 2.0**-10,
+        [0.0, -0.0, 65504.0, -65504.0, 65519.99, 2.0**-25, -(2.0**-25), 2.0**-25 * 1.0001, 2.0**-14, 5.9604645e-08],
+    ]).astype(np.float32)
+    x = x[np.abs(x) < 65520]  # these round to finite f16 values in NumPy too
+    ours = C.to_f16(x)
+    np.testing.assert_array_equal(ours, x.astype(np.float16).view(np.uint16))
+    big = np.array([65520.0, 70000.0, 3e38, -65520.0, -1e6, np.inf, -np.inf, np.nan], np.float32)
+    np.testing.assert_array_equal(C.from_f16(C.to_f16(big))[:5], [65504.0, 65504.0, 65504.0, -65504.0, -65504.0])
+    assert C.from_f16(C.to_f16(big))[5] == 65504.0 and C.from_f16(C.to_f16(big))[6] == -65504.0
+    assert np.isnan(C.from_f16(C.to_f16(big))[7])
+    # Back to f32: exact for every one of the 65,536 bit patterns.
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    back, expected = C.from_f16(bits), bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(np.isnan(back), np.isnan(expected))
+    np.testing.assert_array_equal(back[~np.isnan(back)].view(np.uint32), expected[~np.isnan(expected)].view(np.uint32))
+
+
+@pytest.mark.parametrize("n_q,n,hd,first", [(1, 1, 64, 0), (3, 37, 64, 0), (1, 300, 80, 113), (4, 17, 128, 0),
+                                            (3, 700, 64, 100), (2, 50, 40, 3), (1, 1000, 24, 0)])
+def test_attend_over_an_f16_cache_matches_numpy(isa: str, n_q: int, n: int, hd: int, first: int) -> None:
+    # An f16 cache stores rounded keys and values; the products and sums stay f32, so against the
+    # attention of the rounded values the bound is the f32 one. hd 40 and 24 (not whole 16-lane
+    # vectors) take the general value path.
+    rng = np.random.default_rng(n_q * 7 + n + hd)
+    q = rng.standard_normal((n_q, hd)).astype(np.float32)
+    k = (rng.standard_normal((n, hd)) * 3).astype(np.float32)
+    v = rng.standard_normal((n, hd)).astype(np.float32)
+    kr, vr = (a.astype(np.float16).astype(np.float64) for a in (k, v))
+    scale = 1.0 / np.sqrt(hd)
+    s = q.astype(np.float64) @ kr[first:].T * scale
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    expected = (p / p.sum(axis=1, keepdims=True)) @ vr[first:]
+    bound = 64 * np.finfo(np.float32).eps * (np.sqrt(hd) + np.sqrt(n)) * np.abs(v).max()
+    got = C.attend(q, k, v, scale, first, "f16")
+    assert np.max(np.abs(got - expected)) <= bound
+    # and it is not the f32 cache's result: the rounding is really applied
+    assert n == 1 or np.max(np.abs(got - C.attend(q, k, v, scale, first))) > 0
+    with pytest.raises(ValueError, match="kv_dtype"):
+        C.attend(q, k, v, scale, first, "bf16")
+
+
 @pytest.mark.parametrize("n_q,n,hd,first", [(2, 37, 64, 0), (3, 100, 64, 21), (4, 17, 128, 0), (5, 50, 40, 3),
                                             (7, 300, 64, 200), (3, 9, 24, 0), (3, 700, 64, 100)])
 def test_attend_several_heads_of_a_group_matches_numpy(isa: str, n_q: int, n: int, hd: int, first: int) -> None:

@@ -3,6 +3,7 @@ configs that cover the shapes and RoPE settings real checkpoints use."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -116,8 +117,8 @@ def test_generate_sizes_the_cache_once(make_llama: Any, monkeypatch: pytest.Monk
     native = cpullm._C.Sequence
 
     class Recording:
-        def __init__(self, m: Any) -> None:
-            self.inner = native(m)
+        def __init__(self, *args: Any) -> None:
+            self.inner = native(*args)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
@@ -151,6 +152,62 @@ def test_decode_over_a_long_cache_is_the_same_on_any_thread_count(make_llama: An
     for other in outputs[1:]:
         np.testing.assert_array_equal(other, outputs[0])
     assert rel_err(outputs[0], hf_logits(hf_model, ids)[700:]) < F32_TOL
+
+
+def hf_logits_f16_cache(hf_model: Any, ids: np.ndarray) -> np.ndarray:
+    """transformers' logits with every key and value (after RoPE) rounded to f16 as it enters the cache,
+    which is what cpullm's f16 KV cache stores; the rest of the pass stays f32."""
+    import torch
+    from transformers import DynamicCache
+
+    class F16Cache(DynamicCache):
+        def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+            rounded = (key_states.half().float(), value_states.half().float())
+            return super().update(*rounded, layer_idx, *args, **kwargs)
+
+    # transformers 5 renamed past_key_values to cache
+    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = hf_model(torch.tensor(ids, dtype=torch.long)[None], **{name: F16Cache()}, use_cache=True)
+    return out.logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("config", ["mha-hd64-tied", "gqa3-hd24"])
+def test_f16_kv_cache_matches_transformers_with_rounded_cache(make_llama: Any, config: str) -> None:
+    # Against transformers whose cache rounds keys and values to f16 too. The two sides' keys differ by
+    # f32 summation noise (~1e-6 relative), so an element lands on the other side of an f16 rounding
+    # boundary with a probability p of about that noise over the f16 spacing (2^-11), ~2e-3, and is then
+    # one f16 ulp off; the roundings themselves are ~0.29 ulp RMS each. Errors add in quadrature, so the
+    # disagreement left is about sqrt(p) / 0.29 ~ 0.15 of what the rounding does to the logits (measured
+    # 0.08-0.15 on the four tiny configs): the bound is 0.3 of the rounded reference's distance from
+    # plain f32 transformers, and that distance itself shows the rounding is really applied. Single
+    # steps past a 256-position chunk (one-token kernels, another summation order) are held to the same
+    # bound against one pass, and give the same bits on any thread count.
+    directory, hf_model = make_llama(seed=13, **CONFIGS[config], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=2, kv_cache_dtype="f16")
+    assert model.kv_cache_dtype == "f16"
+    ids = _ids(model.spec.vocab_size, 300, seed=9).astype(np.int32)
+    full = model.logits(ids)
+    reference = hf_logits_f16_cache(hf_model, ids)
+    rounding = rel_err(reference, hf_logits(hf_model, ids))
+    assert 1e-4 < rounding < 5e-3  # f16's 2^-11 spacing, through a few layers
+    assert rel_err(full, reference) < 0.3 * rounding
+    for threads in (1, 3):
+        sequence = model._new_sequence()
+        assert sequence.kv_dtype == "f16"
+        sequence.forward(ids[:270], False, threads)
+        steps = np.concatenate([sequence.forward(ids[i:i + 1], True, threads) for i in range(270, 300)])
+        assert rel_err(steps, full[270:]) < 0.3 * rounding
+        if threads == 1:
+            first_steps = steps
+        else:
+            np.testing.assert_array_equal(steps, first_steps)
+    model.kv_cache_dtype = "f32"
+    assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < F32_TOL
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        model.kv_cache_dtype = "int8"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        cpullm.load(directory, kv_cache_dtype="f8")
 
 
 def test_results_do_not_depend_on_thread_count(llama: tuple[Any, Any]) -> None:

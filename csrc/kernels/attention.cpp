@@ -18,21 +18,37 @@ void attend_fold(float* o, float* running, const float* oc, const float* chunk_s
   running[1] = a + b;
 }
 
-void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const float* kc, const float* vc, int64_t first,
-                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out) {
+namespace {
+
+template <class KT>
+void chunked(const Kernels& k, const float* q, int64_t n_q, const KT* kc, const KT* vc, int64_t first, int64_t last,
+             int64_t hd, float scale, float* scores, float* part, float* out) {
+  const auto attend = attend_kernel(k, kc);
   float* running = part;             // [n_q][2]
   float* chunk_stats = part + 2 * n_q;  // [n_q][2]
   float* chunk_out = part + 4 * n_q;    // [n_q][hd]
   for (int64_t c = first / kAttendChunk; c <= last / kAttendChunk; ++c) {
     const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
     if (a == first) {
-      k.attend(q, n_q, kc, vc, a, b, hd, scale, scores, out, running);
+      attend(q, n_q, kc, vc, a, b, hd, scale, scores, out, running);
       continue;
     }
-    k.attend(q, n_q, kc, vc, a, b, hd, scale, scores, chunk_out, chunk_stats);
+    attend(q, n_q, kc, vc, a, b, hd, scale, scores, chunk_out, chunk_stats);
     for (int64_t h = 0; h < n_q; ++h)
       attend_fold(out + h * hd, running + 2 * h, chunk_out + h * hd, chunk_stats + 2 * h, hd);
   }
+}
+
+}  // namespace
+
+void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const float* kc, const float* vc, int64_t first,
+                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out) {
+  chunked(k, q, n_q, kc, vc, first, last, hd, scale, scores, part, out);
+}
+
+void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Half* kc, const Half* vc, int64_t first,
+                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out) {
+  chunked(k, q, n_q, kc, vc, first, last, hd, scale, scores, part, out);
 }
 
 }  // namespace cpullm

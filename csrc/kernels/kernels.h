@@ -3,6 +3,7 @@
 // single-threaded over the range they are given: threading is decided by the caller (csrc/model).
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 namespace cpullm {
 
@@ -30,6 +31,57 @@ constexpr int kAttendHeads = 4;
 // where a query's KV group alone would leave threads idle or make each read the cache again). Both fold
 // the same way, so results do not depend on the thread count.
 constexpr int kAttendChunk = 256;
+
+// An element of a half-precision KV cache: the bits of an IEEE binary16 value. A type of its own, so
+// that kernels over f32 and f16 caches are overloads (bf16 weights are plain uint16_t).
+struct Half {
+  uint16_t bits;
+};
+
+// IEEE binary16 -> f32, exact (subnormals, infinities and NaN included).
+inline float half_to_float(Half h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: man * 2^-24, normalised
+    int e = 113;
+    uint32_t m = man;
+    while (!(m & 0x400u)) {
+      m <<= 1;
+      --e;
+    }
+    bits = sign | (uint32_t(e) << 23) | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// f32 -> IEEE binary16, rounded to nearest even (as F16C's vcvtps2ph). Finite values beyond the f16
+// range saturate to +-65504 instead of becoming infinities, which a softmax would turn into NaN; NaN
+// stays NaN.
+inline Half float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  const uint32_t a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return Half{uint16_t(sign | 0x7e00u)};          // NaN
+  if (a >= 0x477ff000u) return Half{uint16_t(sign | 0x7bffu)};         // rounds past 65504: saturate
+  if (a >= 0x38800000u) {                                               // a normal f16
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u;     // rebias the exponent, round
+    return Half{uint16_t(sign | (r >> 13))};
+  }
+  if (a < 0x33000000u) return Half{sign};                               // below half the least subnormal
+  // Subnormal: shift the significand (with its implicit bit) right, rounding to nearest even.
+  const uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;  // shift in [14, 24]
+  const uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+  return Half{uint16_t(sign | (q + (rem > halfway || (rem == halfway && (q & 1u)))))};
+}
 
 // Int8 weights in the layout the kernels read, made once at load time by pack_q8 from the row-major
 // form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
@@ -102,7 +154,13 @@ struct Kernels {
   // what attend_fold needs to join the results of several position ranges.
   void (*attend)(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
                  float scale, float* scores, float* out, float* stats);
+  // The same over an f16 cache (same layouts); every product and sum is still f32.
+  void (*attend_f16)(const float* q, int64_t n_q, const Half* k, const Half* v, int64_t first, int64_t last,
+                     int64_t hd, float scale, float* scores, float* out, float* stats);
 };
+
+inline auto attend_kernel(const Kernels& k, const float*) { return k.attend; }
+inline auto attend_kernel(const Kernels& k, const Half*) { return k.attend_f16; }
 
 // Folds a chunk's attention output oc [hd] (its stats {max, sum} from Kernels::attend) into the
 // output o [hd] of the positions before it, whose stats `running` is updated: o becomes the attention
@@ -113,6 +171,8 @@ void attend_fold(float* o, float* running, const float* oc, const float* chunk_s
 // order into out [n_q][hd]. scores: as Kernels::attend needs for one chunk (kAttendHeads * (kAttendChunk
 // + 2 * kKeyBlock) floats); part: n_q * (hd + 4) floats of scratch.
 void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const float* kc, const float* vc, int64_t first,
+                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out);
+void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Half* kc, const Half* vc, int64_t first,
                     int64_t last, int64_t hd, float scale, float* scores, float* part, float* out);
 
 const Kernels& kernels_scalar();

@@ -25,6 +25,9 @@ struct Avx2V {
     for (int i = 0; i < n; ++i) buf[i] = p[i];
     return load_bf16(buf);
   }
+  static inline Vec load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
   static inline void store_partial(float* p, Vec a, int n) { _mm256_maskstore_ps(p, lane_mask(n), a); }
   static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }

@@ -2,6 +2,7 @@
 //   V::W                       lanes per vector
 //   V::zero(), V::load(p), V::load_partial(p, n), V::store(p, v), V::store_partial(p, v, n)
 //   V::load_bf16(p), V::load_bf16_partial(p, n)      (bf16 bits widened to f32 lanes)
+//   V::load_f16(p)                                    (W IEEE binary16 values converted to f32 lanes, exactly)
 //   V::set1(a), V::fmadd(a, b, c) = a * b + c, V::reduce(v) = sum of lanes
 //   V::add, V::sub, V::mul, V::div, V::min, V::max, V::exp(v) (within a few ulp of expf; the x86
 //   vocabularies build it from exp_approx below with V::round_nearest and V::scale_pow2)
@@ -175,13 +176,21 @@ struct KernelsImpl {
   // Heads whose scores one pass over a key block can hold in registers.
   static constexpr int kScoreHeads = kAccRegs / (kScoreChains * (kKeyBlock / W));
 
+  // Elements of the KV cache, f32 or f16, as f32 lanes; the attention below is written once for both.
+  static inline Vec loadkv(const float* p) { return V::load(p); }
+  static inline Vec loadkv(const Half* p) { return V::load_f16(&p->bits); }
+  static inline void axpy_kv(float a, const float* x, float* y, int64_t n) { axpy_f32(a, x, y, n); }
+  static inline void axpy_kv(float a, const Half* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * half_to_float(x[i]);
+  }
+
   // scores_h[j] = scale * q_h . k_j for the kKeyBlock positions j of the key block kb, for NQ query heads
   // (rows hd apart in q, ld apart in scores): each key row loaded feeds NQ multiply-adds. Blocks go one
   // at a time, in order, so the key cache is read as one sequential stream: two blocks interleaved (two
   // streams a page apart) held a Zen 4 core to ~9 GB/s. Every head's sums are added in the same order
   // whatever NQ is, so heads batched or alone give the same bits.
-  template <int NQ>
-  static inline void block_scores(const float* q, int64_t hd, const float* kb, float scale, float* scores,
+  template <int NQ, class KT>
+  static inline void block_scores(const float* q, int64_t hd, const KT* kb, float scale, float* scores,
                                   int64_t ld) {
     constexpr int R = kKeyBlock / W;  // vectors per block row
     constexpr int S = kScoreChains;
@@ -193,7 +202,7 @@ struct KernelsImpl {
       Vec qd[NQ];
       for (int h = 0; h < NQ; ++h) qd[h] = V::set1(q[h * hd + d]);
       for (int r = 0; r < R; ++r) {
-        const Vec kv = V::load(kb + d * kKeyBlock + r * W);
+        const Vec kv = loadkv(kb + d * kKeyBlock + r * W);
         for (int h = 0; h < NQ; ++h) acc[h][c][r] = V::fmadd(qd[h], kv, acc[h][c][r]);
       }
     };
@@ -211,8 +220,8 @@ struct KernelsImpl {
   }
 
   // block_scores for any NQ, in batches of at most kScoreHeads heads.
-  template <int NQ>
-  static inline void batch_scores(const float* q, int64_t hd, const float* kb, float scale, float* scores,
+  template <int NQ, class KT>
+  static inline void batch_scores(const float* q, int64_t hd, const KT* kb, float scale, float* scores,
                                   int64_t ld) {
     constexpr int SQ = kScoreHeads > 0 ? kScoreHeads : 1;
     if constexpr (NQ <= SQ) {
@@ -225,8 +234,8 @@ struct KernelsImpl {
 
   // out_h = sum_p w_h[p] * v_p for NQ heads (weights ld apart, outputs hd apart) and NV whole vectors per
   // head, the sums held in registers: each value row loaded feeds NQ multiply-adds.
-  template <int NV, int NQ>
-  static inline void head_mix(const float* w, int64_t ld, const float* v, int64_t n, int64_t hd, float* out) {
+  template <int NV, int NQ, class KT>
+  static inline void head_mix(const float* w, int64_t ld, const KT* v, int64_t n, int64_t hd, float* out) {
     Vec acc[NQ][NV];
     for (int h = 0; h < NQ; ++h)
       for (int j = 0; j < NV; ++j) acc[h][j] = V::zero();
@@ -234,7 +243,7 @@ struct KernelsImpl {
       Vec wp[NQ];
       for (int h = 0; h < NQ; ++h) wp[h] = V::set1(w[h * ld + p]);
       for (int j = 0; j < NV; ++j) {
-        const Vec vv = V::load(v + p * hd + j * W);
+        const Vec vv = loadkv(v + p * hd + j * W);
         for (int h = 0; h < NQ; ++h) acc[h][j] = V::fmadd(wp[h], vv, acc[h][j]);
       }
     }
@@ -242,8 +251,8 @@ struct KernelsImpl {
       for (int j = 0; j < NV; ++j) V::store(out + h * hd + j * W, acc[h][j]);
   }
 
-  template <int NV, int NQ>
-  static inline void mix_whole(const float* w, int64_t ld, const float* v, int64_t n, int64_t hd, float* out) {
+  template <int NV, int NQ, class KT>
+  static inline void mix_whole(const float* w, int64_t ld, const KT* v, int64_t n, int64_t hd, float* out) {
     if constexpr (NV * NQ <= kAccRegs) {
       head_mix<NV, NQ>(w, ld, v, n, hd, out);
     } else {
@@ -284,8 +293,8 @@ struct KernelsImpl {
   }
 
   // NQ query heads of one KV group over the cached positions [first, last].
-  template <int NQ>
-  static void attend_heads(const float* q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
+  template <int NQ, class KT>
+  static void attend_heads(const float* q, const KT* k, const KT* v, int64_t first, int64_t last, int64_t hd,
                            float scale, float* all_scores, float* out, float* stats) {
     const int64_t b_first = first / kKeyBlock, b_last = last / kKeyBlock;
     const int64_t ld = (b_last - b_first + 1) * kKeyBlock;  // one head's row of scores
@@ -309,13 +318,14 @@ struct KernelsImpl {
         for (int h = 0; h < NQ; ++h) {
           float* o = out + h * hd;
           for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
-          for (int64_t j = 0; j < n; ++j) axpy_f32(scores[h * ld + j], v + j * hd, o, hd);
+          for (int64_t j = 0; j < n; ++j) axpy_kv(scores[h * ld + j], v + j * hd, o, hd);
         }
     }
   }
 
   // n_q query heads of one KV group (see Kernels::attend for the layouts), kAttendHeads at a time.
-  static void attend(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last,
+  template <class KT>
+  static void attend(const float* q, int64_t n_q, const KT* k, const KT* v, int64_t first, int64_t last,
                      int64_t hd, float scale, float* scores, float* out, float* stats) {
     static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
     static_assert(kAttendHeads == 4, "the batches below go up to 4 heads");
@@ -342,7 +352,8 @@ struct KernelsImpl {
     k.dot_f32 = &dot_f32;
     k.axpy_f32 = &axpy_f32;
     k.silu_mul = &silu_mul;
-    k.attend = &attend;
+    k.attend = &attend<float>;
+    k.attend_f16 = &attend<Half>;
     return k;
   }
 };

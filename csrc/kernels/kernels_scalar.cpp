@@ -50,6 +50,11 @@ struct ScalarV {
     for (int i = 0; i < n; ++i) r.v[i] = bf16_to_f32(p[i]);
     return r;
   }
+  static inline Vec load_f16(const uint16_t* p) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.v[i] = half_to_float(Half{p[i]});
+    return r;
+  }
   static inline void store(float* p, Vec a) {
     for (int i = 0; i < W; ++i) p[i] = a.v[i];
   }

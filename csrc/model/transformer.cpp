@@ -8,6 +8,7 @@
 #include <new>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -320,7 +321,9 @@ Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>
   }
 }
 
-Sequence::Sequence(const Transformer& model) : model_(model) {
+Sequence::Sequence(const Transformer& model, KVType kv_type)
+    : model_(model), kv_type_(kv_type), kv_bytes_(kv_type == KVType::F16 ? sizeof(Half) : sizeof(float)) {
+  if (kv_type != KVType::F32 && kv_type != KVType::F16) fail("sequence: unknown KV cache type");
   k_cache_.resize(model.spec().n_layers);
   v_cache_.resize(model.spec().n_layers);
 }
@@ -346,20 +349,20 @@ void Sequence::grow(int positions) {
   // Both caches are head-major (see transformer.h), so growing moves each head's positions to its new
   // place; the cached prefix [0, n_past) is all that must survive.
   const int64_t keep = (int64_t(n_past_) + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-  const size_t per_cache = size_t(cap) * KVH * hd;  // floats of one layer's keys (or values)
+  const size_t e = kv_bytes_;
+  const size_t per_cache = size_t(cap) * KVH * hd * e;  // bytes of one layer's keys (or values)
   const size_t L = k_cache_.size();
-  PageArena arena(sizeof(float) * 2 * L * per_cache);
-  float* base = reinterpret_cast<float*>(arena.data());
+  PageArena arena(2 * L * per_cache);
   for (size_t l = 0; l < L; ++l) {
-    float* k = base + 2 * l * per_cache;
-    float* v = k + per_cache;
+    uint8_t* k = arena.data() + 2 * l * per_cache;
+    uint8_t* v = k + per_cache;
     for (int64_t h = 0; h < KVH && capacity_ > 0; ++h) {
-      std::memcpy(k + h * cap * hd, k_cache_[l] + h * capacity_ * hd, sizeof(float) * keep * hd);
-      std::memcpy(v + h * cap * hd, v_cache_[l] + h * capacity_ * hd, sizeof(float) * n_past_ * hd);
+      std::memcpy(k + h * cap * hd * e, k_cache_[l] + h * capacity_ * hd * e, e * keep * hd);
+      std::memcpy(v + h * cap * hd * e, v_cache_[l] + h * capacity_ * hd * e, e * n_past_ * hd);
     }
     // The old layer's pages go back as soon as they are copied, so that growing costs about one
     // layer more than the new cache, not the old cache whole.
-    const size_t old_layer_bytes = sizeof(float) * 2 * size_t(capacity_) * KVH * hd;
+    const size_t old_layer_bytes = e * 2 * size_t(capacity_) * KVH * hd;
     kv_.release(l * old_layer_bytes, old_layer_bytes);
     k_cache_[l] = k;
     v_cache_[l] = v;
@@ -457,8 +460,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   ensure_scratch(n_tokens, n_threads);
   const Kernels& k = kernels();
   const int64_t T = n_tokens, D = s.dim, F = s.ffn_dim, H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim;
-  const int64_t qkv_dim = model_.qkv_dim(), kv_dim = model_.kv_dim(), q_dim = H * hd;
-  const int64_t group = H / KVH;
+  const int64_t qkv_dim = model_.qkv_dim();
   const int half = s.rotary_dim / 2;
   float* x = x_.data();
   float* xn = xn_.data();
@@ -486,23 +488,8 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     }
   }
 
-  // How attention splits its work (see the attention step below). A whole KV group's chunk is a unit
-  // once there are about two full-chunk units per thread.
-  const int64_t split_chunks = (n_past_ + T - 1) / kAttendChunk + 1;  // the most chunks one query spans
-  const bool split = n_threads > 1 && T * KVH < 4 * int64_t(n_threads);
-  const int64_t split_heads = T * KVH * (n_past_ + T) >= 2 * int64_t(n_threads) * kAttendChunk ? group : 1;
-  const size_t part_stride = attend_part_floats(s);
-  if (split) {
-    const size_t slots = size_t(T * split_chunks * H);
-    if (split_out_.size() < slots * hd) split_out_.resize(slots * hd);
-    if (split_stats_.size() < slots * 2) split_stats_.resize(slots * 2);
-  }
-
   for (int l = 0; l < s.n_layers; ++l) {
     const LayerWeights& L = model_.layers()[l];
-    float* kc = k_cache_[l];
-    float* vc = v_cache_[l];
-    const int64_t cap = capacity_;
 
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
     for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps);
@@ -515,14 +502,81 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       const float* c = rope_cos_.data() + t * half;
       const float* sn = rope_sin_.data() + t * half;
       for (int64_t h = 0; h < H + KVH; ++h) apply_rope(row + h * hd, c, sn, half);
-      const int64_t pos = n_past_ + t;
-      for (int64_t h = 0; h < KVH; ++h) {
-        const float* key = row + q_dim + h * hd;
-        float* kt = kc + (h * cap + pos / kKeyBlock * kKeyBlock) * hd + pos % kKeyBlock;
-        for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock] = key[d];
-        std::memcpy(vc + (h * cap + pos) * hd, row + q_dim + kv_dim + h * hd, sizeof(float) * hd);
+    }
+    if (kv_type_ == KVType::F16)
+      attention<Half>(l, T, n_threads);
+    else
+      attention<float>(l, T, n_threads);
+
+    matmul(attn, T, L.wo, xn, n_threads);
+    add_rows(x, xn);
+
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
+    for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps);
+    if (s.n_experts > 0) {
+      moe(L, T, n_threads);
+      continue;
+    }
+    matmul(xn, T, L.w13, ffn, n_threads);
+    swiglu(k, ffn, act, T, F, n_threads);
+    matmul(act, T, L.w2, xn, n_threads);
+    add_rows(x, xn);
+  }
+
+  const int64_t n_out = n_out_rows;
+  const int64_t first = T - n_out;
+  for (int64_t t = first; t < T; ++t) rmsnorm(x + t * D, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
+  matmul(xn, n_out, model_.lm_head(), logits, n_threads);
+  history_.insert(history_.end(), tokens, tokens + n_tokens);
+  n_past_ += n_tokens;
+}
+
+template <class KT>
+void Sequence::attention(int l, int64_t T, int n_threads) {
+  const ModelSpec& s = model_.spec();
+  const LayerWeights& L = model_.layers()[l];
+  const Kernels& k = kernels();
+  const auto attend = attend_kernel(k, static_cast<const KT*>(nullptr));
+  const int64_t H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim, group = H / KVH;
+  const int64_t qkv_dim = model_.qkv_dim(), kv_dim = model_.kv_dim(), q_dim = H * hd, cap = capacity_;
+  const float* qkv = qkv_.data();
+  float* attn = attn_.data();
+  KT* kc = reinterpret_cast<KT*>(k_cache_[l]);
+  KT* vc = reinterpret_cast<KT*>(v_cache_[l]);
+  const auto stored = [](float x) {
+    if constexpr (std::is_same_v<KT, Half>)
+      return float_to_half(x);
+    else
+      return x;
+  };
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && T >= kPerTokenParallel)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = qkv + t * qkv_dim;
+    const int64_t pos = n_past_ + t;
+    for (int64_t h = 0; h < KVH; ++h) {
+      const float* key = row + q_dim + h * hd;
+      const float* value = row + q_dim + kv_dim + h * hd;
+      KT* kt = kc + (h * cap + pos / kKeyBlock * kKeyBlock) * hd + pos % kKeyBlock;
+      KT* vt = vc + (h * cap + pos) * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        kt[d * kKeyBlock] = stored(key[d]);
+        vt[d] = stored(value[d]);
       }
     }
+  }
+
+  // How attention splits its work (see the attention step below). A whole KV group's chunk is a unit
+  // once there are about two full-chunk units per thread.
+  const int64_t split_chunks = (n_past_ + T - 1) / kAttendChunk + 1;  // the most chunks one query spans
+  const bool split = n_threads > 1 && T * KVH < 4 * int64_t(n_threads);
+  const int64_t split_heads = T * KVH * (n_past_ + T) >= 2 * int64_t(n_threads) * kAttendChunk ? group : 1;
+  const size_t part_stride = attend_part_floats(s);
+  if (split) {
+    const size_t slots = size_t(T * split_chunks * H);
+    if (split_out_.size() < slots * hd) split_out_.resize(slots * hd);
+    if (split_stats_.size() < slots * 2) split_stats_.resize(slots * 2);
+  }
+
 
     // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
     // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
@@ -557,7 +611,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
         if (c > last / kAttendChunk) continue;
         const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
         const size_t slot = size_t((t * split_chunks + j) * H + h);
-        k.attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
+        attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
                  s.attn_scale, scores_.data() + size_t(thread_id()) * kScoreStride, split_out_.data() + slot * hd,
                  split_stats_.data() + slot * 2);
       }
@@ -577,27 +631,6 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       }
     }
 
-    matmul(attn, T, L.wo, xn, n_threads);
-    add_rows(x, xn);
-
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
-    for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps);
-    if (s.n_experts > 0) {
-      moe(L, T, n_threads);
-      continue;
-    }
-    matmul(xn, T, L.w13, ffn, n_threads);
-    swiglu(k, ffn, act, T, F, n_threads);
-    matmul(act, T, L.w2, xn, n_threads);
-    add_rows(x, xn);
-  }
-
-  const int64_t n_out = n_out_rows;
-  const int64_t first = T - n_out;
-  for (int64_t t = first; t < T; ++t) rmsnorm(x + t * D, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
-  matmul(xn, n_out, model_.lm_head(), logits, n_threads);
-  history_.insert(history_.end(), tokens, tokens + n_tokens);
-  n_past_ += n_tokens;
 }
 
 void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {

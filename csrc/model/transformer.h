@@ -142,11 +142,16 @@ class Transformer {
   Matrix lm_head_;               // [vocab, dim]; the embedding matrix itself when tied
 };
 
+// Element type of a sequence's KV cache. f16 halves the bytes attention reads per cached position (and
+// the cache's memory); every product and sum stays f32.
+enum class KVType : int { F32 = 0, F16 = 1 };
+
 // One sequence's state: its KV cache and scratch buffers. Several sequences may share a Transformer;
 // a sequence must not be used by two threads at once.
 class Sequence {
  public:
-  explicit Sequence(const Transformer& model);
+  explicit Sequence(const Transformer& model, KVType kv_type = KVType::F32);
+  KVType kv_type() const { return kv_type_; }
   int n_past() const { return n_past_; }
   int capacity() const { return capacity_; }
   // Forgets positions >= n (keeps the cached prefix [0, n)).
@@ -167,6 +172,10 @@ class Sequence {
   void run(const int32_t* tokens, int n_tokens, float* logits, int n_out, int n_threads);
   // x [T, dim] += the mixture-of-experts FFN of xn [T, dim] (layer L).
   void moe(const LayerWeights& L, int64_t T, int n_threads);
+  // Layer l's attention for the T new tokens, whose q, k and v (after RoPE) are in qkv_: writes their
+  // keys and values into the cache (as KT), then attn_ [T, n_heads * head_dim] = attention over it.
+  template <class KT>
+  void attention(int l, int64_t T, int n_threads);
   // Grows the cache to hold `positions` (<= max_context), at least doubling it.
   void grow(int positions);
   void ensure_scratch(int n_tokens, int n_threads);
@@ -183,7 +192,9 @@ class Sequence {
   // and on 2 MiB pages a Zen 4 core decoded SmolLM2 after 2,000 positions 12 % faster on 1 thread and
   // 25 % on 2 (per-layer vectors on 4 KiB pages before).
   PageArena kv_;
-  std::vector<float*> k_cache_, v_cache_;
+  KVType kv_type_ = KVType::F32;
+  size_t kv_bytes_ = sizeof(float);          // bytes of one cached element
+  std::vector<uint8_t*> k_cache_, v_cache_;  // per layer, elements of kv_type_
   // Scratch, grown on demand and then reused: no allocation on the decode path.
   std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_;  // act_: SwiGLU out [T, ffn_dim]
   // Attention: per thread, scores of one chunk and attend_chunked's scratch; the chunks' outputs and

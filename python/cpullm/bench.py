@@ -20,6 +20,7 @@ from . import _C
 class BenchResult:
     model: str
     dtype: str
+    kv_cache_dtype: str
     threads: int
     isa: str
     prompt_tokens: int
@@ -46,7 +47,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt_tokens: int, gen_tokens: int,
-              repeats: int) -> BenchResult:
+              repeats: int, kv_cache_dtype: str | None = None) -> BenchResult:
     from .loader import load
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
@@ -59,12 +60,13 @@ def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt
             sequence = None  # it holds the previous model's weights: peak RSS would count two models
             model.close()
         start = time.perf_counter()
-        model = load(model_path, dtype=dtype, threads=threads)
+        model = load(model_path, dtype=dtype, threads=threads, kv_cache_dtype=kv_cache_dtype)
         load_times.append(time.perf_counter() - start)
         if prompt_tokens + gen_tokens > model.spec.max_context:
             raise ValueError(f"{prompt_tokens} + {gen_tokens} tokens exceed the context length {model.spec.max_context}")
         prompt = synthetic_prompt(model.spec.vocab_size, prompt_tokens)
-        sequence = _C.Sequence(model._model())
+        sequence = model._new_sequence()
+        sequence.reserve(prompt_tokens + gen_tokens)
         start = time.perf_counter()
         logits = sequence.forward(prompt, False, model.threads)
         token = int(np.argmax(logits[-1]))
@@ -78,7 +80,8 @@ def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt
             token = int(np.argmax(sequence.forward(step, False, model.threads)[-1]))
         decode.append(gen_tokens / (time.perf_counter() - start))
     result = BenchResult(
-        model=str(model_path), dtype=model.dtype, threads=model.threads, isa=_C.get_isa(),
+        model=str(model_path), dtype=model.dtype, kv_cache_dtype=model.kv_cache_dtype, threads=model.threads,
+        isa=_C.get_isa(),
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
         weights_mb=round(model.weights_bytes / 1e6, 1),
         load_s=round(statistics.median(load_times), 4),
@@ -96,7 +99,8 @@ def format_result(result: BenchResult, as_json: bool) -> str:
         return json.dumps(asdict(result))
     rows = [
         ("model", result.model),
-        ("dtype / threads / kernels", f"{result.dtype} / {result.threads} / {result.isa}"),
+        ("dtype / KV cache / threads / kernels",
+         f"{result.dtype} / {result.kv_cache_dtype} / {result.threads} / {result.isa}"),
         ("weights", f"{result.weights_mb:.1f} MB"),
         ("load", f"{result.load_s * 1000:.1f} ms"),
         (f"prefill ({result.prompt_tokens} tokens)", f"{result.prefill_tok_s:.1f} tok/s"),

@@ -27,7 +27,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import _C
 from .errors import ContextOverflowError, CpullmError
 from .generation import GenerationStats, decode, prefill, resync
 from .sampling import Sampler, SamplingParams
@@ -88,7 +87,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.stats = GenerationStats()
         self.dropped_messages = 0
-        self._sequence: Any = _C.Sequence(model._model())
+        self._sequence: Any = model._new_sequence()
         self._cached: list[int] = []  # the token ids whose keys/values the sequence holds, in order
         self._active: _Turn | None = None
         self._owner: int | None = None  # the thread whose turn is active

@@ -43,6 +43,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["f32", "bf16", "int8"], default=None,
                         help="weight type (default: the stored one for converted models, f32 otherwise)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
+    parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default=None,
+                        help="KV cache element type (default: f32; f16 halves its memory and speeds up long contexts)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +79,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     options = _sampling_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    model = load(args.model, dtype=args.dtype, threads=args.threads)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
     with model:
         for piece in model.stream(prompt, max_tokens=args.max_tokens, **options):
             sys.stdout.write(piece)
@@ -106,7 +108,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_result, run_bench
 
     result = run_bench(args.model, dtype=args.dtype, threads=args.threads, prompt_tokens=args.prompt_tokens,
-                       gen_tokens=args.gen_tokens, repeats=args.repeats)
+                       gen_tokens=args.gen_tokens, repeats=args.repeats, kv_cache_dtype=args.kv_cache_dtype)
     print(format_result(result, args.json))
     return 0
 
@@ -117,7 +119,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import require_server_dependencies, serve
 
     require_server_dependencies()  # before the model is loaded: a missing extra is a one-line error
-    model = load(args.model, dtype=args.dtype, threads=args.threads, context_length=args.context_length)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, context_length=args.context_length,
+                 kv_cache_dtype=args.kv_cache_dtype)
     name = args.model_name or (hub.canonical_name(args.model) if hub.is_known(args.model) else None)
     if name is None:
         from pathlib import Path

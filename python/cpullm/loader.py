@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_group_size
+from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_group_size, check_kv_cache_dtype
 from .errors import ModelFormatError, ModelNotFoundError
 from .hf import Checkpoint, canonical_tensors, read_json
 from .hub import resolve as resolve_name
@@ -74,6 +74,7 @@ def load(
     threads: int | None = None,
     context_length: int | None = None,
     group_size: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> Model:
     """Loads a model.
 
@@ -87,7 +88,20 @@ def load(
     ``threads``: compute threads (default: the physical cores available to this process).
     ``context_length``: cap on positions per sequence (default: the model's max_position_embeddings).
     ``group_size``: inputs per int8 scale (default 32), a multiple of 32.
+    ``kv_cache_dtype``: "f32" (the default) or "f16", the element type of every sequence's KV cache
+    (``Model.kv_cache_dtype`` changes it for sequences started later). f16 halves the cache's memory and
+    the bytes attention reads per cached position, at f16's rounding of keys and values.
     """
+    if kv_cache_dtype is not None:
+        check_kv_cache_dtype(kv_cache_dtype)  # before any weight is read
+    model = _load(path, dtype, threads, context_length, group_size)
+    if kv_cache_dtype is not None:
+        model.kv_cache_dtype = kv_cache_dtype
+    return model
+
+
+def _load(path: str | Path, dtype: str | None, threads: int | None, context_length: int | None,
+          group_size: int | None) -> Model:
     if not isinstance(path, (str, Path)):
         raise TypeError(f"cpullm.load: path must be a model directory, a .gguf file or a known model name such as "
                         f"'smollm2-135m-instruct', got {type(path).__name__}")

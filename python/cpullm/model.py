@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import _C
+from .dtypes import check_kv_cache_dtype
 from .errors import ContextOverflowError, CpullmError, ModelFormatError
 from .generation import GenerationStats, decode, prefill
 from .sampling import Sampler, SamplingParams, resolve_sampling
@@ -60,6 +61,7 @@ class Model:
         self.config = dict(config)
         self.dtype = dtype
         self.threads = threads
+        self.kv_cache_dtype = "f32"
         self.source = source
         self.weights_bytes = sum(int(a.nbytes) for a in tensors.values())
         def release(name: str) -> None:
@@ -98,6 +100,20 @@ class Model:
             raise CpullmError(f"this model ({self.source}) has been closed; load it again to use it")
         return self._native
 
+    @property
+    def kv_cache_dtype(self) -> str:
+        """Element type of the KV caches of sequences started from now on: "f32" or "f16" (half the
+        memory and of the bytes attention reads per cached position; see docs/performance.md)."""
+        return self._kv_cache_dtype
+
+    @kv_cache_dtype.setter
+    def kv_cache_dtype(self, value: str) -> None:
+        self._kv_cache_dtype = check_kv_cache_dtype(value)
+
+    def _new_sequence(self) -> Any:
+        """A native sequence (an empty KV cache) over this model."""
+        return _C.Sequence(self._model(), self._kv_cache_dtype)
+
     # --- raw forward ----------------------------------------------------------------------------
     def _token_array(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         ids = np.asarray(token_ids)
@@ -113,10 +129,8 @@ class Model:
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 [T, vocab] logits of one full forward pass over ``token_ids`` (a fresh cache)."""
-        model = self._model()
         ids = self._token_array(token_ids)
-        sequence = _C.Sequence(model)
-        return sequence.forward(ids, True, self.threads)
+        return self._new_sequence().forward(ids, True, self.threads)
 
     # --- generation -----------------------------------------------------------------------------
     def sampling_params(self, **overrides: Any) -> SamplingParams:
@@ -157,7 +171,7 @@ class Model:
 
     def _generate(self, ids: np.ndarray, max_tokens: int | None, stops: frozenset[int], params: SamplingParams,
                   stats: GenerationStats) -> Iterator[int]:
-        sequence = _C.Sequence(self._model())
+        sequence = self._new_sequence()
         cached: list[int] = []
         sampler = Sampler(params, self.spec.vocab_size, ids.tolist())
         logits = prefill(sequence, cached, ids, self.threads, stats, max_tokens)
@@ -242,7 +256,7 @@ class Model:
         s = self.spec
         return (
             f"Model({str(self.source)!r}, {s.model_type}, layers={s.n_layers}, dim={s.dim}, "
-            f"dtype={self.dtype}, threads={self.threads})"
+            f"dtype={self.dtype}, threads={self.threads}, kv_cache_dtype={self.kv_cache_dtype})"
         )
 
 

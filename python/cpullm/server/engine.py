@@ -32,7 +32,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
 
-from .. import _C
 from ..generation import GenerationStats, common_prefix, decode, prefill, resync
 from ..sampling import Sampler, SamplingParams
 from ..streaming import TextStream
@@ -260,7 +259,7 @@ class Engine:
         assert slot is not None
         model = self.model
         if slot.sequence is None:
-            slot.sequence = _C.Sequence(model._model())
+            slot.sequence = model._new_sequence()
             slot.cached = []
         prompt = job.prompt_ids
         if job._prefilled == 0:
