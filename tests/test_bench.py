@@ -18,14 +18,14 @@ def test_bench_json_and_table(make_llama: Any) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["dtype"] == "int8" and data["threads"] == 1 and data["repeats"] == 2
-    assert data["kv_cache_dtype"] == "f32"
+    assert data["kv_cache_dtype"] == "f16"  # int8's default
     assert data["prompt_tokens"] == 20 and data["gen_tokens"] == 5
     for key in ("load_s", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb", "weights_mb"):
         assert data[key] > 0, key
-    table = subprocess.run([*cmd, "--kv-cache-dtype", "f16"], capture_output=True, text=True, env=env, timeout=120)
+    table = subprocess.run([*cmd, "--kv-cache-dtype", "f32"], capture_output=True, text=True, env=env, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "decode (5 tokens)" in table.stdout and "tok/s" in table.stdout
-    assert "int8 / f16 / 1 /" in table.stdout  # dtype / KV cache / threads / kernels
+    assert "int8 / f32 / 1 /" in table.stdout  # dtype / KV cache / threads / kernels
     bad = subprocess.run([*cmd, "--kv-cache-dtype", "f8"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     too_long = subprocess.run([*cmd[:5], "--prompt-tokens", "300", "--gen-tokens", "1"], capture_output=True,

@@ -204,6 +204,9 @@ def test_f16_kv_cache_matches_transformers_with_rounded_cache(make_llama: Any, c
             np.testing.assert_array_equal(steps, first_steps)
     model.kv_cache_dtype = "f32"
     assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < F32_TOL
+    # Defaults: the cache follows f32 weights, and is f16 next to int8 and bf16 weights.
+    assert [cpullm.load(directory, dtype=d, threads=1).kv_cache_dtype for d in ("f32", "bf16", "int8")] == \
+        ["f32", "f16", "f16"]
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         model.kv_cache_dtype = "int8"
     with pytest.raises(ValueError, match="kv_cache_dtype"):
@@ -240,7 +243,7 @@ def test_bf16_weights_match_transformers_on_rounded_weights(make_llama: Any) -> 
     import torch
 
     directory, hf_model = make_llama(seed=9, **CONFIGS["gqa3-hd24"])
-    model = cpullm.load(directory, dtype="bf16", threads=2)
+    model = cpullm.load(directory, dtype="bf16", threads=2, kv_cache_dtype="f32")  # the weights' rounding alone
     rounded = type(hf_model)(hf_model.config).eval()
     rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in hf_model.state_dict().items()})
     ids = _ids(model.spec.vocab_size, 21)
@@ -286,6 +289,9 @@ def test_int8_logits_stay_within_documented_bound(llama: tuple[Any, Any], group_
     f32_model, hf_model = llama
     model = cpullm.load(f32_model.source, dtype="int8", group_size=group_size, threads=2)
     ids = _ids(model.spec.vocab_size, 33, seed=7)
+    assert model.kv_cache_dtype == "f16"  # int8's default; its rounding is below int8's by far
+    assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < INT8_VS_F32_TOL
+    model.kv_cache_dtype = "f32"  # the weights' and activations' rounding alone from here on
     int8_logits = model.logits(ids)
     assert rel_err(int8_logits, hf_logits(hf_model, ids)) < INT8_VS_F32_TOL
     # Against transformers running the very weights we quantized (dequantized back to f32), only the
@@ -300,7 +306,7 @@ def test_int8_logits_stay_within_documented_bound(llama: tuple[Any, Any], group_
 
 def test_int8_decode_with_cache_equals_full_pass(llama: tuple[Any, Any]) -> None:
     f32_model, _ = llama
-    model = cpullm.load(f32_model.source, dtype="int8", threads=2)
+    model = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32")
     ids = _ids(model.spec.vocab_size, 20, seed=8).astype(np.int32)
     full = model.logits(ids)
     sequence = cpullm._C.Sequence(model._model())

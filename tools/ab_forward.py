@@ -5,7 +5,7 @@ scratch CMake build of a variant), loaded in turn by path in a fresh process, ro
 drift of the machine hits every variant alike. Without ``--so`` the installed extension is timed.
 
     python tools/ab_forward.py MODEL [--so A.so B.so ...] [--threads 2] [--rounds 3]
-                               [--prompt-tokens 128] [--gen-tokens 48] [--steady]
+                               [--prompt-tokens 128] [--gen-tokens 48] [--steady] [--kv-cache-dtype f16]
 
 Prints, per variant, the best prefill and decode tok/s of each round (best of 3 passes within a round).
 With ``--steady`` each pass first sizes the KV cache for the whole run (a pass over prompt + generated
@@ -23,7 +23,7 @@ import time
 
 
 def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int,
-            steady: bool = False) -> dict[str, float]:
+            steady: bool = False, kv_cache_dtype: str = "f32") -> dict[str, float]:
     import numpy as np
 
     import cpullm
@@ -42,7 +42,8 @@ def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, g
     one = np.empty(1, np.int32)
     best_prefill = best_decode = 0.0
     for _ in range(3):
-        sequence = native.Sequence(model._model())
+        # (extensions built before the f16 cache take no second argument)
+        sequence = native.Sequence(model._model(), *([kv_cache_dtype] if kv_cache_dtype != "f32" else []))
         if steady:
             sequence.forward(synthetic_prompt(model.spec.vocab_size, prompt_tokens + gen_tokens), False, threads)
             sequence.truncate(0)  # keeps the capacity
@@ -67,10 +68,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--steady", action="store_true", help="size the KV cache before timing")
+    parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens, args.steady)))
+        print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens, args.steady,
+                                 args.kv_cache_dtype)))
         return
     for r in range(args.rounds):
         for so in args.so:
@@ -78,6 +81,7 @@ def main() -> None:
                    "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
             if args.steady:
                 cmd.append("--steady")
+            cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
             if so:
                 cmd += ["--so", so]
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])

@@ -2,9 +2,11 @@
 """How much int8 costs in accuracy on real text, with teacher forcing.
 
 For each group size: the share of positions where the int8 model's top-1 token equals the f32
-model's, and the ratio of their perplexities on the text. Usage:
+model's, and the ratio of their perplexities on the text. With ``--kv-cache-dtypes f32 f16`` every row
+is also measured with an f16 KV cache (and f32 weights with one), against f32 weights and cache. Usage:
 
     python tools/int8_accuracy.py MODEL [--text FILE] [--tokens 4096] [--window 512] [--group-sizes 32 64 128]
+                                  [--kv-cache-dtypes f32 f16]
 
 MODEL is anything cpullm.load accepts that is not already quantized (a Hugging Face directory or a GGUF
 file). The default text is the GNU GPL v3 as Debian ships it (/usr/share/common-licenses/GPL-3): real
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=["f32", "f16"], default=["f32"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -63,24 +66,34 @@ def main() -> None:
     chunks = windows(ids, args.window)
     ref_top1, ref_ll = evaluate(reference, chunks)
     ref_ppl = math.exp(-ref_ll.mean())
-    rows = [{"dtype": "f32", "group_size": None, "positions": int(ref_ll.size), "ppl": ref_ppl,
-             "top1_agreement": 1.0, "ppl_ratio": 1.0}]
+    rows = [{"dtype": "f32", "group_size": None, "kv_cache_dtype": "f32", "positions": int(ref_ll.size),
+             "ppl": ref_ppl, "top1_agreement": 1.0, "ppl_ratio": 1.0}]
+
+    def measure(model: cpullm.Model, group: int | None) -> None:
+        for kv in args.kv_cache_dtypes:
+            if model.dtype == "f32" and kv == "f32":
+                continue  # the reference itself
+            model.kv_cache_dtype = kv
+            top1, ll = evaluate(model, chunks)
+            ppl = math.exp(-ll.mean())
+            rows.append({"dtype": model.dtype, "group_size": group, "kv_cache_dtype": kv, "positions": int(ll.size),
+                         "ppl": ppl, "top1_agreement": float((top1 == ref_top1).mean()), "ppl_ratio": ppl / ref_ppl})
+
+    measure(reference, None)
     reference.close()
     for group in args.group_sizes:
         model = cpullm.load(args.model, dtype="int8", group_size=group, threads=args.threads)
-        top1, ll = evaluate(model, chunks)
-        ppl = math.exp(-ll.mean())
-        rows.append({"dtype": "int8", "group_size": group, "positions": int(ll.size), "ppl": ppl,
-                     "top1_agreement": float((top1 == ref_top1).mean()), "ppl_ratio": ppl / ref_ppl})
+        measure(model, group)
         model.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"model {args.model}; text {args.text} ({rows[0]['positions']} predicted positions, windows of {args.window})")
-    print(f"{'dtype':<6} {'group':>5} {'perplexity':>11} {'ppl ratio':>10} {'top-1 = f32':>12}")
+    print(f"{'dtype':<6} {'group':>5} {'KV':>4} {'perplexity':>11} {'ppl ratio':>10} {'top-1 = f32':>12}")
     for r in rows:
         group = "-" if r["group_size"] is None else str(r["group_size"])
-        print(f"{r['dtype']:<6} {group:>5} {r['ppl']:>11.4f} {r['ppl_ratio']:>10.4f} {100 * r['top1_agreement']:>11.2f}%")
+        print(f"{r['dtype']:<6} {group:>5} {r['kv_cache_dtype']:>4} {r['ppl']:>11.4f} {r['ppl_ratio']:>10.4f} "
+              f"{100 * r['top1_agreement']:>11.2f}%")
 
 
 if __name__ == "__main__":

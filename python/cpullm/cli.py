@@ -44,7 +44,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weight type (default: the stored one for converted models, f32 otherwise)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
     parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default=None,
-                        help="KV cache element type (default: f32; f16 halves its memory and speeds up long contexts)")
+                        help="KV cache element type (default: f32 for f32 weights, else f16, which halves its "
+                             "memory and speeds up long contexts)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

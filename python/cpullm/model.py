@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import _C
-from .dtypes import check_kv_cache_dtype
+from .dtypes import check_kv_cache_dtype, default_kv_cache_dtype
 from .errors import ContextOverflowError, CpullmError, ModelFormatError
 from .generation import GenerationStats, decode, prefill
 from .sampling import Sampler, SamplingParams, resolve_sampling
@@ -61,7 +61,7 @@ class Model:
         self.config = dict(config)
         self.dtype = dtype
         self.threads = threads
-        self.kv_cache_dtype = "f32"
+        self.kv_cache_dtype = default_kv_cache_dtype(dtype)
         self.source = source
         self.weights_bytes = sum(int(a.nbytes) for a in tensors.values())
         def release(name: str) -> None:
