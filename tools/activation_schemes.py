@@ -13,7 +13,9 @@ gives the kernel's numbers up to float rounding (the two-digit row reproduces cp
 SCHEME is KIND:ROTATION:GROUP: KIND one of w8 (exact activations), a8 (one int8 digit per value),
 a14 (two digits, cpullm's scheme); ROTATION 0, or the size of an orthonormal Hadamard transform applied
 to blocks of inputs of both the activations and the weights before they are rounded (it leaves the
-product unchanged and spreads outliers); GROUP the activations' quantization group.
+product unchanged and spreads outliers); GROUP the activations' quantization group. A scheme may end in
+@NAME,NAME,... (the last part of linear layers' names, e.g. @q_proj,k_proj,v_proj,gate_proj,up_proj):
+it then applies to those layers only, and every other layer keeps cpullm's scheme (a14:0:32).
 """
 
 from __future__ import annotations
@@ -119,14 +121,19 @@ def main() -> None:
     print(f"{args.model}: {ref_ll.numel()} predicted positions; f32 perplexity {ref_ppl:.3f}")
     print(f"{'scheme':<12} {'ppl ratio':>10} {'top-1 = f32':>12}")
     for scheme in args.schemes:
-        kind, rotation, group = scheme.split(":")
+        spec, _, only = scheme.partition("@")
+        kind, rotation, group = spec.split(":")
         if kind not in ("w8", "a8", "a14"):
             raise SystemExit(f"unknown scheme kind {kind!r} in {scheme!r}")
+        targets = set(only.split(",")) if only else None
         model = load()
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(module, name, SimulatedInt8Linear(child, kind, int(rotation), int(group)))
+                    if targets is None or name in targets:
+                        setattr(module, name, SimulatedInt8Linear(child, kind, int(rotation), int(group)))
+                    else:
+                        setattr(module, name, SimulatedInt8Linear(child, "a14", 0, 32))
         top1, ll = evaluate(model, chunks)
         ratio = math.exp(-ll.mean().item()) / ref_ppl
         print(f"{scheme:<12} {ratio:>10.4f} {(top1 == ref_top1).double().mean().item() * 100:>11.2f} %", flush=True)

@@ -59,7 +59,9 @@ MODELS = ["smollm2", "llama-1b-shape"]
 REFERENCE = "cpullm-f32"  # whose greedy tokens and logits the others are compared with
 CHECK_TOKENS = 8
 TOP_LOGITS = 16  # the prompt's most likely next tokens, compared with the reference's
-KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2}  # llama.cpp's default cache is f16; the others keep f32
+# Bytes per cached key / value element, by engine (or its family): each engine's default cache.
+# llama.cpp's is f16; cpullm's f16 next to int8 and bf16 weights; the others keep f32.
+KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-int8": 2, "cpullm-bf16": 2}
 
 
 # --- workers: one measurement each, run in a fresh process --------------------------------------------
@@ -401,7 +403,7 @@ class Ceilings:
                    kv_positions=prompt_tokens + gen_tokens / 2)
 
     def decode_bytes(self, engine: str, shape: Shape, weights: int) -> float:
-        element = KV_CACHE_ELEMENT_BYTES.get(engine.split("-")[0], 4)
+        element = KV_CACHE_ELEMENT_BYTES.get(engine, KV_CACHE_ELEMENT_BYTES.get(engine.split("-")[0], 4))
         return weights + shape.kv_cache_bytes(self.kv_positions, element)
 
     def decode_tok_s(self, engine: str, shape: Shape, weights: int) -> float:
