@@ -88,8 +88,23 @@ def test_bf16_rounding_matches_torch() -> None:
 
 def test_cpu_features_report_and_forcing() -> None:
     features = C.cpu_features()
-    assert features["available_isas"][0] == "scalar"
-    assert features["isa"] in features["available_isas"]
+    available = features["available_isas"]
+    assert available[0] == "scalar"
+    assert features["isa"] in available
+    # Paths come in order of preference, each only where the CPU has what it needs.
+    order = ["scalar", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"]
+    assert available == [name for name in order if name in available]
+    x86 = features["avx2"] and features["fma"] and features["f16c"]
+    assert ("vnni256" in available) == (x86 and features["avx512vl"] and features["avx512vnni"])
+    assert "avxvnni" not in available or (x86 and features["avxvnni"])  # (built only by compilers that know it)
+    import subprocess
+    import sys
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "CPULLM_ISA"}
+    default = subprocess.run([sys.executable, "-c", "import cpullm._C as C; print(C.get_isa())"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert default == available[-1]
     with pytest.raises(ValueError, match="not supported"):
         C.set_isa("no-such-isa")
 

@@ -15,6 +15,10 @@ const Kernels* table_for(const std::string& name) {
   if (name == "scalar") return &kernels_scalar();
 #if defined(CPULLM_HAVE_X86_KERNELS)
   if (name == "avx2" && f.avx2 && f.fma && f.f16c) return &kernels_avx2();
+#if defined(CPULLM_HAVE_AVXVNNI_KERNELS)
+  if (name == "avxvnni" && f.avx2 && f.fma && f.f16c && f.avxvnni) return &kernels_avxvnni();
+#endif
+  if (name == "vnni256" && f.avx2 && f.fma && f.f16c && f.avx512vl && f.avx512vnni) return &kernels_vnni256();
   if (name == "avx512" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma)
     return &kernels_avx512();
   if (name == "avx512vnni" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.avx512vnni)
@@ -43,7 +47,8 @@ const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
-  for (const char* name : {"scalar", "avx2", "avx512", "avx512vnni"})
+  // In order of preference: the last one available is the default.
+  for (const char* name : {"scalar", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"})
     if (table_for(name)) names.emplace_back(name);
   return names;
 }

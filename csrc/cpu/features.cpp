@@ -37,12 +37,17 @@ CpuFeatures detect() {
   f.fma = fma;
   f.f16c = f16c;
   f.avx2 = ((ebx >> 5) & 1) && fma;
+  const unsigned max_subleaf = eax;
   if (os_zmm) {
     f.avx512f = (ebx >> 16) & 1;
     f.avx512dq = (ebx >> 17) & 1;
     f.avx512bw = (ebx >> 30) & 1;
     f.avx512vl = (ebx >> 31) & 1;
     f.avx512vnni = (ecx >> 11) & 1;
+  }
+  if (max_subleaf >= 1) {
+    __cpuid_count(7, 1, eax, ebx, ecx, edx);
+    f.avxvnni = (eax >> 4) & 1;
   }
   return f;
 }

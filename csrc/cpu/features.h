@@ -14,6 +14,7 @@ struct CpuFeatures {
   bool avx512vl = false;
   bool avx512dq = false;
   bool avx512vnni = false;
+  bool avxvnni = false;  // AVX-VNNI: vpdpbusd on ymm without AVX-512 (VEX encoding)
   bool neon = false;
 };
 

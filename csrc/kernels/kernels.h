@@ -178,8 +178,12 @@ void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Half* k
 const Kernels& kernels_scalar();
 #if defined(CPULLM_HAVE_X86_KERNELS)
 const Kernels& kernels_avx2();
+const Kernels& kernels_vnni256();  // the AVX2 path with 256-bit VNNI for int8 (EVEX: AVX512-VNNI + VL)
 const Kernels& kernels_avx512();
 const Kernels& kernels_avx512vnni();
+#endif
+#if defined(CPULLM_HAVE_AVXVNNI_KERNELS)
+const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs without AVX-512
 #endif
 
 // Quantizes one row of activations per group into two int8 digits (see matmul_q8): scale s = max|x| / 127,

@@ -126,6 +126,8 @@ struct ScalarQ {
     std::memcpy(v.v, b, kQ8Block);
     return v;
   }
+  static inline I weights(const uint8_t* p) { return flip(load(reinterpret_cast<const int8_t*>(p))); }
+  static inline I seed(int32_t) { return izero(); }
   static inline I bcast4(const int8_t* p) {
     I r;
     for (int i = 0; i < 8; ++i) std::memcpy(&r.v[i], p, 4);

@@ -3,9 +3,12 @@
 //   Q::I / Q::F                       8 x int32 (or 32 bytes) / 8 x float
 //   Q::izero(), Q::fzero()
 //   Q::load(p)                        32 bytes
-//   Q::flip(v)                        bytes ^ 0x80: the stored w + 128 back to signed w
+//   Q::weights(p)                     the 32 stored weight bytes (w + 128) at p as dot's w operand
+//   Q::seed(sum)                      the lo digits' starting sum, given the group's Q8Acts::sums
 //   Q::bcast4(p)                      the 4 bytes at p in every lane
-//   Q::dot(acc, x, w)                 acc[i] += sum_{j < 4} x[4i + j] * w[4i + j]   (signed int8 both)
+//   Q::dot(acc, x, w)                 acc[i] += sum_{j < 4} x[4i + j] * w[4i + j]   (x signed int8; w as
+//                                     weights() made it: the signed weights, with seed() zero, or the
+//                                     stored unsigned bytes, with seed() taking back 128 * sum(x))
 //   Q::combine(hi, lo)                127 * hi + lo   (lane-wise int32)
 //   Q::fload(p), Q::fstore(p, f), Q::fstore_partial(p, f, n)
 //   Q::fma_scaled(f, i, s)            f + float(i) * s      (s a float or an F)
@@ -76,16 +79,21 @@ struct Q8Impl {
       const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
       const int64_t off = g * w.group_bytes, begin = g * w.group;
       I hi[TT][RB][2], lo[TT][RB][2];
-      for (int t = 0; t < TT; ++t)
-        for (int b = 0; b < RB; ++b) hi[t][b][0] = hi[t][b][1] = lo[t][b][0] = lo[t][b][1] = Q::izero();
+      for (int t = 0; t < TT; ++t) {
+        const I seed = Q::seed(x.sums[(t0 + t) * G + g]);
+        for (int b = 0; b < RB; ++b) {
+          hi[t][b][0] = hi[t][b][1] = Q::izero();
+          lo[t][b][0] = lo[t][b][1] = seed;
+        }
+      }
       for (int64_t i = 0; i < quads; ++i) {
         I wv[RB][2];
         for (int b = 0; b < RB; ++b) {
           const uint8_t* p = blk[b] + off + i * 64;
           // Several tokens: the next tile's blocks, requested early (see kernels_avx512vnni.cpp).
           if (TT > 1) __builtin_prefetch(p + RB * w.block_bytes);
-          wv[b][0] = Q::flip(Q::load(reinterpret_cast<const int8_t*>(p)));
-          wv[b][1] = Q::flip(Q::load(reinterpret_cast<const int8_t*>(p + 32)));
+          wv[b][0] = Q::weights(p);
+          wv[b][1] = Q::weights(p + 32);
         }
         for (int t = 0; t < TT; ++t) {
           const I xh = Q::bcast4(xt[t] + begin + 4 * i);
@@ -127,11 +135,15 @@ struct Q8Impl {
   static int64_t peak_loop(int64_t iterations) {
     alignas(64) int8_t bytes[2 * kQ8Block];
     for (int i = 0; i < 2 * kQ8Block; ++i) bytes[i] = static_cast<int8_t>((i * 37) % 255 - 127);
-    const I x = Q::load(bytes), w = Q::load(bytes + kQ8Block);
+    I x = Q::load(bytes), w = Q::load(bytes + kQ8Block);
     I acc[8];
     for (int a = 0; a < 8; ++a) acc[a] = Q::izero();
-    for (int64_t it = 0; it < iterations; ++it)
+    for (int64_t it = 0; it < iterations; ++it) {
+      // The operands must look new each iteration: AVX2's dot is sign fix-ups and maddubs / madd of x
+      // and w before its add, and the compiler would hoist all of that out of a loop over constants.
+      asm volatile("" : "+m"(x), "+m"(w));
       for (int a = 0; a < 8; ++a) acc[a] = Q::dot(acc[a], x, w);
+    }
     F f = Q::fzero();
     for (int a = 0; a < 8; ++a) f = Q::fma_scaled(f, acc[a], 1.f);
     return static_cast<int64_t>(Q::reduce(f));

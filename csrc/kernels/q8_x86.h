@@ -30,6 +30,8 @@ struct Q8Avx2 {
   static inline F fzero() { return _mm256_setzero_ps(); }
   static inline I load(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static inline I flip(I v) { return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))); }
+  static inline I weights(const uint8_t* p) { return flip(load(reinterpret_cast<const int8_t*>(p))); }
+  static inline I seed(int32_t) { return izero(); }
   static inline I bcast4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, sizeof v);
