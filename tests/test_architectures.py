@@ -13,7 +13,7 @@ import pytest
 
 import cpullm
 from conftest import hf_logits, rel_err
-from test_llama_parity import F32_TOL, INT8_VS_DEQUANTIZED_TOL, INT8_VS_F32_TOL
+from test_llama_parity import F32_TOL, INT8_VS_DEQUANTIZED_TOL, INT8_VS_F32_TOL, hf_logits_f16_cache
 
 COMMON: dict[str, Any] = dict(
     vocab_size=320, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
@@ -98,6 +98,23 @@ def test_prefill_logits_match_transformers(arch: tuple[str, Any, Any], n: int, i
     _, model, hf_model = arch
     ids = _ids(model.spec.vocab_size, n)
     assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < F32_TOL
+
+
+def test_f16_kv_cache_matches_transformers_with_rounded_cache(arch: tuple[str, Any, Any]) -> None:
+    """As the Llama test of the f16 cache (test_llama_parity): against transformers whose cache rounds
+    keys and values to f16, past the window and the longrope switch (where Phi-3 re-encodes the cache),
+    with the same bound."""
+    _, model, hf_model = arch
+    ids = _ids(model.spec.vocab_size, 70, seed=3)
+    model.kv_cache_dtype = "f16"
+    try:
+        ours = model.logits(ids)
+    finally:
+        model.kv_cache_dtype = "f32"
+    reference = hf_logits_f16_cache(hf_model, ids)
+    rounding = rel_err(reference, hf_logits(hf_model, ids))
+    assert rounding > 1e-5  # the rounding reaches the logits
+    assert rel_err(ours, reference) < 0.3 * rounding
 
 
 def test_token_by_token_decode_matches_transformers(arch: tuple[str, Any, Any]) -> None:
