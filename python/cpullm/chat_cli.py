@@ -162,5 +162,6 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
         session = model.chat(system=args.system, on_overflow=args.on_overflow, **sampling)
         if sys.stdin.isatty():
             sys.stderr.write(f"cpullm chat: {model.source} ({model.dtype}, {model.threads} threads, "
-                             f"context {model.spec.max_context}). /help for commands, Ctrl-D to leave.\n")
+                             f"context {model.spec.max_context}, {model.kv_cache_dtype} KV cache). "
+                             "/help for commands, Ctrl-D to leave.\n")
         return ChatREPL(session).run()
