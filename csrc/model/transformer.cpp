@@ -152,10 +152,28 @@ void apply_rope(float* head, const float* cos, const float* sin, int half) {
 // to pay for the fork (on 2 threads they were ~7 % of a 128-token prefill, run by one thread).
 constexpr int64_t kPerTokenParallel = 8;
 
+// body(i) for i in [0, n), on n_threads OpenMP threads when `parallel` (statically split, or claimed one
+// at a time with Schedule::kDynamic), else in this thread without entering OpenMP at all: a region
+// whose if() clause is false still ends in libgomp's barrier, a futex system call, and a decoded token
+// passes ~480 of them on one thread.
+enum class Schedule { kStatic, kDynamic };
+template <Schedule kind = Schedule::kStatic, class Body>
+void parallel_for(int n_threads, bool parallel, int64_t n, const Body& body) {
+  if (!parallel || n_threads < 2 || n < 2) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else if constexpr (kind == Schedule::kStatic) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else {
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
+
 // act [T, F] = silu(gate) * up for each row of ffn [T, 2F] (gate, then up).
 void swiglu(const Kernels& k, const float* ffn, float* act, int64_t T, int64_t F, int n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && T >= kPerTokenParallel)
-  for (int64_t t = 0; t < T; ++t) k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
+  parallel_for(n_threads, T >= kPerTokenParallel, T,
+               [&](int64_t t) { k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F); });
 }
 
 int thread_id() {
@@ -401,10 +419,10 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
     if (xq_.size() < size_t(2 * T * stride)) xq_.resize(size_t(2 * T * stride));
     if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
     if (xq_sums_.size() < size_t(T * G)) xq_sums_.resize(size_t(T * G));
-#pragma omp parallel for num_threads(n_threads) if (n_threads > 1 && T > 1)
-    for (int64_t t = 0; t < T; ++t)
+    parallel_for(n_threads, true, T, [&](int64_t t) {
       k.quantize_q8(x + t * K, K, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
                     xq_sums_.data() + t * G);
+    });
     acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K);
     units = w.q8.n_blocks;
   }
@@ -412,15 +430,14 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
   int64_t chunk = (units + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
   chunk = std::max<int64_t>(min_chunk, (chunk + min_chunk - 1) / min_chunk * min_chunk);
   const int64_t n_chunks = (units + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1 && n_chunks > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  parallel_for<Schedule::kDynamic>(n_threads, true, n_chunks, [&](int64_t c) {
     const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
     switch (w.type) {
       case WType::F32: k.matmul_f32(x, T, K, static_cast<const float*>(w.data), u0, u1, y, N); break;
       case WType::BF16: k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), u0, u1, y, N); break;
       case WType::Q8: k.matmul_q8(acts, w.q8, u0, u1, y, N); break;
     }
-  }
+  });
 }
 
 void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool all_logits, int n_threads) {
@@ -470,9 +487,9 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   float* act = act_.data();
   const bool per_token_parallel = n_threads > 1 && T >= kPerTokenParallel;
   const auto add_rows = [&](float* dst, const float* src) {
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
-    for (int64_t t = 0; t < T; ++t)
+    parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
       for (int64_t i = 0; i < D; ++i) dst[t * D + i] += src[t * D + i];
+    });
   };
 
   for (int64_t t = 0; t < T; ++t) embedding_row(model_.tok_embeddings(), tokens[t], x + t * D);
@@ -491,18 +508,17 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   for (int l = 0; l < s.n_layers; ++l) {
     const LayerWeights& L = model_.layers()[l];
 
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
-    for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps);
+    parallel_for(n_threads, per_token_parallel, T,
+                 [&](int64_t t) { rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps); });
     matmul(xn, T, L.wqkv, qkv, n_threads);
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
-    for (int64_t t = 0; t < T; ++t) {
+    parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
       float* row = qkv + t * qkv_dim;
       if (L.bqkv)
         for (int64_t i = 0; i < qkv_dim; ++i) row[i] += L.bqkv[i];
       const float* c = rope_cos_.data() + t * half;
       const float* sn = rope_sin_.data() + t * half;
       for (int64_t h = 0; h < H + KVH; ++h) apply_rope(row + h * hd, c, sn, half);
-    }
+    });
     if (kv_type_ == KVType::F16)
       attention<Half>(l, T, n_threads);
     else
@@ -511,8 +527,8 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     matmul(attn, T, L.wo, xn, n_threads);
     add_rows(x, xn);
 
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (per_token_parallel)
-    for (int64_t t = 0; t < T; ++t) rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps);
+    parallel_for(n_threads, per_token_parallel, T,
+                 [&](int64_t t) { rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps); });
     if (s.n_experts > 0) {
       moe(L, T, n_threads);
       continue;
@@ -549,8 +565,7 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
     else
       return x;
   };
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && T >= kPerTokenParallel)
-  for (int64_t t = 0; t < T; ++t) {
+  parallel_for(n_threads, T >= kPerTokenParallel, T, [&](int64_t t) {
     const float* row = qkv + t * qkv_dim;
     const int64_t pos = n_past_ + t;
     for (int64_t h = 0; h < KVH; ++h) {
@@ -563,7 +578,7 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
         vt[d] = stored(value[d]);
       }
     }
-  }
+  });
 
   // How attention splits its work (see the attention step below). A whole KV group's chunk is a unit
   // once there are about two full-chunk units per thread.
@@ -591,30 +606,28 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
       return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
     };
     if (!split) {
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
-      for (int64_t u = 0; u < T * KVH; ++u) {
+      parallel_for<Schedule::kDynamic>(n_threads, true, T * KVH, [&](int64_t u) {
         const int64_t t = u / KVH, kvh = u % KVH, h = kvh * group;
         const auto [first, last] = range(t);
         const size_t tid = size_t(thread_id());
         attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
                        hd, s.attn_scale, scores_.data() + tid * kScoreStride, part_.data() + tid * part_stride,
                        attn + t * q_dim + h * hd);
-      }
+      });
     } else {
       const int64_t units_per_token = H / split_heads;
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-      for (int64_t u = 0; u < T * units_per_token * split_chunks; ++u) {
+      parallel_for<Schedule::kDynamic>(n_threads, true, T * units_per_token * split_chunks, [&](int64_t u) {
         const int64_t t = u / (units_per_token * split_chunks), j = u % split_chunks;
         const int64_t h = (u / split_chunks % units_per_token) * split_heads, kvh = h / group;
         const auto [first, last] = range(t);
         const int64_t c = first / kAttendChunk + j;
-        if (c > last / kAttendChunk) continue;
+        if (c > last / kAttendChunk) return;
         const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
         const size_t slot = size_t((t * split_chunks + j) * H + h);
         attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
                  s.attn_scale, scores_.data() + size_t(thread_id()) * kScoreStride, split_out_.data() + slot * hd,
                  split_stats_.data() + slot * 2);
-      }
+      });
       for (int64_t t = 0; t < T; ++t) {
         const auto [first, last] = range(t);
         const int64_t n_chunks = last / kAttendChunk - first / kAttendChunk + 1;
