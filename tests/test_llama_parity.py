@@ -133,6 +133,10 @@ def test_generate_sizes_the_cache_once(make_llama: Any, monkeypatch: pytest.Monk
     assert len(list(model.generate_tokens(prompt, max_tokens=40, stop_token_ids=[], temperature=0))) == 40
     assert seen[0][0] == 250 and len(seen) == 40  # the last token is not run
     assert {capacity for _, capacity in seen} == {seen[0][1]} and seen[0][1] >= 290
+    # A limit far past the context (or any C int) only sizes the cache for the whole context.
+    seen.clear()
+    assert len(list(model.generate_tokens(prompt[:5], max_tokens=2**40, stop_token_ids=[], temperature=0))) == 1020
+    assert 1024 <= seen[0][1] < 1024 + 16
 
 
 @pytest.mark.parametrize("config", ["mha-hd64-tied", "gqa3-hd24"])

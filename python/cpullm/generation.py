@@ -62,6 +62,9 @@ def resync(sequence: Any, cached: list[int]) -> None:
     del cached[n:]
 
 
+_MAX_RESERVE = 2**31 - 1
+
+
 def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads: int,
             stats: GenerationStats, max_tokens: int | None = None) -> np.ndarray:
     """Runs the part of ``prompt_ids`` that the sequence does not hold yet and returns the logits of the
@@ -72,8 +75,8 @@ def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads
     reuse = min(common_prefix(cached, prompt_ids), len(prompt_ids) - 1)
     sequence.truncate(reuse)
     del cached[reuse:]
-    if max_tokens is not None:
-        sequence.reserve(len(prompt_ids) + max_tokens)  # the sequence clamps it to the context
+    if max_tokens is not None:  # the sequence clamps it to its context; the binding takes a C int
+        sequence.reserve(min(len(prompt_ids) + max_tokens, _MAX_RESERVE))
     new = np.asarray(prompt_ids[reuse:], dtype=np.int32)
     logits = sequence.forward(new, False, threads)
     cached.extend(int(t) for t in new)
