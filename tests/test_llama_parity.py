@@ -110,6 +110,33 @@ def test_reserve_sizes_the_cache_ahead_and_changes_no_result(make_llama: Any) ->
         sequence.reserve(-1)
 
 
+def test_a_refused_reservation_changes_nothing(make_llama: Any) -> None:
+    # reserve() is a hint: with the address space capped below what it asks (1M positions of a tiny
+    # model, ~800 MB), it leaves the cache as it was, and forward passes go on growing it on demand.
+    import subprocess
+    import sys
+
+    directory, _ = make_llama(seed=3, **CONFIGS["gqa3-hd24"], max_position_embeddings=1 << 20)
+    script = f'''
+import resource, numpy as np, cpullm
+model = cpullm.load({str(directory)!r}, threads=1, kv_cache_dtype="f32")
+ids = np.arange(40, dtype=np.int32) % model.spec.vocab_size
+expected = model.logits(ids)
+sequence = model._new_sequence()
+sequence.forward(ids[:20], True, 1)
+before = sequence.capacity
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (200 << 20), resource.RLIM_INFINITY))
+sequence.reserve(1 << 20)
+assert sequence.capacity == before, (sequence.capacity, before)
+rest = sequence.forward(ids[20:], True, 1)
+assert np.abs(rest - expected[20:]).max() <= 1e-4 * np.abs(expected).max()
+print("ok")
+'''
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def test_generate_sizes_the_cache_once(make_llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     directory, _ = make_llama(seed=3, **CONFIGS["gqa3-hd24"], max_position_embeddings=1024)
     model = cpullm.load(directory, threads=1)
@@ -133,7 +160,7 @@ def test_generate_sizes_the_cache_once(make_llama: Any, monkeypatch: pytest.Monk
     assert len(list(model.generate_tokens(prompt, max_tokens=40, stop_token_ids=[], temperature=0))) == 40
     assert seen[0][0] == 250 and len(seen) == 40  # the last token is not run
     assert {capacity for _, capacity in seen} == {seen[0][1]} and seen[0][1] >= 290
-    # A limit far past the context (or any C int) only sizes the cache for the whole context.
+    # A limit far past the context (or any C int) sizes the cache for the context at most.
     seen.clear()
     assert len(list(model.generate_tokens(prompt[:5], max_tokens=2**40, stop_token_ids=[], temperature=0))) == 1020
     assert 1024 <= seen[0][1] < 1024 + 16

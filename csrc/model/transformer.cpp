@@ -355,7 +355,13 @@ void Sequence::truncate(int n) {
 void Sequence::reserve(int positions) {
   if (positions < 0) fail("reserve: position count must be >= 0");
   const int n = std::min(positions, model_.spec().max_context);
-  if (n > capacity_) grow(n);
+  if (n <= capacity_) return;
+  try {
+    grow(n);
+  } catch (const std::bad_alloc&) {
+    // A reservation is a hint: where the system refuses that much address space at once, the cache
+    // keeps growing on demand (and a forward pass fails only if its own positions do not fit).
+  }
 }
 
 void Sequence::grow(int positions) {

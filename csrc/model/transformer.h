@@ -158,7 +158,8 @@ class Sequence {
   void truncate(int n);
   // Sizes the cache for at least min(positions, max_context) positions now, so that a generation whose
   // length is known does not grow it (a copy of the whole cache) in the middle of decoding. The memory
-  // is backed only as positions are written.
+  // is backed as positions are written (by whole huge pages where THP is on). Best effort: if the
+  // memory is refused, nothing changes.
   void reserve(int positions);
 
   // Runs `n_tokens` new tokens at positions n_past .. n_past + n_tokens - 1 and appends them to the

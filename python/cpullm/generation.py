@@ -62,7 +62,11 @@ def resync(sequence: Any, cached: list[int]) -> None:
     del cached[n:]
 
 
-_MAX_RESERVE = 2**31 - 1
+# Positions a generation reserves beyond its prompt at most. Reserving saves the cache's growth (a copy
+# of it) while decoding, which matters for short generations; a long one amortises its few growths, and
+# with transparent huge pages every head's region of a reserved cache is backed from its first position
+# on, so a reservation for a huge max_tokens would cost memory long before the positions exist.
+_RESERVE_AHEAD = 4096
 
 
 def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads: int,
@@ -75,8 +79,8 @@ def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads
     reuse = min(common_prefix(cached, prompt_ids), len(prompt_ids) - 1)
     sequence.truncate(reuse)
     del cached[reuse:]
-    if max_tokens is not None:  # the sequence clamps it to its context; the binding takes a C int
-        sequence.reserve(min(len(prompt_ids) + max_tokens, _MAX_RESERVE))
+    if max_tokens is not None:  # the sequence clamps it to its context
+        sequence.reserve(len(prompt_ids) + min(max_tokens, _RESERVE_AHEAD))
     new = np.asarray(prompt_ids[reuse:], dtype=np.int32)
     logits = sequence.forward(new, False, threads)
     cached.extend(int(t) for t in new)
