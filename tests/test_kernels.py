@@ -184,6 +184,20 @@ def test_activation_quantization_matches_numpy(isa: str) -> None:
         np.testing.assert_array_equal(q, q_ref)
 
 
+def test_activation_quantization_of_a_nan_is_the_same_on_every_path(isa: str) -> None:
+    # A NaN activation (a broken model, or a poisoned test) must not reach the int8 conversion, whose
+    # result would be undefined: it is left out of its group's maximum and clamps to -127, on every path.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    x[1, 10] = np.nan
+    q, s = C.quantize_q8(x, 32)
+    q_ref, s_ref = _quantize_rows_reference(np.nan_to_num(x, nan=0.0), 32)
+    np.testing.assert_array_equal(s, s_ref)
+    assert q[1, 10] == -127 and q[1, 100 + 10] == -127
+    q_ref[1, 10] = q_ref[1, 110] = -127
+    np.testing.assert_array_equal(q, q_ref)
+
+
 def test_weight_quantizer_matches_numpy() -> None:
     from cpullm.dtypes import quantize_q8
 

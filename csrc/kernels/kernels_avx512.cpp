@@ -65,7 +65,9 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
         const int64_t b0 = (g + i) * group, b1 = b0 + group < K ? b0 + group : K;
         for (int64_t k = b0; i < batch && k < b1; k += 16) {
           const int n = b1 - k < 16 ? static_cast<int>(b1 - k) : 16;
-          vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(Avx512V::lane_mask(n), x + k)));
+          // vmaxps returns its second operand when one is NaN: a NaN never becomes the maximum, as in
+          // the portable loop.
+          vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(Avx512V::lane_mask(n), x + k)), vmax);
         }
         amax[i] = _mm512_reduce_max_ps(vmax);
       }

@@ -18,7 +18,9 @@ inline float round_even(float v) {
   return (v + magic) - magic;
 }
 
-inline float clamp127(float v) { return v < -127.f ? -127.f : (v > 127.f ? 127.f : v); }
+// NaN clamps to -127, as the vector paths' max(v, -127) then min(., 127) do: every path gives the same
+// digits for a NaN activation, and no NaN reaches the conversion to int8 (undefined behaviour).
+inline float clamp127(float v) { return !(v > -127.f) ? -127.f : (v > 127.f ? 127.f : v); }
 
 inline int64_t group_len(const Q8Weights& w, int64_t g) {
   const int64_t rest = w.cols - g * w.group;
