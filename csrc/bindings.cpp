@@ -167,22 +167,26 @@ PYBIND11_MODULE(_C, m) {
       kernels().matmul_bf16(xp, T, K, static_cast<const uint16_t*>(wp), 0, N, y, N);
     });
   }, py::arg("x"), py::arg("w"), "y = x @ w.T with bf16 weights given as uint16 bits");
-  m.def("quantize_q8", [](const F32Array& x, int64_t group) {
+  m.def("quantize_q8", [](const F32Array& x, int64_t group, bool with_sums) {
     if (x.ndim() != 2) throw std::invalid_argument("quantize_q8: expected x [T, K]");
-    if (group <= 0) throw std::invalid_argument("quantize_q8: group must be > 0");
+    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)  // larger groups overflow the sums
+      throw std::invalid_argument("quantize_q8: group must be a positive multiple of 32 up to 512");
     const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group, stride = q8_act_stride(K);
     py::array_t<int8_t> q({T, 2 * K});
     F32Array scales({T, G});
+    py::array_t<int32_t> sums({T, G});
     std::vector<int8_t> row(static_cast<size_t>(2 * stride));
-    std::vector<int32_t> sums(static_cast<size_t>(G));
     for (int64_t t = 0; t < T; ++t) {
-      kernels().quantize_q8(x.data() + t * K, K, group, stride, row.data(), scales.mutable_data() + t * G, sums.data());
+      kernels().quantize_q8(x.data() + t * K, K, group, stride, row.data(), scales.mutable_data() + t * G,
+                            sums.mutable_data() + t * G);
       std::memcpy(q.mutable_data() + 2 * t * K, row.data(), size_t(K));
       std::memcpy(q.mutable_data() + 2 * t * K + K, row.data() + stride, size_t(K));
     }
-    return py::make_tuple(q, scales);
-  }, py::arg("x"), py::arg("group"),
-     "Per-group two-digit int8 quantization of activation rows: (q [T, 2K]: hi then lo digits, scales [T, G])");
+    if (with_sums) return py::tuple(py::make_tuple(q, scales, sums));
+    return py::tuple(py::make_tuple(q, scales));
+  }, py::arg("x"), py::arg("group"), py::arg("with_sums") = false,
+     "Per-group two-digit int8 quantization of activation rows: (q [T, 2K]: hi then lo digits, scales [T, G]"
+     "[, sums [T, G]: 128 * (127 * sum(hi) + sum(lo)) per group])");
   m.def("matmul_q8", [](const F32Array& x, const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws,
                         int64_t group) {
     if (x.ndim() != 2 || wq.ndim() != 2 || x.shape(1) != wq.shape(1))

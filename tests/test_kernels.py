@@ -142,7 +142,7 @@ def _quantize_rows_reference(x: np.ndarray, group: int) -> tuple[np.ndarray, np.
             scale = np.float32(np.abs(part).max()) / np.float32(127)
             fine = scale / np.float32(127)
             s[t, g] = fine
-            if scale > 0:
+            if fine >= np.finfo(np.float32).tiny:  # else (zero, or a subnormal fine step) both digits 0
                 hi = np.clip(np.rint(part * (np.float32(1) / scale)), -127, 127).astype(np.float32)
                 rest = (part - hi * scale).astype(np.float32)
                 lo = np.clip(np.rint(rest * (np.float32(1) / fine)), -127, 127)
@@ -182,6 +182,31 @@ def test_activation_quantization_matches_numpy(isa: str) -> None:
         q_ref, s_ref = _quantize_rows_reference(x, group)
         np.testing.assert_array_equal(s, s_ref)
         np.testing.assert_array_equal(q, q_ref)
+
+
+def test_activation_quantization_sums_and_tiny_groups(isa: str) -> None:
+    # The VNNI paths take back 128 * sum(x) through the quantizer's per-group sums, so they must be
+    # exact; a group whose fine step would be subnormal (max |x| below ~1.9e-34, where 1 / fine can
+    # overflow) is all zero, tails and sums included, on every path.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 100)).astype(np.float32)
+    x[1, 32:64] = 0.0
+    x[1, 40], x[1, 41] = 1e-36, -3e-37
+    x[2, 96:] = [1e-35, 0.0, -2e-35, 0.0]  # a short tail group of tiny values
+    x[3, 64:96] = 1e-30  # small, but its fine step is a normal float: quantized as usual
+    q, s, sums = C.quantize_q8(x, 32, with_sums=True)
+    q_ref, s_ref = _quantize_rows_reference(x, 32)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    assert not q[1, 32:64].any() and not q[1, 132:164].any() and not q[2, 96:100].any()
+    assert q[3, 64] == 127
+    K = x.shape[1]
+    hi, lo = q[:, :K].astype(np.int64), q[:, K:].astype(np.int64)
+    for g in range(s.shape[1]):
+        sl = slice(32 * g, min(K, 32 * (g + 1)))
+        np.testing.assert_array_equal(sums[:, g], 128 * (127 * hi[:, sl].sum(1) + lo[:, sl].sum(1)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        C.quantize_q8(x, 2048)
 
 
 def test_activation_quantization_of_a_nan_is_the_same_on_every_path(isa: str) -> None:

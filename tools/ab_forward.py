@@ -23,7 +23,7 @@ import time
 
 
 def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int,
-            steady: bool = False, kv_cache_dtype: str = "f32") -> dict[str, float]:
+            steady: bool = False, kv_cache_dtype: str | None = None) -> dict[str, float]:
     import numpy as np
 
     import cpullm
@@ -42,8 +42,9 @@ def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, g
     one = np.empty(1, np.int32)
     best_prefill = best_decode = 0.0
     for _ in range(3):
-        # (extensions built before the f16 cache take no second argument)
-        sequence = native.Sequence(model._model(), *([kv_cache_dtype] if kv_cache_dtype != "f32" else []))
+        # (extensions built before the f16 cache take no second argument; None: the model's default)
+        kv = kv_cache_dtype or model.kv_cache_dtype
+        sequence = native.Sequence(model._model(), *([kv] if kv != "f32" else []))
         if steady:
             sequence.forward(synthetic_prompt(model.spec.vocab_size, prompt_tokens + gen_tokens), False, threads)
             sequence.truncate(0)  # keeps the capacity
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--steady", action="store_true", help="size the KV cache before timing")
-    parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32")
+    parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default=None,
+                        help="the KV cache's type (default: the model's, f16 for int8 / bf16 weights)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -81,7 +83,8 @@ def main() -> None:
                    "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
             if args.steady:
                 cmd.append("--steady")
-            cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
+            if args.kv_cache_dtype:
+                cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
             if so:
                 cmd += ["--so", so]
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])

@@ -97,7 +97,7 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
         import cpullm
 
         model = cpullm.load(path, threads=threads)
-        seq = cpullm._C.Sequence(model._model())
+        seq = model._new_sequence()
         seq.reserve(len(prompt) + gen_tokens)  # as generate() does; the peers size their caches untimed too
         one = np.empty(1, np.int32)
 
@@ -109,12 +109,12 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
             one[0] = tok
             return int(np.argmax(seq.forward(one, False, threads)[-1]))
 
-        warm = cpullm._C.Sequence(model._model())
+        warm = model._new_sequence()
         warm.forward(np.asarray(prompt[:16], np.int32), False, threads)
         result = _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
         if engine == REFERENCE:  # untimed: how clear each greedy choice was, teacher-forced in one pass
             ids = prompt + result["first_tokens"][:-1]
-            logits = cpullm._C.Sequence(model._model()).forward(np.asarray(ids, np.int32), True, threads)
+            logits = model._new_sequence().forward(np.asarray(ids, np.int32), True, threads)
             top2 = np.sort(np.partition(logits[len(prompt) - 1:], -2, axis=1)[:, -2:], axis=1)
             result["first_margins"] = (top2[:, 1] - top2[:, 0]).tolist()
         return result

@@ -39,7 +39,7 @@ struct Half {
 };
 
 // IEEE binary16 -> f32, exact (subnormals, infinities and NaN included).
-inline float half_to_float(Half h) {
+static inline float half_to_float(Half h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
   uint32_t bits;
   if (exp == 0x1f) {
@@ -62,10 +62,11 @@ inline float half_to_float(Half h) {
   return f;
 }
 
-// f32 -> IEEE binary16, rounded to nearest even (as F16C's vcvtps2ph). Finite values beyond the f16
-// range saturate to +-65504 instead of becoming infinities, which a softmax would turn into NaN; NaN
-// stays NaN.
-inline Half float_to_half(float f) {
+// f32 -> IEEE binary16, rounded to nearest even (as F16C's vcvtps2ph). Values beyond the f16 range,
+// infinities included, saturate to +-65504 (an infinity in the cache would turn a softmax into NaN);
+// NaN stays NaN. These helpers are static: this header is compiled under several ISA flags, and a
+// shared out-of-line copy built with AVX-512 could be the one baseline code calls.
+static inline Half float_to_half(float f) {
   uint32_t x;
   std::memcpy(&x, &f, sizeof x);
   const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
@@ -159,8 +160,8 @@ struct Kernels {
                      int64_t hd, float scale, float* scores, float* out, float* stats);
 };
 
-inline auto attend_kernel(const Kernels& k, const float*) { return k.attend; }
-inline auto attend_kernel(const Kernels& k, const Half*) { return k.attend_f16; }
+static inline auto attend_kernel(const Kernels& k, const float*) { return k.attend; }
+static inline auto attend_kernel(const Kernels& k, const Half*) { return k.attend_f16; }
 
 // Folds a chunk's attention output oc [hd] (its stats {max, sum} from Kernels::attend) into the
 // output o [hd] of the positions before it, whose stats `running` is updated: o becomes the attention
@@ -192,7 +193,8 @@ const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs wit
 // group's scale. Two digits keep activations at about 14 bits, so int8 costs little more accuracy than
 // the weights' own rounding, while every product is still an int8 dot product. q: [2 * stride] (see
 // Q8Acts; padding digits are zeroed); sums: per group 128 * (127 * sum(hi) + sum(lo)), which a kernel
-// reading the weights as unsigned (w + 128) subtracts.
+// reading the weights as unsigned (w + 128) subtracts. A group whose s / 127 is not a normal float (all
+// zero, NaN, or max|x| below ~1.9e-34) gets zero digits.
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                      int32_t* sums);
 

@@ -80,7 +80,7 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
     }
     const float scale = scale_of[j], fine = fine_of[j];
     scales[g] = fine;
-    if (!(scale > 0.f)) {
+    if (!(fine >= 1.17549435e-38f)) {  // as the portable version: zero, or a fine step below FLT_MIN
       for (int64_t k = begin; k < end; ++k) hi[k] = lo[k] = 0;
       sums[g] = 0;
       continue;

@@ -2,6 +2,7 @@
 // two-digit activation quantizer. Compiled with the baseline flags: this runs once per matmul (the
 // quantizer) or once per load (packing), and the loops are written so the compiler vectorises them.
 #include <cmath>
+#include <limits>
 #include <cstring>
 
 #include "kernels/kernels.h"
@@ -107,7 +108,9 @@ void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, i
     const float scale = amax / 127.f;
     const float fine = scale / 127.f;
     scales[g] = fine;
-    if (!(scale > 0.f)) {  // all zero (or NaN): both digits 0
+    // All zero, or so small that the fine step is not a normal float (max |x| below ~1.9e-34, where
+    // 1 / fine could overflow and 0 * inf make NaN digits): both digits 0.
+    if (!(fine >= std::numeric_limits<float>::min())) {
       for (int64_t k = begin; k < end; ++k) hi[k] = lo[k] = 0;
       sums[g] = 0;
       continue;

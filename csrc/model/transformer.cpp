@@ -152,21 +152,35 @@ void apply_rope(float* head, const float* cos, const float* sin, int half) {
 // to pay for the fork (on 2 threads they were ~7 % of a 128-token prefill, run by one thread).
 constexpr int64_t kPerTokenParallel = 8;
 
-// body(i) for i in [0, n), on n_threads OpenMP threads when `parallel` (statically split, or claimed one
-// at a time with Schedule::kDynamic), else in this thread without entering OpenMP at all: a region
-// whose if() clause is false still ends in libgomp's barrier, a futex system call, and a decoded token
-// passes ~480 of them on one thread.
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// body(i) or body(i, thread) for i in [0, n), thread in [0, n_threads): on n_threads OpenMP threads when
+// `parallel` (statically split, or claimed one at a time with Schedule::kDynamic), else in this thread
+// as thread 0 without entering OpenMP at all: a region whose if() clause is false still ends in
+// libgomp's barrier, a futex system call, and a decoded token passes ~480 of them on one thread.
 enum class Schedule { kStatic, kDynamic };
 template <Schedule kind = Schedule::kStatic, class Body>
 void parallel_for(int n_threads, bool parallel, int64_t n, const Body& body) {
+  const auto call = [&](int64_t i, int thread) {
+    if constexpr (std::is_invocable_v<const Body&, int64_t, int>)
+      body(i, thread);
+    else
+      body(i);
+  };
   if (!parallel || n_threads < 2 || n < 2) {
-    for (int64_t i = 0; i < n; ++i) body(i);
+    for (int64_t i = 0; i < n; ++i) call(i, 0);
   } else if constexpr (kind == Schedule::kStatic) {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i) body(i);
+    for (int64_t i = 0; i < n; ++i) call(i, thread_id());
   } else {
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) body(i);
+    for (int64_t i = 0; i < n; ++i) call(i, thread_id());
   }
 }
 
@@ -174,14 +188,6 @@ void parallel_for(int n_threads, bool parallel, int64_t n, const Body& body) {
 void swiglu(const Kernels& k, const float* ffn, float* act, int64_t T, int64_t F, int n_threads) {
   parallel_for(n_threads, T >= kPerTokenParallel, T,
                [&](int64_t t) { k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F); });
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
 }
 
 }  // namespace
@@ -612,17 +618,17 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
       return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
     };
     if (!split) {
-      parallel_for<Schedule::kDynamic>(n_threads, true, T * KVH, [&](int64_t u) {
+      parallel_for<Schedule::kDynamic>(n_threads, true, T * KVH, [&](int64_t u, int thread) {
         const int64_t t = u / KVH, kvh = u % KVH, h = kvh * group;
         const auto [first, last] = range(t);
-        const size_t tid = size_t(thread_id());
+        const size_t tid = size_t(thread);
         attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
                        hd, s.attn_scale, scores_.data() + tid * kScoreStride, part_.data() + tid * part_stride,
                        attn + t * q_dim + h * hd);
       });
     } else {
       const int64_t units_per_token = H / split_heads;
-      parallel_for<Schedule::kDynamic>(n_threads, true, T * units_per_token * split_chunks, [&](int64_t u) {
+      parallel_for<Schedule::kDynamic>(n_threads, true, T * units_per_token * split_chunks, [&](int64_t u, int thread) {
         const int64_t t = u / (units_per_token * split_chunks), j = u % split_chunks;
         const int64_t h = (u / split_chunks % units_per_token) * split_heads, kvh = h / group;
         const auto [first, last] = range(t);
@@ -631,7 +637,7 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
         const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
         const size_t slot = size_t((t * split_chunks + j) * H + h);
         attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
-                 s.attn_scale, scores_.data() + size_t(thread_id()) * kScoreStride, split_out_.data() + slot * hd,
+                 s.attn_scale, scores_.data() + size_t(thread) * kScoreStride, split_out_.data() + slot * hd,
                  split_stats_.data() + slot * 2);
       });
       for (int64_t t = 0; t < T; ++t) {
