@@ -26,7 +26,6 @@ struct Q8Vnni256 : Q8Avx2 {
     return _mm256_dpbusd_avx_epi32(acc, w, x);
 #endif
   }
-  // The probe's operands are arbitrary bytes: unsigned times signed is as good a workload.
 };
 
 }  // namespace

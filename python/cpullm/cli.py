@@ -35,6 +35,7 @@ _non_negative_int = _int_at_least(0)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .dtypes import KV_CACHE_DTYPES
     from .hub import DEFAULT_MODEL
 
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -43,7 +44,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["f32", "bf16", "int8"], default=None,
                         help="weight type (default: the stored one for converted models, f32 otherwise)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
-    parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default=None,
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                         help="KV cache element type (default: f32 for f32 weights, else f16, which halves its "
                              "memory and speeds up long contexts)")
 

@@ -9,6 +9,10 @@ from .errors import ModelFormatError
 WEIGHT_DTYPES = ("f32", "bf16", "int8")
 # Element types of a sequence's KV cache (f16: half the bytes attention reads per position).
 KV_CACHE_DTYPES = ("f32", "f16")
+# Inputs per int8 scale. 32 is llama.cpp's Q8_0 block; docs/int8.md records why it is the default.
+DEFAULT_GROUP_SIZE = 32
+Q8_BLOCK = 32  # the kernels consume int8 in blocks of 32: group sizes are multiples of it
+Q8_MAX_GROUP = 512  # larger groups could overflow the kernels' int32 sums
 
 
 def default_kv_cache_dtype(weight_dtype: str) -> str:
@@ -21,10 +25,6 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     return kv_cache_dtype
-# Inputs per int8 scale. 32 is llama.cpp's Q8_0 block; docs/int8.md records why it is the default.
-DEFAULT_GROUP_SIZE = 32
-Q8_BLOCK = 32  # the kernels consume int8 in blocks of 32: group sizes are multiples of it
-Q8_MAX_GROUP = 512  # larger groups could overflow the kernels' int32 sums
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
