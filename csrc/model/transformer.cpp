@@ -419,7 +419,22 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
   if (part_.size() < size_t(n_threads) * attend_part_floats(s)) part_.resize(size_t(n_threads) * attend_part_floats(s));
 }
 
-void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads) {
+void Sequence::prepare_acts(int64_t T, const Matrix& w) {
+  if (w.type != WType::Q8) return;
+  const int64_t G = w.q8.n_groups, stride = q8_act_stride(w.cols);
+  if (xq_.size() < size_t(2 * T * stride)) xq_.resize(size_t(2 * T * stride));
+  if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
+  if (xq_sums_.size() < size_t(T * G)) xq_sums_.resize(size_t(T * G));
+}
+
+void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
+  if (w.type != WType::Q8) return;
+  const int64_t G = w.q8.n_groups, stride = q8_act_stride(w.cols);
+  kernels().quantize_q8(row, w.cols, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
+                        xq_sums_.data() + t * G);
+}
+
+void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads, Acts acts_state) {
   const Kernels& k = kernels();
   const int64_t N = w.rows, K = w.cols;
   Q8Acts acts;
@@ -427,14 +442,10 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
   // the packed layout for Q8 (so tiles stay whole).
   int64_t units = N;
   if (w.type == WType::Q8) {
-    const int64_t G = w.q8.n_groups, stride = q8_act_stride(K);
-    if (xq_.size() < size_t(2 * T * stride)) xq_.resize(size_t(2 * T * stride));
-    if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
-    if (xq_sums_.size() < size_t(T * G)) xq_sums_.resize(size_t(T * G));
-    parallel_for(n_threads, true, T, [&](int64_t t) {
-      k.quantize_q8(x + t * K, K, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
-                    xq_sums_.data() + t * G);
-    });
+    if (acts_state == Acts::kQuantize) {
+      prepare_acts(T, w);
+      parallel_for(n_threads, true, T, [&](int64_t t) { quantize_row(w, x + t * K, t); });
+    }
     acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K);
     units = w.q8.n_blocks;
   }
@@ -498,9 +509,17 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   float* ffn = ffn_.data();
   float* act = act_.data();
   const bool per_token_parallel = n_threads > 1 && T >= kPerTokenParallel;
-  const auto add_rows = [&](float* dst, const float* src) {
+  // The per-token steps between two matmuls run as one loop over tokens: a row's residual add, norm
+  // and quantization for the next matmul happen while the row is in L1, and each loop ends in one
+  // barrier instead of three.
+  const auto add_norm = [&](const float* residual, const float* norm_weight, const Matrix* next) {
+    if (next) prepare_acts(T, *next);
     parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
-      for (int64_t i = 0; i < D; ++i) dst[t * D + i] += src[t * D + i];
+      float* row = x + t * D;
+      if (residual)
+        for (int64_t i = 0; i < D; ++i) row[i] += residual[t * D + i];
+      rmsnorm(row, norm_weight, xn + t * D, D, s.norm_eps);
+      if (next) quantize_row(*next, xn + t * D, t);
     });
   };
 
@@ -517,12 +536,13 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     }
   }
 
+  // The last FFN's output, not yet added to x (MoE layers add their own).
+  const float* pending = nullptr;
   for (int l = 0; l < s.n_layers; ++l) {
     const LayerWeights& L = model_.layers()[l];
 
-    parallel_for(n_threads, per_token_parallel, T,
-                 [&](int64_t t) { rmsnorm(x + t * D, L.attn_norm, xn + t * D, D, s.norm_eps); });
-    matmul(xn, T, L.wqkv, qkv, n_threads);
+    add_norm(pending, L.attn_norm, &L.wqkv);
+    matmul(xn, T, L.wqkv, qkv, n_threads, Acts::kReady);
     parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
       float* row = qkv + t * qkv_dim;
       if (L.bqkv)
@@ -530,6 +550,10 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       const float* c = rope_cos_.data() + t * half;
       const float* sn = rope_sin_.data() + t * half;
       for (int64_t h = 0; h < H + KVH; ++h) apply_rope(row + h * hd, c, sn, half);
+      if (kv_type_ == KVType::F16)
+        store_kv<Half>(l, t);
+      else
+        store_kv<float>(l, t);
     });
     if (kv_type_ == KVType::F16)
       attention<Half>(l, T, n_threads);
@@ -537,26 +561,60 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       attention<float>(l, T, n_threads);
 
     matmul(attn, T, L.wo, xn, n_threads);
-    add_rows(x, xn);
-
-    parallel_for(n_threads, per_token_parallel, T,
-                 [&](int64_t t) { rmsnorm(x + t * D, L.ffn_norm, xn + t * D, D, s.norm_eps); });
+    add_norm(xn, L.ffn_norm, s.n_experts > 0 ? nullptr : &L.w13);
     if (s.n_experts > 0) {
       moe(L, T, n_threads);
+      pending = nullptr;
       continue;
     }
-    matmul(xn, T, L.w13, ffn, n_threads);
-    swiglu(k, ffn, act, T, F, n_threads);
-    matmul(act, T, L.w2, xn, n_threads);
-    add_rows(x, xn);
+    matmul(xn, T, L.w13, ffn, n_threads, Acts::kReady);
+    prepare_acts(T, L.w2);
+    parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
+      k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
+      quantize_row(L.w2, act + t * F, t);
+    });
+    matmul(act, T, L.w2, xn, n_threads, Acts::kReady);
+    pending = xn;
   }
 
+  // Only the rows whose logits are asked for go on past the last layer.
   const int64_t n_out = n_out_rows;
   const int64_t first = T - n_out;
-  for (int64_t t = first; t < T; ++t) rmsnorm(x + t * D, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
+  for (int64_t t = first; t < T; ++t) {
+    float* row = x + t * D;
+    if (pending)
+      for (int64_t i = 0; i < D; ++i) row[i] += pending[t * D + i];
+    rmsnorm(row, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
+  }
   matmul(xn, n_out, model_.lm_head(), logits, n_threads);
   history_.insert(history_.end(), tokens, tokens + n_tokens);
   n_past_ += n_tokens;
+}
+
+template <class KT>
+void Sequence::store_kv(int l, int64_t t) {
+  const ModelSpec& s = model_.spec();
+  const int64_t KVH = s.n_kv_heads, hd = s.head_dim, q_dim = int64_t(s.n_heads) * hd, kv_dim = model_.kv_dim();
+  const float* row = qkv_.data() + t * model_.qkv_dim();
+  const int64_t pos = n_past_ + t, cap = capacity_;
+  KT* kc = reinterpret_cast<KT*>(k_cache_[l]);
+  KT* vc = reinterpret_cast<KT*>(v_cache_[l]);
+  const auto stored = [](float x) {
+    if constexpr (std::is_same_v<KT, Half>)
+      return float_to_half(x);
+    else
+      return x;
+  };
+  for (int64_t h = 0; h < KVH; ++h) {
+    const float* key = row + q_dim + h * hd;
+    const float* value = row + q_dim + kv_dim + h * hd;
+    KT* kt = kc + (h * cap + pos / kKeyBlock * kKeyBlock) * hd + pos % kKeyBlock;
+    KT* vt = vc + (h * cap + pos) * hd;
+    for (int64_t d = 0; d < hd; ++d) {
+      kt[d * kKeyBlock] = stored(key[d]);
+      vt[d] = stored(value[d]);
+    }
+  }
 }
 
 template <class KT>
@@ -566,32 +624,11 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
   const Kernels& k = kernels();
   const auto attend = attend_kernel(k, static_cast<const KT*>(nullptr));
   const int64_t H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim, group = H / KVH;
-  const int64_t qkv_dim = model_.qkv_dim(), kv_dim = model_.kv_dim(), q_dim = H * hd, cap = capacity_;
+  const int64_t qkv_dim = model_.qkv_dim(), q_dim = H * hd, cap = capacity_;
   const float* qkv = qkv_.data();
   float* attn = attn_.data();
   KT* kc = reinterpret_cast<KT*>(k_cache_[l]);
   KT* vc = reinterpret_cast<KT*>(v_cache_[l]);
-  const auto stored = [](float x) {
-    if constexpr (std::is_same_v<KT, Half>)
-      return float_to_half(x);
-    else
-      return x;
-  };
-  parallel_for(n_threads, T >= kPerTokenParallel, T, [&](int64_t t) {
-    const float* row = qkv + t * qkv_dim;
-    const int64_t pos = n_past_ + t;
-    for (int64_t h = 0; h < KVH; ++h) {
-      const float* key = row + q_dim + h * hd;
-      const float* value = row + q_dim + kv_dim + h * hd;
-      KT* kt = kc + (h * cap + pos / kKeyBlock * kKeyBlock) * hd + pos % kKeyBlock;
-      KT* vt = vc + (h * cap + pos) * hd;
-      for (int64_t d = 0; d < hd; ++d) {
-        kt[d * kKeyBlock] = stored(key[d]);
-        vt[d] = stored(value[d]);
-      }
-    }
-  });
-
   // How attention splits its work (see the attention step below). A whole KV group's chunk is a unit
   // once there are about two full-chunk units per thread.
   const int64_t split_chunks = (n_past_ + T - 1) / kAttendChunk + 1;  // the most chunks one query spans

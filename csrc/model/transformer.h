@@ -173,15 +173,25 @@ class Sequence {
   void run(const int32_t* tokens, int n_tokens, float* logits, int n_out, int n_threads);
   // x [T, dim] += the mixture-of-experts FFN of xn [T, dim] (layer L).
   void moe(const LayerWeights& L, int64_t T, int n_threads);
-  // Layer l's attention for the T new tokens, whose q, k and v (after RoPE) are in qkv_: writes their
-  // keys and values into the cache (as KT), then attn_ [T, n_heads * head_dim] = attention over it.
+  // Writes new token t's key and value (after RoPE, in qkv_) into layer l's cache, as KT.
+  template <class KT>
+  void store_kv(int l, int64_t t);
+  // Layer l's attention for the T new tokens, whose keys and values store_kv has cached:
+  // attn_ [T, n_heads * head_dim] = attention over the cache with their queries (in qkv_).
   template <class KT>
   void attention(int l, int64_t T, int n_threads);
   // Grows the cache to hold `positions` (<= max_context), at least doubling it.
   void grow(int positions);
   void ensure_scratch(int n_tokens, int n_threads);
-  // y [T, w.rows] = x [T, w.cols] @ w^T, rows split across threads; Q8 weights get x quantized once.
-  void matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads);
+  // y [T, w.rows] = x [T, w.cols] @ w^T, rows split across threads. For Q8 weights x is quantized
+  // first (kQuantize), or already was, row by row with quantize_row (kReady).
+  enum class Acts { kQuantize, kReady };
+  void matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads, Acts acts = Acts::kQuantize);
+  // Sizes the quantized-activation scratch for T rows of w's input (Q8 weights; else nothing).
+  void prepare_acts(int64_t T, const Matrix& w);
+  // Quantizes row t of w's input for the next matmul with w (Q8 weights; else nothing); threads
+  // may quantize different rows at once.
+  void quantize_row(const Matrix& w, const float* row, int64_t t);
 
   const Transformer& model_;
   int n_past_ = 0;
