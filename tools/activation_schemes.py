@@ -11,7 +11,8 @@ gives the kernel's numbers up to float rounding (the two-digit row reproduces cp
     python tools/activation_schemes.py HF_DIR [SCHEME ...] [--text FILE] [--tokens 4096]
 
 SCHEME is KIND:ROTATION:GROUP: KIND one of w8 (exact activations), a8 (one int8 digit per value),
-a14 (two digits, cpullm's scheme); ROTATION 0, or the size of an orthonormal Hadamard transform applied
+a14 (two digits, cpullm's scheme), mTAU (two digits only in groups whose scale is at least TAU times
+the rms of the row's group scales, one digit elsewhere; prints the share of two-digit groups); ROTATION 0, or the size of an orthonormal Hadamard transform applied
 to blocks of inputs of both the activations and the weights before they are rounded (it leaves the
 product unchanged and spreads outliers); GROUP the activations' quantization group. A scheme may end in
 @NAME,NAME,... (the last part of linear layers' names, e.g. @q_proj,k_proj,v_proj,gate_proj,up_proj):
@@ -58,6 +59,23 @@ def two_digits(x: torch.Tensor, group: int) -> torch.Tensor:
     return (hi * s + lo * fine).reshape(x.shape)
 
 
+TWO_DIGIT_GROUPS = [0, 0]  # groups given two digits by mixed_digits, groups seen
+
+
+def mixed_digits(x: torch.Tensor, group: int, tau: float) -> torch.Tensor:
+    """Two digits for the groups whose scale is at least tau times the rms of the row's group scales
+    (their rounding dominates the row's error), one digit for the others."""
+    xg, s = grouped(x, group)
+    rms = s.square().mean(-2, keepdim=True).sqrt()
+    wide = s >= tau * rms
+    TWO_DIGIT_GROUPS[0] += int(wide.sum())
+    TWO_DIGIT_GROUPS[1] += wide.numel()
+    hi = torch.round(xg / s).clamp(-127, 127)
+    fine = s / 127
+    lo = torch.where(wide, torch.round((xg - hi * s) / fine).clamp(-127, 127), torch.zeros_like(hi))
+    return (hi * s + lo * fine).reshape(x.shape)
+
+
 class SimulatedInt8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, kind: str, rotation: int, group: int) -> None:
         super().__init__()
@@ -83,6 +101,8 @@ class SimulatedInt8Linear(torch.nn.Module):
             x = one_digit(x, self.group)
         elif self.kind == "a14":
             x = two_digits(x, self.group)
+        elif self.kind.startswith("m"):
+            x = mixed_digits(x, self.group, float(self.kind[1:]))
         y = x @ self.weight_q.T
         return y if self.bias is None else y + self.bias
 
@@ -123,7 +143,7 @@ def main() -> None:
     for scheme in args.schemes:
         spec, _, only = scheme.partition("@")
         kind, rotation, group = spec.split(":")
-        if kind not in ("w8", "a8", "a14"):
+        if kind not in ("w8", "a8", "a14") and not kind.startswith("m"):
             raise SystemExit(f"unknown scheme kind {kind!r} in {scheme!r}")
         targets = set(only.split(",")) if only else None
         model = load()
@@ -134,7 +154,10 @@ def main() -> None:
                         setattr(module, name, SimulatedInt8Linear(child, kind, int(rotation), int(group)))
                     else:
                         setattr(module, name, SimulatedInt8Linear(child, "a14", 0, 32))
+        TWO_DIGIT_GROUPS[:] = [0, 0]
         top1, ll = evaluate(model, chunks)
+        if TWO_DIGIT_GROUPS[1]:
+            print(f"  two-digit groups: {100 * TWO_DIGIT_GROUPS[0] / TWO_DIGIT_GROUPS[1]:.1f} %")
         ratio = math.exp(-ll.mean().item()) / ref_ppl
         print(f"{scheme:<12} {ratio:>10.4f} {(top1 == ref_top1).double().mean().item() * 100:>11.2f} %", flush=True)
 
