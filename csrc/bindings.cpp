@@ -374,6 +374,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("kv_dtype", [](const PySequence& s) { return s.seq->kv_type() == KVType::F16 ? "f16" : "f32"; })
       .def_property_readonly("n_past", [](const PySequence& s) { return s.seq->n_past(); })
       .def_property_readonly("capacity", [](const PySequence& s) { return s.seq->capacity(); })
+      .def_property_readonly("_cache_address", [](const PySequence& s) { return s.seq->cache_address(); })
       .def("truncate", [](PySequence& s, int n) { s.seq->truncate(n); }, py::arg("n"))
       .def("reserve", [](PySequence& s, int n) { s.seq->reserve(n); }, py::arg("positions"),
            "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")
