@@ -117,6 +117,21 @@ def test_f16_kv_cache_matches_transformers_with_rounded_cache(arch: tuple[str, A
     assert rel_err(ours, reference) < 0.3 * rounding
 
 
+def test_f16_cache_gives_the_same_bits_however_a_prompt_is_split(arch: tuple[str, Any, Any]) -> None:
+    """On one thread every query sums its positions in one order, so with an f16 cache a prompt split
+    into pieces (single tokens among them) gives one pass's bits, past the window and the longrope
+    switch (Phi-3's logits before the switch were computed with the short factors, so its comparison
+    starts at the piece that crosses it and re-encodes the cache)."""
+    name, model, _ = arch
+    ids = _ids(model.spec.vocab_size, 70, seed=4).astype(np.int32)
+    whole = cpullm._C.Sequence(model._model(), "f16").forward(ids, True, 1)
+    sequence = cpullm._C.Sequence(model._model(), "f16")
+    pieces = [sequence.forward(ids[a:b], True, 1) for a, b in ((0, 9), (9, 30), (30, 31), (31, 44), (44, 70))]
+    start = 31 if name.startswith("phi3") else 0
+    assert SWITCH == 32
+    np.testing.assert_array_equal(np.concatenate(pieces)[start:], whole[start:])
+
+
 def test_token_by_token_decode_matches_transformers(arch: tuple[str, Any, Any]) -> None:
     """Prefill 5, then one token at a time to 45: past the window and across the longrope switch. Each
     step's logits equal transformers' last row over the whole prefix (what its generate computes: Phi-3

@@ -180,8 +180,18 @@ struct KernelsImpl {
   static inline Vec loadkv(const float* p) { return V::load(p); }
   static inline Vec loadkv(const Half* p) { return V::load_f16(&p->bits); }
   static inline void axpy_kv(float a, const float* x, float* y, int64_t n) { axpy_f32(a, x, y, n); }
+  // The same fused multiply-adds as axpy_f32 on the converted values (it was a scalar multiply and add,
+  // for head sizes that are no whole number of vectors).
   static inline void axpy_kv(float a, const Half* x, float* y, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * half_to_float(x[i]);
+    const Vec av = V::set1(a);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) V::store(y + i, V::fmadd(av, V::load_f16(&x[i].bits), V::load(y + i)));
+    if (i < n) {
+      const int rem = static_cast<int>(n - i);
+      float tail[W];
+      for (int j = 0; j < rem; ++j) tail[j] = half_to_float(x[i + j]);
+      V::store_partial(y + i, V::fmadd(av, V::load_partial(tail, rem), V::load_partial(y + i, rem)), rem);
+    }
   }
 
   // scores_h[j] = scale * q_h . k_j for the kKeyBlock positions j of the key block kb, for NQ query heads

@@ -665,58 +665,56 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
     if (split_stats_.size() < slots * 2) split_stats_.resize(slots * 2);
   }
 
-
-    // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
-    // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
-    // With enough tokens, or one thread, a unit of work is one token's whole KV group (its query heads
-    // then share each key and value row loaded), which walks its positions chunk by chunk. With few
-    // tokens (decode) on several threads, each chunk of a token's positions is a unit of its own and the
-    // chunks are folded afterwards, in the same order: whole KV groups where that makes enough units,
-    // else single heads (a short cache, cheap to read again).
-    const int64_t window = L.window;
-    const auto range = [&](int64_t t) {
-      const int64_t last = n_past_ + t;
-      return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
-    };
-    if (!split) {
-      parallel_for<Schedule::kDynamic>(n_threads, true, T * KVH, [&](int64_t u, int thread) {
-        const int64_t t = u / KVH, kvh = u % KVH, h = kvh * group;
-        const auto [first, last] = range(t);
-        const size_t tid = size_t(thread);
-        attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
-                       hd, s.attn_scale, scores_.data() + tid * kScoreStride, part_.data() + tid * part_stride,
-                       attn + t * q_dim + h * hd);
-      });
-    } else {
-      const int64_t units_per_token = H / split_heads;
-      parallel_for<Schedule::kDynamic>(n_threads, true, T * units_per_token * split_chunks, [&](int64_t u, int thread) {
-        const int64_t t = u / (units_per_token * split_chunks), j = u % split_chunks;
-        const int64_t h = (u / split_chunks % units_per_token) * split_heads, kvh = h / group;
-        const auto [first, last] = range(t);
-        const int64_t c = first / kAttendChunk + j;
-        if (c > last / kAttendChunk) return;
-        const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
-        const size_t slot = size_t((t * split_chunks + j) * H + h);
-        attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
-                 s.attn_scale, scores_.data() + size_t(thread) * kScoreStride, split_out_.data() + slot * hd,
-                 split_stats_.data() + slot * 2);
-      });
-      for (int64_t t = 0; t < T; ++t) {
-        const auto [first, last] = range(t);
-        const int64_t n_chunks = last / kAttendChunk - first / kAttendChunk + 1;
-        for (int64_t h = 0; h < H; ++h) {
-          float* o = attn + t * q_dim + h * hd;
-          const size_t slot0 = size_t(t * split_chunks * H + h);
-          std::memcpy(o, split_out_.data() + slot0 * hd, sizeof(float) * hd);
-          float running[2] = {split_stats_[slot0 * 2], split_stats_[slot0 * 2 + 1]};
-          for (int64_t j = 1; j < n_chunks; ++j) {
-            const size_t slot = slot0 + size_t(j * H);
-            attend_fold(o, running, split_out_.data() + slot * hd, split_stats_.data() + slot * 2, hd);
-          }
+  // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
+  // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
+  // With enough tokens, or one thread, a unit of work is one token's whole KV group (its query heads
+  // then share each key and value row loaded), which walks its positions chunk by chunk. With few
+  // tokens (decode) on several threads, each chunk of a token's positions is a unit of its own and the
+  // chunks are folded afterwards, in the same order: whole KV groups where that makes enough units,
+  // else single heads (a short cache, cheap to read again).
+  const int64_t window = L.window;
+  const auto range = [&](int64_t t) {
+    const int64_t last = n_past_ + t;
+    return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
+  };
+  if (!split) {
+    parallel_for<Schedule::kDynamic>(n_threads, true, T * KVH, [&](int64_t u, int thread) {
+      const int64_t t = u / KVH, kvh = u % KVH, h = kvh * group;
+      const auto [first, last] = range(t);
+      const size_t tid = size_t(thread);
+      attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
+                     hd, s.attn_scale, scores_.data() + tid * kScoreStride, part_.data() + tid * part_stride,
+                     attn + t * q_dim + h * hd);
+    });
+  } else {
+    const int64_t units_per_token = H / split_heads;
+    parallel_for<Schedule::kDynamic>(n_threads, true, T * units_per_token * split_chunks, [&](int64_t u, int thread) {
+      const int64_t t = u / (units_per_token * split_chunks), j = u % split_chunks;
+      const int64_t h = (u / split_chunks % units_per_token) * split_heads, kvh = h / group;
+      const auto [first, last] = range(t);
+      const int64_t c = first / kAttendChunk + j;
+      if (c > last / kAttendChunk) return;
+      const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
+      const size_t slot = size_t((t * split_chunks + j) * H + h);
+      attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
+               s.attn_scale, scores_.data() + size_t(thread) * kScoreStride, split_out_.data() + slot * hd,
+               split_stats_.data() + slot * 2);
+    });
+    for (int64_t t = 0; t < T; ++t) {
+      const auto [first, last] = range(t);
+      const int64_t n_chunks = last / kAttendChunk - first / kAttendChunk + 1;
+      for (int64_t h = 0; h < H; ++h) {
+        float* o = attn + t * q_dim + h * hd;
+        const size_t slot0 = size_t(t * split_chunks * H + h);
+        std::memcpy(o, split_out_.data() + slot0 * hd, sizeof(float) * hd);
+        float running[2] = {split_stats_[slot0 * 2], split_stats_[slot0 * 2 + 1]};
+        for (int64_t j = 1; j < n_chunks; ++j) {
+          const size_t slot = slot0 + size_t(j * H);
+          attend_fold(o, running, split_out_.data() + slot * hd, split_stats_.data() + slot * 2, hd);
         }
       }
     }
-
+  }
 }
 
 void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
