@@ -354,7 +354,9 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_transformer), py::arg("spec"), py::arg("tensors"), py::arg("on_release") = py::none(),
            "Builds the model over arrays the caller keeps (it also holds references to them). int8 matrices "
            "are copied into the kernels' packed layout; on_release(name), if given, is called for each "
-           "tensor no longer needed, so its memory can be released while loading.");
+           "tensor no longer needed, so its memory can be released while loading.")
+      .def_property_readonly("_spare_cache_bytes", [](const PyTransformer& t) { return t.model->spare_kv_bytes(); },
+                             "Bytes of cache memory a finished sequence left for the next one");
 
   py::class_<PySequence>(m, "Sequence")
       .def(py::init([](std::shared_ptr<PyTransformer> t, const std::string& kv_dtype) {

@@ -342,11 +342,11 @@ def test_f16_rounding_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("n_q,n,hd,first", [(1, 1, 64, 0), (3, 37, 64, 0), (1, 300, 80, 113), (4, 17, 128, 0),
-                                            (3, 700, 64, 100), (2, 50, 40, 3), (1, 1000, 24, 0)])
+                                            (3, 700, 64, 100), (2, 50, 40, 3), (1, 1000, 24, 0), (3, 90, 20, 5)])
 def test_attend_over_an_f16_cache_matches_numpy(isa: str, n_q: int, n: int, hd: int, first: int) -> None:
     # An f16 cache stores rounded keys and values; the products and sums stay f32, so against the
     # attention of the rounded values the bound is the f32 one. hd 40 and 24 (not whole 16-lane
-    # vectors) take the general value path.
+    # vectors) take the general value path; hd 20 leaves a tail on 8- and 16-lane vectors alike.
     rng = np.random.default_rng(n_q * 7 + n + hd)
     q = rng.standard_normal((n_q, hd)).astype(np.float32)
     k = (rng.standard_normal((n, hd)) * 3).astype(np.float32)
@@ -361,6 +361,10 @@ def test_attend_over_an_f16_cache_matches_numpy(isa: str, n_q: int, n: int, hd: 
     assert np.max(np.abs(got - expected)) <= bound
     # and it is not the f32 cache's result: the rounding is really applied
     assert n == 1 or np.max(np.abs(got - C.attend(q, k, v, scale, first))) > 0
+    # The f16 path converts exactly and then does the f32 path's arithmetic, down to the fused
+    # multiply-adds of the value sums' tail lanes: the same bits as an f32 cache holding the rounded values.
+    k16, v16 = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+    np.testing.assert_array_equal(got, C.attend(q, k16, v16, scale, first))
     with pytest.raises(ValueError, match="kv_dtype"):
         C.attend(q, k, v, scale, first, "bf16")
 

@@ -66,8 +66,9 @@ def mixed_digits(x: torch.Tensor, group: int, tau: float) -> torch.Tensor:
     """Two digits for the groups whose scale is at least tau times the rms of the row's group scales
     (their rounding dominates the row's error), one digit for the others."""
     xg, s = grouped(x, group)
-    rms = s.square().mean(-2, keepdim=True).sqrt()
-    wide = s >= tau * rms
+    raw = xg.abs().amax(-1, keepdim=True) / 127  # all-zero groups at 0, not grouped()'s stand-in 1
+    rms = raw.square().mean(-2, keepdim=True).sqrt()
+    wide = raw >= tau * rms
     TWO_DIGIT_GROUPS[0] += int(wide.sum())
     TWO_DIGIT_GROUPS[1] += wide.numel()
     hi = torch.round(xg / s).clamp(-127, 127)
@@ -145,6 +146,11 @@ def main() -> None:
         kind, rotation, group = spec.split(":")
         if kind not in ("w8", "a8", "a14") and not kind.startswith("m"):
             raise SystemExit(f"unknown scheme kind {kind!r} in {scheme!r}")
+        if kind.startswith("m"):
+            try:
+                float(kind[1:])
+            except ValueError:
+                raise SystemExit(f"mTAU needs a number for TAU, not {kind[1:]!r} in {scheme!r}") from None
         targets = set(only.split(",")) if only else None
         model = load()
         for module in list(model.modules()):

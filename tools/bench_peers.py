@@ -99,7 +99,9 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
         model = cpullm.load(path, threads=threads)
         # Warm-up on a sequence of the same size, dropped before the timed one is made: the timed one
         # then takes over its cache memory, as a second generate() does (llama.cpp allocates and clears
-        # its cache when its context is made; here a first sequence's prefill faults the pages in).
+        # its cache when its context is made). With transparent huge pages the warm-up's 16 positions
+        # fault in every page of that memory (each KV head's region starts in one); without, the timed
+        # prefill still faults in the 4 KiB pages past them.
         warm = model._new_sequence()
         warm.reserve(len(prompt) + gen_tokens)
         warm.forward(np.asarray(prompt[:16], np.int32), False, threads)

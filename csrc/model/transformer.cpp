@@ -119,7 +119,8 @@ const float* vector_f32(const std::map<std::string, TensorView>& tensors, const 
 
 void rmsnorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
   // Eight independent double sums: one running sum is a chain of dependent adds (4 cycles each), which
-  // was ~3 % of a prefill on one thread; separate lanes vectorise without reassociating anything.
+  // was ~3 % of a prefill on one thread. The compiler vectorises separate lanes without -ffast-math
+  // (the order of the sum is this code's own, the same for every path).
   constexpr int kLanes = 8;
   double lane[kLanes] = {};
   int64_t i = 0;
@@ -354,9 +355,18 @@ Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>
 }
 
 PageArena Transformer::take_spare_kv(size_t bytes) const {
+  PageArena taken;
+  {
+    std::lock_guard<std::mutex> lock(spare_mutex_);
+    std::swap(taken, spare_kv_);
+  }
+  if (taken.size() < bytes) return PageArena();  // too small: unmapped here, outside the lock
+  return taken;
+}
+
+size_t Transformer::spare_kv_bytes() const {
   std::lock_guard<std::mutex> lock(spare_mutex_);
-  if (spare_kv_.size() < bytes) return PageArena();
-  return std::move(spare_kv_);
+  return spare_kv_.size();
 }
 
 void Transformer::give_spare_kv(PageArena arena) const {
@@ -601,7 +611,8 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     pending = xn;
   }
 
-  // Only the rows whose logits are asked for go on past the last layer.
+  // Only the rows whose logits are asked for go on past the last layer. Row t's residual (pending is
+  // xn) is read before xn's row t - first <= t is written, so no row still to be read is overwritten.
   const int64_t n_out = n_out_rows;
   const int64_t first = T - n_out;
   for (int64_t t = first; t < T; ++t) {

@@ -130,12 +130,15 @@ class Transformer {
 
   // The cache memory of a finished sequence, kept for the next one: a new sequence's first prefill
   // would otherwise fault in (and the kernel zero) every page of its cache, ~5-8 % of a 128- or
-  // 512-token prefill on a Zen 4 core. take_spare_kv hands the spare over if it holds `bytes`, else an
-  // empty arena; give_spare_kv keeps the larger of the spare and `arena` (up to kMaxSpareKV bytes).
-  // Both lock: sequences of one model may run on different threads. A reused arena holds the old
-  // sequence's keys and values, which attention never reads (it reads positions a sequence wrote).
+  // 512-token prefill on a Zen 4 core. take_spare_kv hands the spare over if it holds `bytes`, else
+  // frees it (a bigger arena is about to be made) and returns an empty one; give_spare_kv keeps the
+  // larger of the spare and `arena` (up to kMaxSpareKV bytes). Both lock: sequences of one model may
+  // run on different threads. A reused arena holds another sequence's keys and values (of either
+  // element type, so any bits, NaN included). Attention scores whole key blocks, stale positions of a
+  // block included, but its softmax and value sums only ever take positions the sequence wrote.
   PageArena take_spare_kv(size_t bytes) const;
   void give_spare_kv(PageArena arena) const;
+  size_t spare_kv_bytes() const;
   static constexpr size_t kMaxSpareKV = size_t(512) << 20;
 
  private:
@@ -170,7 +173,7 @@ class Sequence {
   KVType kv_type() const { return kv_type_; }
   int n_past() const { return n_past_; }
   int capacity() const { return capacity_; }
-  // Where the cache memory starts (0 before any): shows tests whether a sequence reused a spare.
+  // Where the cache memory starts (0 before any).
   uintptr_t cache_address() const { return reinterpret_cast<uintptr_t>(kv_.data()); }
   // Forgets positions >= n (keeps the cached prefix [0, n)).
   void truncate(int n);
