@@ -166,6 +166,21 @@ def test_generate_sizes_the_cache_once(make_llama: Any, monkeypatch: pytest.Monk
     assert 1024 <= seen[0][1] < 1024 + 16
 
 
+def test_generate_again_reuses_the_cache_memory_and_gives_the_same_tokens(make_llama: Any) -> None:
+    # Each generate() makes a sequence; the second takes over the first one's cache memory (with its
+    # keys and values still in it) and must sample exactly what the first did.
+    directory, _ = make_llama(seed=5, **CONFIGS["gqa3-hd24"], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=2, kv_cache_dtype="f16")
+    native = model._model()
+    prompt = _ids(model.spec.vocab_size, 45, seed=2).tolist()
+    first = list(model.generate_tokens(prompt, max_tokens=30, stop_token_ids=[], temperature=0.8, seed=7))
+    assert native._spare_cache_bytes > 0
+    other = _ids(model.spec.vocab_size, 60, seed=3).tolist()  # another sequence fills the memory in between
+    list(model.generate_tokens(other, max_tokens=20, stop_token_ids=[], temperature=0))
+    again = list(model.generate_tokens(prompt, max_tokens=30, stop_token_ids=[], temperature=0.8, seed=7))
+    assert again == first and len(first) == 30
+
+
 @pytest.mark.parametrize("config", ["mha-hd64-tied", "gqa3-hd24"])
 def test_decode_over_a_long_cache_is_the_same_on_any_thread_count(make_llama: Any, config: str) -> None:
     # Past kAttendChunk (256) positions, a decode step's attention is cut into chunks of positions that
