@@ -20,6 +20,22 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
+
+
+def use_extension(so: str | None) -> Any:
+    """The ``_C`` extension at path ``so`` (None: the installed one), made the one cpullm.load builds
+    models with, for the rest of this process."""
+    import cpullm
+    import cpullm.model as model_module
+
+    if not so:
+        return cpullm._C
+    spec = importlib.util.spec_from_file_location("_C", so)
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    model_module._C = native  # the loader builds the Transformer through this name
+    return native
 
 
 def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int,
@@ -27,16 +43,9 @@ def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, g
     import numpy as np
 
     import cpullm
-    import cpullm.model as model_module
     from cpullm.bench import synthetic_prompt
 
-    if so:
-        spec = importlib.util.spec_from_file_location("_C", so)
-        native = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(native)
-        model_module._C = native  # the loader builds the Transformer through this name
-    else:
-        native = cpullm._C
+    native = use_extension(so)
     model = cpullm.load(model_path, threads=threads)
     prompt = synthetic_prompt(model.spec.vocab_size, prompt_tokens)
     one = np.empty(1, np.int32)

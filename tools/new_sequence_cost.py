@@ -5,17 +5,25 @@ call makes one), (b) a new sequence warmed by a 16-token prefill and cut back to
 (c) one sequence cut back with truncate(0) between prefills. The three alternate, so a drift of the
 machine hits them alike; medians are printed.
 
-    python tools/new_sequence_cost.py MODEL [--threads 1] [--prompt-tokens 128] [--rounds 20]
+    python tools/new_sequence_cost.py MODEL [--threads 1] [--prompt-tokens 128] [--rounds 20] [--so X.so]
+
+With ``--so`` a separately built ``_C`` extension is timed instead of the installed one (as in
+tools/ab_forward.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import cpullm
 from cpullm.bench import synthetic_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_forward import use_extension  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +32,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--so", default=None, help="a separately built _C extension to time")
     args = parser.parse_args()
+    use_extension(args.so)
 
     model = cpullm.load(args.model, threads=args.threads)
     prompt = synthetic_prompt(model.spec.vocab_size, args.prompt_tokens)

@@ -193,11 +193,6 @@ void parallel_for(int n_threads, bool parallel, int64_t n, const Body& body) {
   }
 }
 
-// act [T, F] = silu(gate) * up for each row of ffn [T, 2F] (gate, then up).
-void swiglu(const Kernels& k, const float* ffn, float* act, int64_t T, int64_t F, int n_threads) {
-  parallel_for(n_threads, T >= kPerTokenParallel, T,
-               [&](int64_t t) { k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F); });
-}
 
 }  // namespace
 
@@ -468,6 +463,18 @@ void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
                         xq_sums_.data() + t * G);
 }
 
+void Sequence::swiglu(int64_t T, const Matrix& next, int n_threads) {
+  const Kernels& k = kernels();
+  const int64_t F = model_.spec().ffn_dim;
+  const float* ffn = ffn_.data();
+  float* act = act_.data();
+  prepare_acts(T, next);
+  parallel_for(n_threads, T >= kPerTokenParallel, T, [&](int64_t t) {
+    k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
+    quantize_row(next, act + t * F, t);
+  });
+}
+
 void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads, Acts acts_state) {
   const Kernels& k = kernels();
   const int64_t N = w.rows, K = w.cols;
@@ -532,8 +539,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   const ModelSpec& s = model_.spec();
   grow(n_past_ + n_tokens);
   ensure_scratch(n_tokens, n_threads);
-  const Kernels& k = kernels();
-  const int64_t T = n_tokens, D = s.dim, F = s.ffn_dim, H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim;
+  const int64_t T = n_tokens, D = s.dim, H = s.n_heads, KVH = s.n_kv_heads, hd = s.head_dim;
   const int64_t qkv_dim = model_.qkv_dim();
   const int half = s.rotary_dim / 2;
   float* x = x_.data();
@@ -602,11 +608,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       continue;
     }
     matmul(xn, T, L.w13, ffn, n_threads, Acts::kReady);
-    prepare_acts(T, L.w2);
-    parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
-      k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
-      quantize_row(L.w2, act + t * F, t);
-    });
+    swiglu(T, L.w2, n_threads);
     matmul(act, T, L.w2, xn, n_threads, Acts::kReady);
     pending = xn;
   }
@@ -730,7 +732,7 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
 
 void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
   const ModelSpec& s = model_.spec();
-  const int64_t D = s.dim, F = s.ffn_dim, E = s.n_experts, K = s.n_experts_used;
+  const int64_t D = s.dim, E = s.n_experts, K = s.n_experts_used;
   router_.resize(size_t(T * E));
   route_w_.resize(size_t(T * K));
   route_e_.resize(size_t(T * K));
@@ -782,8 +784,8 @@ void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(moe_in_.data() + r * D, xn + (expert_rows_[r] / K) * D, sizeof(float) * D);
     matmul(moe_in_.data(), n, L.expert_w13[e], ffn, n_threads);
-    swiglu(kernels(), ffn, act_.data(), n, F, n_threads);
-    matmul(act_.data(), n, L.expert_w2[e], moe_out_.data(), n_threads);
+    swiglu(n, L.expert_w2[e], n_threads);
+    matmul(act_.data(), n, L.expert_w2[e], moe_out_.data(), n_threads, Acts::kReady);
     for (int64_t r = 0; r < n; ++r) {
       const float w = route_w_[expert_rows_[r]];
       float* acc = moe_acc_.data() + (expert_rows_[r] / K) * D;

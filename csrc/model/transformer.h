@@ -208,6 +208,9 @@ class Sequence {
   // first (kQuantize), or already was, row by row with quantize_row (kReady).
   enum class Acts { kQuantize, kReady };
   void matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads, Acts acts = Acts::kQuantize);
+  // act_ [T, ffn_dim] = silu(gate) * up for each row of ffn_ [T, 2 * ffn_dim] (gate, then up), each row
+  // quantized for the matmul with `next` that follows (see quantize_row).
+  void swiglu(int64_t T, const Matrix& next, int n_threads);
   // Sizes the quantized-activation scratch for T rows of w's input (Q8 weights; else nothing).
   void prepare_acts(int64_t T, const Matrix& w);
   // Quantizes row t of w's input for the next matmul with w (Q8 weights; else nothing); threads
