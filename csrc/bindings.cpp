@@ -354,9 +354,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_transformer), py::arg("spec"), py::arg("tensors"), py::arg("on_release") = py::none(),
            "Builds the model over arrays the caller keeps (it also holds references to them). int8 matrices "
            "are copied into the kernels' packed layout; on_release(name), if given, is called for each "
-           "tensor no longer needed, so its memory can be released while loading.")
-      .def_property_readonly("_spare_cache_bytes", [](const PyTransformer& t) { return t.model->spare_kv_bytes(); },
-                             "Bytes of cache memory a finished sequence left for the next one");
+           "tensor no longer needed, so its memory can be released while loading.");
 
   py::class_<PySequence>(m, "Sequence")
       .def(py::init([](std::shared_ptr<PyTransformer> t, const std::string& kv_dtype) {
@@ -376,7 +374,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("kv_dtype", [](const PySequence& s) { return s.seq->kv_type() == KVType::F16 ? "f16" : "f32"; })
       .def_property_readonly("n_past", [](const PySequence& s) { return s.seq->n_past(); })
       .def_property_readonly("capacity", [](const PySequence& s) { return s.seq->capacity(); })
-      .def_property_readonly("_cache_address", [](const PySequence& s) { return s.seq->cache_address(); })
       .def("truncate", [](PySequence& s, int n) { s.seq->truncate(n); }, py::arg("n"))
       .def("reserve", [](PySequence& s, int n) { s.seq->reserve(n); }, py::arg("positions"),
            "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")

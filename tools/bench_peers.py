@@ -97,15 +97,6 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
         import cpullm
 
         model = cpullm.load(path, threads=threads)
-        # Warm-up on a sequence of the same size, dropped before the timed one is made: the timed one
-        # then takes over its cache memory, as a second generate() does (llama.cpp allocates and clears
-        # its cache when its context is made). With transparent huge pages the warm-up's 16 positions
-        # fault in every page of that memory (each KV head's region starts in one); without, the timed
-        # prefill still faults in the 4 KiB pages past them.
-        warm = model._new_sequence()
-        warm.reserve(len(prompt) + gen_tokens)
-        warm.forward(np.asarray(prompt[:16], np.int32), False, threads)
-        del warm
         seq = model._new_sequence()
         seq.reserve(len(prompt) + gen_tokens)  # as generate() does; the peers size their caches untimed too
         one = np.empty(1, np.int32)
@@ -118,6 +109,8 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
             one[0] = tok
             return int(np.argmax(seq.forward(one, False, threads)[-1]))
 
+        warm = model._new_sequence()
+        warm.forward(np.asarray(prompt[:16], np.int32), False, threads)
         result = _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
         if engine == REFERENCE:  # untimed: how clear each greedy choice was, teacher-forced in one pass
             ids = prompt + result["first_tokens"][:-1]

@@ -349,30 +349,6 @@ Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>
   }
 }
 
-PageArena Transformer::take_spare_kv(size_t bytes) const {
-  PageArena taken;
-  {
-    std::lock_guard<std::mutex> lock(spare_mutex_);
-    std::swap(taken, spare_kv_);
-  }
-  if (taken.size() < bytes) return PageArena();  // too small: unmapped here, outside the lock
-  return taken;
-}
-
-size_t Transformer::spare_kv_bytes() const {
-  std::lock_guard<std::mutex> lock(spare_mutex_);
-  return spare_kv_.size();
-}
-
-void Transformer::give_spare_kv(PageArena arena) const {
-  if (arena.size() == 0 || arena.size() > kMaxSpareKV) return;
-  std::lock_guard<std::mutex> lock(spare_mutex_);
-  if (arena.size() > spare_kv_.size()) std::swap(arena, spare_kv_);
-  // (the smaller of the two is unmapped as `arena` goes out of scope)
-}
-
-Sequence::~Sequence() { model_.give_spare_kv(std::move(kv_)); }
-
 Sequence::Sequence(const Transformer& model, KVType kv_type)
     : model_(model), kv_type_(kv_type), kv_bytes_(kv_type == KVType::F16 ? sizeof(Half) : sizeof(float)) {
   if (kv_type != KVType::F32 && kv_type != KVType::F16) fail("sequence: unknown KV cache type");
@@ -410,8 +386,7 @@ void Sequence::grow(int positions) {
   const size_t e = kv_bytes_;
   const size_t per_cache = size_t(cap) * KVH * hd * e;  // bytes of one layer's keys (or values)
   const size_t L = k_cache_.size();
-  PageArena arena = model_.take_spare_kv(2 * L * per_cache);
-  if (arena.size() == 0) arena = PageArena(2 * L * per_cache);
+  PageArena arena(2 * L * per_cache);
   for (size_t l = 0; l < L; ++l) {
     uint8_t* k = arena.data() + 2 * l * per_cache;
     uint8_t* v = k + per_cache;

@@ -6,7 +6,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -128,19 +127,6 @@ class Transformer {
   const float* norm() const { return norm_; }
   const Matrix& lm_head() const { return lm_head_; }
 
-  // The cache memory of a finished sequence, kept for the next one: a new sequence's first prefill
-  // would otherwise fault in (and the kernel zero) every page of its cache, ~5-8 % of a 128- or
-  // 512-token prefill on a Zen 4 core. take_spare_kv hands the spare over if it holds `bytes`, else
-  // frees it (a bigger arena is about to be made) and returns an empty one; give_spare_kv keeps the
-  // larger of the spare and `arena` (up to kMaxSpareKV bytes). Both lock: sequences of one model may
-  // run on different threads. A reused arena holds another sequence's keys and values (of either
-  // element type, so any bits, NaN included). Attention scores whole key blocks, stale positions of a
-  // block included, but its softmax and value sums only ever take positions the sequence wrote.
-  PageArena take_spare_kv(size_t bytes) const;
-  void give_spare_kv(PageArena arena) const;
-  size_t spare_kv_bytes() const;
-  static constexpr size_t kMaxSpareKV = size_t(512) << 20;
-
  private:
   Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows,
                 int64_t cols, bool required, const std::function<void(const std::string&)>& release);
@@ -154,8 +140,6 @@ class Transformer {
   std::vector<LayerWeights> layers_;
   const float* norm_ = nullptr;  // [dim]
   Matrix lm_head_;               // [vocab, dim]; the embedding matrix itself when tied
-  mutable std::mutex spare_mutex_;
-  mutable PageArena spare_kv_;
 };
 
 // Element type of a sequence's KV cache. f16 halves the bytes attention reads per cached position (and
@@ -167,14 +151,9 @@ enum class KVType : int { F32 = 0, F16 = 1 };
 class Sequence {
  public:
   explicit Sequence(const Transformer& model, KVType kv_type = KVType::F32);
-  ~Sequence();
-  Sequence(const Sequence&) = delete;
-  Sequence& operator=(const Sequence&) = delete;
   KVType kv_type() const { return kv_type_; }
   int n_past() const { return n_past_; }
   int capacity() const { return capacity_; }
-  // Where the cache memory starts (0 before any).
-  uintptr_t cache_address() const { return reinterpret_cast<uintptr_t>(kv_.data()); }
   // Forgets positions >= n (keeps the cached prefix [0, n)).
   void truncate(int n);
   // Sizes the cache for at least min(positions, max_context) positions now, so that a generation whose
