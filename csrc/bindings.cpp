@@ -167,7 +167,7 @@ PYBIND11_MODULE(_C, m) {
       kernels().matmul_bf16(xp, T, K, static_cast<const uint16_t*>(wp), 0, N, y, N);
     });
   }, py::arg("x"), py::arg("w"), "y = x @ w.T with bf16 weights given as uint16 bits");
-  m.def("quantize_q8", [](const F32Array& x, int64_t group, bool with_sums) {
+  m.def("quantize_q8", [](const F32Array& x, int64_t group, bool with_sums, bool one_digit) {
     if (x.ndim() != 2) throw std::invalid_argument("quantize_q8: expected x [T, K]");
     if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)  // larger groups overflow the sums
       throw std::invalid_argument("quantize_q8: group must be a positive multiple of 32 up to 512");
@@ -179,16 +179,18 @@ PYBIND11_MODULE(_C, m) {
     for (int64_t t = 0; t < T; ++t) {
       kernels().quantize_q8(x.data() + t * K, K, group, stride, row.data(), scales.mutable_data() + t * G,
                             sums.mutable_data() + t * G);
+      if (one_digit) drop_lo_digits(row.data(), K, group, stride, sums.mutable_data() + t * G);
       std::memcpy(q.mutable_data() + 2 * t * K, row.data(), size_t(K));
       std::memcpy(q.mutable_data() + 2 * t * K + K, row.data() + stride, size_t(K));
     }
     if (with_sums) return py::tuple(py::make_tuple(q, scales, sums));
     return py::tuple(py::make_tuple(q, scales));
-  }, py::arg("x"), py::arg("group"), py::arg("with_sums") = false,
+  }, py::arg("x"), py::arg("group"), py::arg("with_sums") = false, py::arg("one_digit") = false,
      "Per-group two-digit int8 quantization of activation rows: (q [T, 2K]: hi then lo digits, scales [T, G]"
-     "[, sums [T, G]: 128 * (127 * sum(hi) + sum(lo)) per group])");
+     "[, sums [T, G]: 128 * (127 * sum(hi) + sum(lo)) per group]); one_digit: lo digits dropped, as fast "
+     "prefill quantizes");
   m.def("matmul_q8", [](const F32Array& x, const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws,
-                        int64_t group) {
+                        int64_t group, int64_t one_digit_rows) {
     if (x.ndim() != 2 || wq.ndim() != 2 || x.shape(1) != wq.shape(1))
       throw std::invalid_argument("matmul_q8: expected x [T, K] and wq [N, K]");
     if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
@@ -199,10 +201,14 @@ PYBIND11_MODULE(_C, m) {
     std::vector<int8_t> xq(size_t(2 * T * stride));
     std::vector<float> xs(size_t(T * G));
     std::vector<int32_t> sums(size_t(T * G));
-    for (int64_t t = 0; t < T; ++t)
+    if (one_digit_rows < 0 || one_digit_rows > T) throw std::invalid_argument("matmul_q8: one_digit_rows must lie in [0, T]");
+    for (int64_t t = 0; t < T; ++t) {
       kernels().quantize_q8(x.data() + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
                             sums.data() + t * G);
-    const Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
+      if (t < one_digit_rows) drop_lo_digits(xq.data() + 2 * t * stride, K, group, stride, sums.data() + t * G);
+    }
+    Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
+    acts.one_digit_rows = one_digit_rows;
     Q8Weights w = q8_layout(N, K, group);
     std::vector<uint8_t> packed(size_t(w.block_bytes * w.n_blocks));
     pack_q8(wq.data(), ws.data(), w, packed.data());
@@ -210,8 +216,9 @@ PYBIND11_MODULE(_C, m) {
     F32Array y({T, N});
     kernels().matmul_q8(acts, w, 0, w.n_blocks, y.mutable_data(), N);
     return y;
-  }, py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("group"),
-     "y = x @ dequant(wq, ws).T with x quantized per group on the fly, as the model does");
+  }, py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("group"), py::arg("one_digit_rows") = 0,
+     "y = x @ dequant(wq, ws).T with x quantized per group on the fly, as the model does (the first "
+     "one_digit_rows rows with one digit, as fast prefill does)");
   m.def("q8_unpack", [](const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws, int64_t group) {
     if (wq.ndim() != 2 || group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
       throw std::invalid_argument("q8_unpack: expected wq [N, K] and a group that is a multiple of 32 up to 512");
@@ -372,6 +379,9 @@ PYBIND11_MODULE(_C, m) {
            }), py::arg("model"), py::arg("kv_dtype") = "f32",
            "A sequence over the model, its KV cache of f32 or f16 elements")
       .def_property_readonly("kv_dtype", [](const PySequence& s) { return s.seq->kv_type() == KVType::F16 ? "f16" : "f32"; })
+      .def_property("fast_prefill", [](const PySequence& s) { return s.seq->fast_prefill(); },
+                    [](PySequence& s, bool on) { s.seq->set_fast_prefill(on); },
+                    "One int8 digit for the activations of rows whose logits are not returned (see docs/int8.md)")
       .def_property_readonly("n_past", [](const PySequence& s) { return s.seq->n_past(); })
       .def_property_readonly("capacity", [](const PySequence& s) { return s.seq->capacity(); })
       .def("truncate", [](PySequence& s, int n) { s.seq->truncate(n); }, py::arg("n"))

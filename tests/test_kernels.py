@@ -264,6 +264,56 @@ def test_matmul_q8_matches_numpy(isa: str, T: int, N: int, K: int, group: int) -
     assert np.max(np.abs(y - weight_only)) <= 1e-4 * np.max(np.abs(x) @ np.abs(w).T)
 
 
+def test_one_digit_quantization_drops_the_lo_digits() -> None:
+    rng = np.random.default_rng(11)
+    x = _rand(rng, 3, 100)
+    q, s, sums = C.quantize_q8(x, 32, with_sums=True)
+    q1, s1, sums1 = C.quantize_q8(x, 32, with_sums=True, one_digit=True)
+    np.testing.assert_array_equal(q1[:, :100], q[:, :100])  # the same hi digits and scales
+    np.testing.assert_array_equal(s1, s)
+    assert not q1[:, 100:].any()
+    hi = q1[:, :100].astype(np.int64)
+    expected = [[128 * 127 * hi[t, g * 32:(g + 1) * 32].sum() for g in range(4)] for t in range(3)]
+    np.testing.assert_array_equal(sums1, expected)
+    # One digit: within half a step of max|x| / 127 of each group, the single-digit int8 of Q8_0.
+    restored = 127 * hi * np.repeat(s, 32, axis=1)[:, :100]
+    step = np.repeat(np.abs(np.pad(x, ((0, 0), (0, 28)))).reshape(3, 4, 32).max(axis=2), 32, axis=1)[:, :100] / 127
+    assert np.all(np.abs(restored - x) <= 0.5 * step * 1.001 + 1e-12)
+
+
+@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES + [(9, 33, 96, 32), (13, 40, 200, 64)])
+def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) -> None:
+    """Fast prefill's rows: the first one_digit_rows rows with one digit, the others with two, in one
+    call. Each row equals the exact integer reference of its own digits, and does not depend on the
+    other rows; where the lo digits are zero anyway, skipping them (the AVX512-VNNI path's one-digit
+    tiles) gives the same bits as taking them."""
+    from cpullm.dtypes import quantize_q8
+
+    rng = np.random.default_rng(T * 13 + N * 5 + K + group)
+    x, w = _rand(rng, T, K), _rand(rng, N, K)
+    wq, ws = quantize_q8(w, group)
+    n_terms = -(-K // group) * 8
+    results = {}
+    for one_digit_rows in sorted({0, 1, T // 2, T - 1, T}):
+        y = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
+        xq, xs = _quantize_rows_reference(x, group)
+        xq[:one_digit_rows, K:] = 0
+        expected, magnitude = _q8_reference(xq, xs, wq, ws, group)
+        assert np.all(np.abs(y - expected) <= 4 * np.finfo(np.float32).eps * n_terms * magnitude + 1e-30)
+        results[one_digit_rows] = y
+    for r, y in results.items():
+        np.testing.assert_array_equal(y[:r], results[T][:r])
+        np.testing.assert_array_equal(y[r:], results[0][r:])
+    # Activations that are whole multiples of their group's step (each group's largest is 127 steps)
+    # have zero lo digits with or without fast prefill.
+    steps = rng.integers(-127, 128, size=(T, K)).astype(np.float32)
+    steps[:, ::group] = 127
+    exact = steps * np.float32(2.0 ** -7)
+    np.testing.assert_array_equal(C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group))
+    with pytest.raises(ValueError, match="one_digit_rows"):
+        C.matmul_q8(x, wq, ws, group, one_digit_rows=T + 1)
+
+
 @pytest.mark.parametrize("N,K,group", [(1, 1, 32), (17, 129, 32), (16, 64, 64), (33, 1000, 256), (5, 513, 512)])
 def test_packed_q8_layout_round_trips(N: int, K: int, group: int) -> None:
     """The kernels' packed layout (16-row blocks, 4-byte quads, scales per group) holds exactly the

@@ -358,3 +358,99 @@ def test_int8_decode_with_cache_equals_full_pass(llama: tuple[Any, Any]) -> None
                                                                        for i in range(7, 20)])
     # Activations are quantized per token row, so prefill and decode compute identical products.
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group: int = 32) -> np.ndarray:
+    """transformers' logits with every linear layer's input quantized per group as cpullm's int8 matmul
+    does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
+    (then rint of the remainder in steps of s / 127), in float32. Give it dequantized int8 weights, and
+    it states fast prefill (and exact prefill, one_digit_rows = 0) independently of the kernels."""
+    import torch
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        K = x.shape[-1]
+        pad = -K % group
+        xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (K + pad) // group, group)
+        s = xg.abs().amax(-1, keepdim=True) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        hi = torch.round(xg / s).clamp(-127, 127)
+        lo = torch.round((xg - hi * s) / (s / 127)).clamp(-127, 127)
+        rows = torch.arange(x.shape[-2])[:, None, None] >= one_digit_rows
+        q = hi * s + torch.where(rows, lo, torch.zeros_like(lo)) * (s / 127)
+        return q.reshape(*x.shape[:-1], K + pad)[..., :K]
+
+    class Quantized(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(quantize(x))
+
+    for module in list(hf_model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, Quantized(child))
+    return hf_logits(hf_model, ids)
+
+
+def dequantized_copy(hf_model: Any, group_size: int = 32) -> Any:
+    """A transformers model with hf_model's matrices rounded to cpullm's int8 and back."""
+    import torch
+
+    from cpullm.dtypes import dequantize_q8, quantize_q8
+
+    copy = type(hf_model)(hf_model.config).eval()
+    copy.load_state_dict({
+        k: torch.from_numpy(dequantize_q8(*quantize_q8(v.numpy(), group_size), group_size)) if v.ndim == 2 else v
+        for k, v in hf_model.state_dict().items()
+    })
+    return copy
+
+
+def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: str) -> None:
+    # Fast prefill: a prompt's rows but the last take one-digit activations, the last row (whose
+    # logits come back) and every decoded token two. Against transformers on the same int8 weights
+    # with that quantization stated in torch, cpullm differs by summation order (1e-4-2e-4 per row,
+    # as with two digits everywhere) and by the rare activation that f32 noise puts on the other side
+    # of a rounding boundary. With one digit such a flip moves an activation by a whole step, max / 127
+    # of its group: measured once in the four configs (mha-hd64-tied on the AVX-512 paths), 0.21 of
+    # the one-digit rows' whole effect (the distance to the same reference with two digits
+    # everywhere, 0.009-0.014, which shows the mode is really on); the others 0.01-0.03 of it.
+    f32_model, hf_model = llama
+    model = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32", fast_prefill=True)
+    ids = _ids(model.spec.vocab_size, 40, seed=21).astype(np.int32)
+    sequence = model._new_sequence()
+    assert sequence.fast_prefill
+    prompt = 27
+    got = np.concatenate([sequence.forward(ids[:prompt], False, 2)] +
+                         [sequence.forward(ids[i:i + 1], False, 2) for i in range(prompt, 40)])
+    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, one_digit_rows=prompt - 1)[prompt - 1:]
+    exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, one_digit_rows=0)[prompt - 1:]
+    effect = rel_err(fast_ref, exact_ref)
+    assert effect > 3e-3  # one digit moves the logits by far more than the bounds below
+    assert rel_err(got, fast_ref) < 0.4 * effect
+    assert np.median([rel_err(got[i:i + 1], fast_ref[i:i + 1]) for i in range(len(got))]) < 5e-4
+    # Rows whose logits are all returned keep two digits: the same bits as without fast prefill.
+    model_exact = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32")
+    np.testing.assert_array_equal(model.logits(ids), model_exact.logits(ids))
+    # A one-token prompt has no row without logits.
+    np.testing.assert_array_equal(model._new_sequence().forward(ids[:1], False, 2),
+                                  model_exact._new_sequence().forward(ids[:1], False, 2))
+
+
+def test_fast_prefill_switch(make_llama: Any) -> None:
+    directory, _ = make_llama(seed=3, **CONFIGS["gqa3-hd24"])
+    model = cpullm.load(directory, dtype="int8", threads=1)
+    assert model.fast_prefill is False and model._new_sequence().fast_prefill is False
+    model.fast_prefill = True
+    assert model._new_sequence().fast_prefill is True
+    with pytest.raises(ValueError, match="fast_prefill"):
+        model.fast_prefill = "yes"
+    with pytest.raises(ValueError, match="fast_prefill"):
+        cpullm.load(directory, fast_prefill=1)
+    # f32 weights have no int8 activations: the switch changes nothing there.
+    f32 = cpullm.load(directory, threads=1, fast_prefill=True)
+    ids = _ids(f32.spec.vocab_size, 30, seed=2).astype(np.int32)
+    plain = cpullm.load(directory, threads=1)
+    np.testing.assert_array_equal(f32._new_sequence().forward(ids, False, 1), plain._new_sequence().forward(ids, False, 1))

@@ -6,6 +6,7 @@ drift of the machine hits every variant alike. Without ``--so`` the installed ex
 
     python tools/ab_forward.py MODEL [--so A.so B.so ...] [--threads 2] [--rounds 3]
                                [--prompt-tokens 128] [--gen-tokens 48] [--steady] [--kv-cache-dtype f16]
+                               [--prefill exact fast]
 
 Prints, per variant, the best prefill and decode tok/s of each round (best of 3 passes within a round).
 With ``--steady`` each pass first sizes the KV cache for the whole run (a pass over prompt + generated
@@ -39,7 +40,7 @@ def use_extension(so: str | None) -> Any:
 
 
 def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int,
-            steady: bool = False, kv_cache_dtype: str | None = None) -> dict[str, float]:
+            steady: bool = False, kv_cache_dtype: str | None = None, fast_prefill: bool = False) -> dict[str, float]:
     import numpy as np
 
     import cpullm
@@ -54,6 +55,8 @@ def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, g
         # (extensions built before the f16 cache take no second argument; None: the model's default)
         kv = kv_cache_dtype or model.kv_cache_dtype
         sequence = native.Sequence(model._model(), *([kv] if kv != "f32" else []))
+        if fast_prefill:
+            sequence.fast_prefill = True
         if steady:
             sequence.forward(synthetic_prompt(model.spec.vocab_size, prompt_tokens + gen_tokens), False, threads)
             sequence.truncate(0)  # keeps the capacity
@@ -80,16 +83,19 @@ def main() -> None:
     parser.add_argument("--steady", action="store_true", help="size the KV cache before timing")
     parser.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default=None,
                         help="the KV cache's type (default: the model's, f16 for int8 / bf16 weights)")
+    parser.add_argument("--prefill", nargs="+", choices=["exact", "fast"], default=["exact"],
+                        help="prefill modes to time with each extension (fast: Sequence.fast_prefill)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens, args.steady,
-                                 args.kv_cache_dtype)))
+                                 args.kv_cache_dtype, args.prefill == ["fast"])))
         return
     for r in range(args.rounds):
-        for so in args.so:
+        for so, mode in [(so, mode) for so in args.so for mode in args.prefill]:
             cmd = [sys.executable, __file__, args.model, "--worker", "--threads", str(args.threads),
-                   "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+                   "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+                   "--prefill", mode]
             if args.steady:
                 cmd.append("--steady")
             if args.kv_cache_dtype:
@@ -97,7 +103,7 @@ def main() -> None:
             if so:
                 cmd += ["--so", so]
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            print(f"round {r + 1} {so or 'installed'}: prefill {result['prefill_tok_s']:.1f} tok/s, "
+            print(f"round {r + 1} {so or 'installed'}{' fast prefill' if mode == 'fast' else ''}: prefill {result['prefill_tok_s']:.1f} tok/s, "
                   f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
 
 

@@ -17,6 +17,12 @@ to blocks of inputs of both the activations and the weights before they are roun
 product unchanged and spreads outliers); GROUP the activations' quantization group. A scheme may end in
 @NAME,NAME,... (the last part of linear layers' names, e.g. @q_proj,k_proj,v_proj,gate_proj,up_proj):
 it then applies to those layers only, and every other layer keeps cpullm's scheme (a14:0:32).
+
+With ``--generated N`` the schemes apply to prompts only, as a prefill-only scheme would: every window
+is cut at prompt lengths N + 1, 2N + 1, ...; the prompt but its last token runs under the scheme (its
+keys and values fill the cache), and its last token plus the N - 1 after it run with cpullm's two digits
+over that cache (teacher-forced decoding, whose N predictions are scored). The f32 and all-two-digit
+figures on the same predictions are printed beside it.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ def mixed_digits(x: torch.Tensor, group: int, tau: float) -> torch.Tensor:
 
 
 class SimulatedInt8Linear(torch.nn.Module):
+    # Set while the generated tokens of --generated run: every layer then takes cpullm's two digits.
+    decoding = False
+
     def __init__(self, linear: torch.nn.Linear, kind: str, rotation: int, group: int) -> None:
         super().__init__()
         weight = linear.weight.data.float()
@@ -98,7 +107,9 @@ class SimulatedInt8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation:
             x = self.rotate(x)
-        if self.kind == "a8":
+        if SimulatedInt8Linear.decoding:
+            x = two_digits(x, 32)
+        elif self.kind == "a8":
             x = one_digit(x, self.group)
         elif self.kind == "a14":
             x = two_digits(x, self.group)
@@ -119,6 +130,37 @@ def evaluate(model: torch.nn.Module, chunks: list[list[int]]) -> tuple[torch.Ten
     return torch.cat(top1), torch.cat(loglik)
 
 
+def evaluate_generated(model: torch.nn.Module, chunks: list[list[int]], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like evaluate, but each window's predictions come in runs of `step` from a cached prompt (see
+    --generated); returns them in the order of positions_generated."""
+    top1, loglik = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            for p in range(step + 1, len(chunk) - step + 1, step):
+                SimulatedInt8Linear.decoding = False
+                cache = model(torch.tensor([chunk[: p - 1]]), use_cache=True).past_key_values
+                SimulatedInt8Linear.decoding = True
+                try:
+                    out = model(torch.tensor([chunk[p - 1 : p - 1 + step]]), past_key_values=cache, use_cache=True)
+                finally:
+                    SimulatedInt8Linear.decoding = False
+                logp = torch.log_softmax(out.logits[0].double(), -1)
+                targets = torch.tensor(chunk[p : p + step])
+                top1.append(logp.argmax(-1))
+                loglik.append(logp[torch.arange(len(targets)), targets])
+    return torch.cat(top1), torch.cat(loglik)
+
+
+def positions_generated(chunks: list[list[int]], step: int) -> torch.Tensor:
+    """Indices into evaluate()'s flat predictions of the ones evaluate_generated scores."""
+    picked, base = [], 0
+    for chunk in chunks:
+        for p in range(step + 1, len(chunk) - step + 1, step):
+            picked.extend(range(base + p - 1, base + p - 1 + step))
+        base += len(chunk) - 1
+    return torch.tensor(picked, dtype=torch.long)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -126,6 +168,8 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--generated", type=int, default=0, metavar="N",
+                        help="schemes on prompts only, N teacher-forced two-digit tokens scored after each")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,6 +182,9 @@ def main() -> None:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
     ref_top1, ref_ll = evaluate(load(), chunks)
+    if args.generated:
+        picked = positions_generated(chunks, args.generated)
+        ref_top1, ref_ll = ref_top1[picked], ref_ll[picked]
     ref_ppl = math.exp(-ref_ll.mean().item())
     print(f"{args.model}: {ref_ll.numel()} predicted positions; f32 perplexity {ref_ppl:.3f}")
     print(f"{'scheme':<12} {'ppl ratio':>10} {'top-1 = f32':>12}")
@@ -161,7 +208,7 @@ def main() -> None:
                     else:
                         setattr(module, name, SimulatedInt8Linear(child, "a14", 0, 32))
         TWO_DIGIT_GROUPS[:] = [0, 0]
-        top1, ll = evaluate(model, chunks)
+        top1, ll = evaluate_generated(model, chunks, args.generated) if args.generated else evaluate(model, chunks)
         if TWO_DIGIT_GROUPS[1]:
             print(f"  two-digit groups: {100 * TWO_DIGIT_GROUPS[0] / TWO_DIGIT_GROUPS[1]:.1f} %")
         ratio = math.exp(-ll.mean().item()) / ref_ppl

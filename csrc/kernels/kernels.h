@@ -109,6 +109,9 @@ struct Q8Acts {
   const float* scales = nullptr;   // [T, n_groups]
   const int32_t* sums = nullptr;   // [T, n_groups]: 128 * (127 * sum(hi) + sum(lo)) over the group
   int64_t T = 0, stride = 0;
+  // Rows [0, one_digit_rows) carry one digit: their lo digits are zero (drop_lo_digits), which a kernel
+  // may use to skip them. Skipping changes no result: the integer sums are the same either way.
+  int64_t one_digit_rows = 0;
 };
 
 // stride of Q8Acts for K inputs: K rounded up to whole quads (the padding digits are zero).
@@ -197,5 +200,8 @@ const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs wit
 // zero, NaN, or max|x| below ~1.9e-34) gets zero digits.
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                      int32_t* sums);
+// Turns one row quantized by quantize_row_q8 into its one-digit form, x ~= (s / 127) * 127 * hi: the lo
+// digits zeroed and sums[g] = 128 * 127 * sum(hi) over each group (the hi digits and scales stay).
+void drop_lo_digits(int8_t* q, int64_t K, int64_t group, int64_t stride, int32_t* sums);
 
 }  // namespace cpullm

@@ -77,7 +77,9 @@ inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64
     _mm512_mask_storeu_ps(y + row0, static_cast<__mmask16>((1u << rest) - 1u), acc);
 }
 
-template <int TT, int RB>
+// kLo: the lo digits' products are taken (false only for rows whose lo digits are zero, where the lo
+// sums would stay at their seed: the same integers, half the vpdpbusd).
+template <int TT, int RB, bool kLo>
 inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
   const int64_t G = w.n_groups;
   // Software prefetch of the next tile's blocks: prefill re-reads a chunk of blocks (kept in L2) for
@@ -113,13 +115,15 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
         wv[b] = _mm512_loadu_si512(p);
       }
       for (int t = 0; t < TT; ++t) {
-        int32_t h4, l4;
+        int32_t h4;
         std::memcpy(&h4, xt[t] + begin + 4 * i, 4);
-        std::memcpy(&l4, xt[t] + x.stride + begin + 4 * i, 4);
-        const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
-        for (int b = 0; b < RB; ++b) {
-          hi[t][b] = _mm512_dpbusd_epi32(hi[t][b], wv[b], xh);
-          lo[t][b] = _mm512_dpbusd_epi32(lo[t][b], wv[b], xl);
+        const __m512i xh = _mm512_set1_epi32(h4);
+        for (int b = 0; b < RB; ++b) hi[t][b] = _mm512_dpbusd_epi32(hi[t][b], wv[b], xh);
+        if constexpr (kLo) {
+          int32_t l4;
+          std::memcpy(&l4, xt[t] + x.stride + begin + 4 * i, 4);
+          const __m512i xl = _mm512_set1_epi32(l4);
+          for (int b = 0; b < RB; ++b) lo[t][b] = _mm512_dpbusd_epi32(lo[t][b], wv[b], xl);
         }
       }
     }
@@ -156,12 +160,26 @@ struct VnniTiles {
     if constexpr (TT == 1 && RB == 1)
       vnni_one_token(x, t0, w, b0, y, ldy);
     else
-      vnni_tile<TT, RB>(x, t0, w, b0, y, ldy);
+      vnni_tile<TT, RB, true>(x, t0, w, b0, y, ldy);
+  }
+};
+
+// Rows with one digit (Q8Acts::one_digit_rows): half the accumulators per token, so tiles of 4 tokens
+// x 2 blocks keep the 8 accumulators and the loads-per-vpdpbusd of the 2 x 2 two-digit tile.
+struct VnniOneDigitTiles {
+  static constexpr int kTokens = 4;
+  static constexpr int blocks(int tokens) { return tokens == 1 ? 1 : 2; }
+  template <int TT, int RB>
+  static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
+    if constexpr (TT == 1 && RB == 1)
+      vnni_one_token(x, t0, w, b0, y, ldy);
+    else
+      vnni_tile<TT, RB, false>(x, t0, w, b0, y, ldy);
   }
 };
 
 void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  Q8Driver<VnniTiles>::matmul(x, w, b0, b1, y, ldy);
+  Q8Driver<VnniTiles, VnniOneDigitTiles>::matmul(x, w, b0, b1, y, ldy);
 }
 
 // The 512-bit dot-product rate: 8 independent vpdpbusd chains from registers; each iteration is

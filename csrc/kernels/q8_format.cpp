@@ -32,6 +32,16 @@ inline int64_t group_len(const Q8Weights& w, int64_t g) {
 
 int64_t q8_act_stride(int64_t K) { return (K + 3) / 4 * 4; }
 
+void drop_lo_digits(int8_t* q, int64_t K, int64_t group, int64_t stride, int32_t* sums) {
+  std::memset(q + stride, 0, size_t(stride));
+  for (int64_t g = 0, begin = 0; begin < K; ++g, begin += group) {
+    const int64_t end = begin + group < K ? begin + group : K;
+    int32_t sum = 0;
+    for (int64_t k = begin; k < end; ++k) sum += q[k];
+    sums[g] = 128 * 127 * sum;
+  }
+}
+
 Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K) {
   Q8Acts a;
   a.q = q;

@@ -16,7 +16,9 @@
 //   Q::reduce(f)                      sum of lanes
 // Included inside an anonymous namespace by each ISA file (see kernels_impl.h for why).
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/kernels.h"
 
@@ -24,33 +26,44 @@ namespace cpullm {
 
 // Runs a tile family over the row blocks [b0, b1) in chunks small enough to stay in L2 while every
 // token tile passes over them, with tiles of up to Tiles::kTokens tokens and Tiles::blocks(TT) row
-// blocks (then single blocks for the remainder).
-template <class Tiles>
+// blocks (then single blocks for the remainder). The rows whose lo digits are zero (Q8Acts::
+// one_digit_rows) go through OneDigitTiles, which may skip those digits; by default the same family.
+template <class Tiles, class OneDigitTiles = Tiles>
 struct Q8Driver {
-  template <int TT>
+  template <class Family, int TT>
   static inline void blocks(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                             int64_t ldy) {
-    constexpr int RB = Tiles::blocks(TT);
+    constexpr int RB = Family::blocks(TT);
     int64_t b = b0;
-    for (; b + RB <= b1; b += RB) Tiles::template tile<TT, RB>(x, t0, w, b, y, ldy);
-    for (; b < b1; ++b) Tiles::template tile<TT, 1>(x, t0, w, b, y, ldy);
+    for (; b + RB <= b1; b += RB) Family::template tile<TT, RB>(x, t0, w, b, y, ldy);
+    for (; b < b1; ++b) Family::template tile<TT, 1>(x, t0, w, b, y, ldy);
+  }
+
+  // Tokens [t0, t1) over the row blocks [b0, b1).
+  template <class Family>
+  static inline void tokens(const Q8Acts& x, int64_t t0, int64_t t1, const Q8Weights& w, int64_t b0, int64_t b1,
+                            float* y, int64_t ldy) {
+    constexpr int TT = Family::kTokens;
+    static_assert(TT >= 1 && TT <= 4, "the remainder below handles up to 3 tokens");
+    int64_t t = t0;
+    for (; t + TT <= t1; t += TT) blocks<Family, TT>(x, t, w, b0, b1, y, ldy);
+    switch (t1 - t) {
+      case 3: if constexpr (TT > 3) blocks<Family, 3>(x, t, w, b0, b1, y, ldy); break;
+      case 2: if constexpr (TT > 2) blocks<Family, 2>(x, t, w, b0, b1, y, ldy); break;
+      case 1: if constexpr (TT > 1) blocks<Family, 1>(x, t, w, b0, b1, y, ldy); break;
+      default: break;
+    }
   }
 
   static void matmul(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-    constexpr int TT = Tiles::kTokens;
-    constexpr int64_t RB = Tiles::blocks(TT);
+    constexpr int64_t RB = Tiles::blocks(Tiles::kTokens);
     int64_t chunk = (int64_t(256) << 10) / w.block_bytes / RB * RB;  // whole tiles
     if (chunk < RB) chunk = RB;
+    const int64_t split = std::is_same_v<Tiles, OneDigitTiles> ? 0 : std::min(x.one_digit_rows, x.T);
     for (int64_t cb = b0; cb < b1; cb += chunk) {
       const int64_t ce = cb + chunk < b1 ? cb + chunk : b1;
-      int64_t t = 0;
-      for (; t + TT <= x.T; t += TT) blocks<TT>(x, t, w, cb, ce, y, ldy);
-      switch (x.T - t) {
-        case 3: if constexpr (TT > 3) blocks<3>(x, t, w, cb, ce, y, ldy); break;
-        case 2: if constexpr (TT > 2) blocks<2>(x, t, w, cb, ce, y, ldy); break;
-        case 1: if constexpr (TT > 1) blocks<1>(x, t, w, cb, ce, y, ldy); break;
-        default: break;
-      }
+      if (split > 0) tokens<OneDigitTiles>(x, 0, split, w, cb, ce, y, ldy);
+      tokens<Tiles>(x, split, x.T, w, cb, ce, y, ldy);
     }
   }
 };

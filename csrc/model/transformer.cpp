@@ -434,8 +434,9 @@ void Sequence::prepare_acts(int64_t T, const Matrix& w) {
 void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
   if (w.type != WType::Q8) return;
   const int64_t G = w.q8.n_groups, stride = q8_act_stride(w.cols);
-  kernels().quantize_q8(row, w.cols, w.q8.group, stride, xq_.data() + 2 * t * stride, xq_scales_.data() + t * G,
-                        xq_sums_.data() + t * G);
+  int8_t* q = xq_.data() + 2 * t * stride;
+  kernels().quantize_q8(row, w.cols, w.q8.group, stride, q, xq_scales_.data() + t * G, xq_sums_.data() + t * G);
+  if (t < one_digit_rows_) drop_lo_digits(q, w.cols, w.q8.group, stride, xq_sums_.data() + t * G);
 }
 
 void Sequence::swiglu(int64_t T, const Matrix& next, int n_threads) {
@@ -463,6 +464,7 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
       parallel_for(n_threads, true, T, [&](int64_t t) { quantize_row(w, x + t * K, t); });
     }
     acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K);
+    acts.one_digit_rows = std::min(one_digit_rows_, T);
     units = w.q8.n_blocks;
   }
   const int64_t min_chunk = w.type == WType::Q8 ? 2 : 32;
@@ -524,6 +526,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   float* ffn = ffn_.data();
   float* act = act_.data();
   const bool per_token_parallel = n_threads > 1 && T >= kPerTokenParallel;
+  one_digit_rows_ = fast_prefill_ ? T - n_out_rows : 0;
   // The per-token steps between two matmuls run as one loop over tokens: a row's residual add, norm
   // and quantization for the next matmul happen while the row is in L1, and each loop ends in one
   // barrier instead of three.
@@ -590,6 +593,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
 
   // Only the rows whose logits are asked for go on past the last layer. Row t's residual (pending is
   // xn) is read before xn's row t - first <= t is written, so no row still to be read is overwritten.
+  one_digit_rows_ = 0;  // the rows below are compacted: row r is token first + r
   const int64_t n_out = n_out_rows;
   const int64_t first = T - n_out;
   for (int64_t t = first; t < T; ++t) {
@@ -717,6 +721,10 @@ void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
   expert_rows_.resize(size_t(T));
   float* xn = xn_.data();
   float* ffn = ffn_.data();
+  // The experts' rows are gathered (row r is not token r), and the router's choice should not move
+  // with fast prefill: every MoE matmul keeps two digits.
+  const int64_t one_digit_rows = one_digit_rows_;
+  one_digit_rows_ = 0;
 
   // Router: softmax over all experts in f32, the top K by probability (the lower index first among
   // equals), their probabilities renormalised to sum to one.
@@ -770,6 +778,7 @@ void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
   }
   float* x = x_.data();
   for (int64_t i = 0; i < T * D; ++i) x[i] += moe_acc_[i];
+  one_digit_rows_ = one_digit_rows;
 }
 
 }  // namespace cpullm

@@ -152,6 +152,12 @@ class Sequence {
  public:
   explicit Sequence(const Transformer& model, KVType kv_type = KVType::F32);
   KVType kv_type() const { return kv_type_; }
+  // Fast prefill (int8 weights): the rows of a forward pass whose logits are not returned (a prompt's
+  // tokens but its last, which only fill the cache) take their activations with one int8 digit
+  // instead of two, about half the integer work; the rows whose logits are returned, and every decoded
+  // token, keep two. Off by default: it costs accuracy (docs/int8.md). MoE layers keep two digits.
+  bool fast_prefill() const { return fast_prefill_; }
+  void set_fast_prefill(bool on) { fast_prefill_ = on; }
   int n_past() const { return n_past_; }
   int capacity() const { return capacity_; }
   // Forgets positions >= n (keeps the cached prefix [0, n)).
@@ -218,6 +224,9 @@ class Sequence {
   std::vector<float> xq_scales_;
   std::vector<int32_t> xq_sums_;
   int scratch_tokens_ = 0;
+  bool fast_prefill_ = false;
+  // Rows [0, one_digit_rows_) of the current pass are quantized with one digit (see fast_prefill).
+  int64_t one_digit_rows_ = 0;
   std::vector<int32_t> history_;  // the token at each cached position [n_past]
   bool long_rope_ = false;        // the cache was encoded with inv_freq_long
   // MoE scratch: router probabilities [T, n_experts], per token its chosen experts and weights

@@ -21,6 +21,7 @@ class BenchResult:
     model: str
     dtype: str
     kv_cache_dtype: str
+    fast_prefill: bool
     threads: int
     isa: str
     prompt_tokens: int
@@ -47,7 +48,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt_tokens: int, gen_tokens: int,
-              repeats: int, kv_cache_dtype: str | None = None) -> BenchResult:
+              repeats: int, kv_cache_dtype: str | None = None, fast_prefill: bool = False) -> BenchResult:
     from .loader import load
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
@@ -60,7 +61,7 @@ def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt
             sequence = None  # it holds the previous model's weights: peak RSS would count two models
             model.close()
         start = time.perf_counter()
-        model = load(model_path, dtype=dtype, threads=threads, kv_cache_dtype=kv_cache_dtype)
+        model = load(model_path, dtype=dtype, threads=threads, kv_cache_dtype=kv_cache_dtype, fast_prefill=fast_prefill)
         load_times.append(time.perf_counter() - start)
         if prompt_tokens + gen_tokens > model.spec.max_context:
             raise ValueError(f"{prompt_tokens} + {gen_tokens} tokens exceed the context length {model.spec.max_context}")
@@ -80,7 +81,8 @@ def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt
             token = int(np.argmax(sequence.forward(step, False, model.threads)[-1]))
         decode.append(gen_tokens / (time.perf_counter() - start))
     result = BenchResult(
-        model=str(model_path), dtype=model.dtype, kv_cache_dtype=model.kv_cache_dtype, threads=model.threads,
+        model=str(model_path), dtype=model.dtype, kv_cache_dtype=model.kv_cache_dtype,
+        fast_prefill=model.fast_prefill, threads=model.threads,
         isa=_C.get_isa(),
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
         weights_mb=round(model.weights_bytes / 1e6, 1),
@@ -100,7 +102,8 @@ def format_result(result: BenchResult, as_json: bool) -> str:
     rows = [
         ("model", result.model),
         ("dtype / KV cache / threads / kernels",
-         f"{result.dtype} / {result.kv_cache_dtype} / {result.threads} / {result.isa}"),
+         f"{result.dtype} / {result.kv_cache_dtype} / {result.threads} / {result.isa}"
+         + (" / fast prefill" if result.fast_prefill else "")),
         ("weights", f"{result.weights_mb:.1f} MB"),
         ("load", f"{result.load_s * 1000:.1f} ms"),
         (f"prefill ({result.prompt_tokens} tokens)", f"{result.prefill_tok_s:.1f} tok/s"),

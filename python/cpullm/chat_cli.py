@@ -157,7 +157,8 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="replace")  # a terminal that cannot show a character gets "?", not a crash
-    model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
+                 fast_prefill=args.fast_prefill)
     with model:
         session = model.chat(system=args.system, on_overflow=args.on_overflow, **sampling)
         if sys.stdin.isatty():

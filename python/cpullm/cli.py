@@ -47,6 +47,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                         help="KV cache element type (default: f32 for f32 weights, else f16, which halves its "
                              "memory and speeds up long contexts)")
+    parser.add_argument("--fast-prefill", action="store_true",
+                        help="int8: one int8 digit for a prompt's activations instead of two (about 1.5x "
+                             "faster prompt processing, somewhat less accurate; see docs/int8.md)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +84,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     options = _sampling_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
+                 fast_prefill=args.fast_prefill)
     with model:
         for piece in model.stream(prompt, max_tokens=args.max_tokens, **options):
             sys.stdout.write(piece)
@@ -110,7 +114,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_result, run_bench
 
     result = run_bench(args.model, dtype=args.dtype, threads=args.threads, prompt_tokens=args.prompt_tokens,
-                       gen_tokens=args.gen_tokens, repeats=args.repeats, kv_cache_dtype=args.kv_cache_dtype)
+                       gen_tokens=args.gen_tokens, repeats=args.repeats, kv_cache_dtype=args.kv_cache_dtype,
+                 fast_prefill=args.fast_prefill)
     print(format_result(result, args.json))
     return 0
 
@@ -122,7 +127,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     require_server_dependencies()  # before the model is loaded: a missing extra is a one-line error
     model = load(args.model, dtype=args.dtype, threads=args.threads, context_length=args.context_length,
-                 kv_cache_dtype=args.kv_cache_dtype)
+                 kv_cache_dtype=args.kv_cache_dtype,
+                 fast_prefill=args.fast_prefill)
     name = args.model_name or (hub.canonical_name(args.model) if hub.is_known(args.model) else None)
     if name is None:
         from pathlib import Path

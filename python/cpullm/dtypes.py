@@ -27,6 +27,12 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
     return kv_cache_dtype
 
 
+def check_fast_prefill(fast_prefill: object) -> bool:
+    if not isinstance(fast_prefill, bool):
+        raise ValueError(f"fast_prefill must be True or False, got {fast_prefill!r}")
+    return fast_prefill
+
+
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
