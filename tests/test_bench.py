@@ -26,6 +26,10 @@ def test_bench_json_and_table(make_llama: Any) -> None:
     assert table.returncode == 0, table.stderr
     assert "decode (5 tokens)" in table.stdout and "tok/s" in table.stdout
     assert "int8 / f32 / 1 /" in table.stdout  # dtype / KV cache / threads / kernels
+    assert data["fast_prefill"] is False and "fast prefill" not in table.stdout
+    fast = subprocess.run([*cmd, "--fast-prefill", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert fast.returncode == 0, fast.stderr
+    assert json.loads(fast.stdout)["fast_prefill"] is True
     bad = subprocess.run([*cmd, "--kv-cache-dtype", "f8"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     too_long = subprocess.run([*cmd[:5], "--prompt-tokens", "300", "--gen-tokens", "1"], capture_output=True,

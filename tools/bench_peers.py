@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-ENGINES = ["cpullm-int8", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
+ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
            "transformers-f32"]
 MODELS = ["smollm2", "llama-1b-shape"]
 REFERENCE = "cpullm-f32"  # whose greedy tokens and logits the others are compared with
@@ -61,7 +61,7 @@ CHECK_TOKENS = 8
 TOP_LOGITS = 16  # the prompt's most likely next tokens, compared with the reference's
 # Bytes per cached key / value element, by engine (or its family): each engine's default cache.
 # llama.cpp's is f16; cpullm's f16 next to int8 and bf16 weights; the others keep f32.
-KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-int8": 2, "cpullm-bf16": 2}
+KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-int8": 2, "cpullm-int8-fast": 2, "cpullm-bf16": 2}
 
 
 # --- workers: one measurement each, run in a fresh process --------------------------------------------
@@ -96,7 +96,8 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
     if engine.startswith("cpullm"):
         import cpullm
 
-        model = cpullm.load(path, threads=threads)
+        # cpullm-int8-fast: the int8 model with fast prefill (one-digit activations for the prompt's rows)
+        model = cpullm.load(path, threads=threads, fast_prefill=engine.endswith("-fast"))
         seq = model._new_sequence()
         seq.reserve(len(prompt) + gen_tokens)  # as generate() does; the peers size their caches untimed too
         one = np.empty(1, np.int32)
@@ -324,9 +325,10 @@ def prepare(work: Path, engines: list[str], model: str) -> dict[str, Path]:
     paths: dict[str, Path] = {"hf": hf, "transformers-f32": hf}
     for dtype in ("int8", "bf16", "f32"):
         out = paths[f"cpullm-{dtype}"] = work / f"{source.prefix}cpullm-{dtype}"
-        if f"cpullm-{dtype}" in engines:
+        if f"cpullm-{dtype}" in engines or (dtype == "int8" and "cpullm-int8-fast" in engines):
             _build_once(out, "cpullm.json",
                         lambda target, d=dtype: convert(hf, target, dtype=d, force=True, progress=False))
+    paths["cpullm-int8-fast"] = paths["cpullm-int8"]
     for qtype in ("Q8_0", "F16"):
         out = paths[f"llama.cpp-{qtype}"] = work / source.gguf_name.format(qtype=qtype)
         if f"llama.cpp-{qtype}" in engines:
