@@ -68,11 +68,13 @@ struct Q8Driver {
   }
 };
 
-template <class Q>
+// kLo false: the tiles for rows whose lo digits are zero (Q8Acts::one_digit_rows), which skip them and
+// take twice the tokens for the same accumulators.
+template <class Q, bool kLo = true>
 struct Q8Impl {
   using I = typename Q::I;
   using F = typename Q::F;
-  static constexpr int kTokens = 2;
+  static constexpr int kTokens = kLo ? 2 : 4;
   // One block per tile: a token then reads a chunk of blocks front to back, one sequential stream for
   // the hardware prefetcher (see kernels_avx512vnni.cpp), and two tokens share each loaded block.
   static constexpr int blocks(int) { return 1; }
@@ -110,12 +112,13 @@ struct Q8Impl {
         }
         for (int t = 0; t < TT; ++t) {
           const I xh = Q::bcast4(xt[t] + begin + 4 * i);
-          const I xl = Q::bcast4(xt[t] + x.stride + begin + 4 * i);
           for (int b = 0; b < RB; ++b)
-            for (int h = 0; h < 2; ++h) {
-              hi[t][b][h] = Q::dot(hi[t][b][h], xh, wv[b][h]);
-              lo[t][b][h] = Q::dot(lo[t][b][h], xl, wv[b][h]);
-            }
+            for (int h = 0; h < 2; ++h) hi[t][b][h] = Q::dot(hi[t][b][h], xh, wv[b][h]);
+          if constexpr (kLo) {
+            const I xl = Q::bcast4(xt[t] + x.stride + begin + 4 * i);
+            for (int b = 0; b < RB; ++b)
+              for (int h = 0; h < 2; ++h) lo[t][b][h] = Q::dot(lo[t][b][h], xl, wv[b][h]);
+          }
         }
       }
       for (int b = 0; b < RB; ++b) {
@@ -163,7 +166,7 @@ struct Q8Impl {
   }
 
   static void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-    Q8Driver<Q8Impl>::matmul(x, w, b0, b1, y, ldy);
+    Q8Driver<Q8Impl, Q8Impl<Q, false>>::matmul(x, w, b0, b1, y, ldy);
   }
 };
 
