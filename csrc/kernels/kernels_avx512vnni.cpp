@@ -148,38 +148,28 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
     }
 }
 
+// Tiles of kTokens tokens x 2 blocks over rows with two digits (kLo) or one. Two digits: 2 x 2 tiles,
+// 8 accumulators, and per quad 2 weight loads and 4 activation broadcasts for 8 vpdpbusd. Measured on
+// Zen 4 (128- and 512-token prompts, SmolLM2's w13 and w2): ~20 % faster than 4 x 2, and 2 x 3 or 3 x 3
+// no better; wider tiles spend more on broadcasts and register moves than they save in weight loads,
+// which come from L2 anyway. One digit (Q8Acts::one_digit_rows): half the accumulators per token, so
+// 4 x 2 tiles keep the 8 accumulators and the loads per vpdpbusd (faster than 4 x 3, 4 x 4, 3 x 2,
+// 3 x 3, 2 x 3 and 2 x 4 there; docs/performance.md).
+template <int kTokensPerTile, bool kLo>
 struct VnniTiles {
-  // Tiles of 2 tokens x 2 blocks: 8 accumulators, and per quad 2 weight loads and 4 activation broadcasts
-  // for 8 vpdpbusd. Measured on Zen 4 (128- and 512-token prompts, SmolLM2's w13 and w2): ~20 % faster
-  // than 4 x 2, and 2 x 3 or 3 x 3 no better; wider tiles spend more on broadcasts and register moves
-  // than they save in weight loads, which come from L2 anyway.
-  static constexpr int kTokens = 2;
+  static constexpr int kTokens = kTokensPerTile;
   static constexpr int blocks(int tokens) { return tokens == 1 ? 1 : 2; }
   template <int TT, int RB>
   static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
     if constexpr (TT == 1 && RB == 1)
-      vnni_one_token(x, t0, w, b0, y, ldy);
+      vnni_one_token(x, t0, w, b0, y, ldy);  // exact for one-digit rows too (their lo digits are zero)
     else
-      vnni_tile<TT, RB, true>(x, t0, w, b0, y, ldy);
-  }
-};
-
-// Rows with one digit (Q8Acts::one_digit_rows): half the accumulators per token, so tiles of 4 tokens
-// x 2 blocks keep the 8 accumulators and the loads-per-vpdpbusd of the 2 x 2 two-digit tile.
-struct VnniOneDigitTiles {
-  static constexpr int kTokens = 4;
-  static constexpr int blocks(int tokens) { return tokens == 1 ? 1 : 2; }
-  template <int TT, int RB>
-  static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
-    if constexpr (TT == 1 && RB == 1)
-      vnni_one_token(x, t0, w, b0, y, ldy);
-    else
-      vnni_tile<TT, RB, false>(x, t0, w, b0, y, ldy);
+      vnni_tile<TT, RB, kLo>(x, t0, w, b0, y, ldy);
   }
 };
 
 void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  Q8Driver<VnniTiles, VnniOneDigitTiles>::matmul(x, w, b0, b1, y, ldy);
+  Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>>::matmul(x, w, b0, b1, y, ldy);
 }
 
 // The 512-bit dot-product rate: 8 independent vpdpbusd chains from registers; each iteration is
