@@ -149,3 +149,59 @@ def smollm2_gguf(cpullm_home: Path) -> Path:
             if os.environ.get("CPULLM_SKIP_NETWORK_TESTS"):
                 pytest.skip(f"default model unavailable: {e}")
             raise
+
+
+def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group: int = 32,
+                     keep: Callable[[str], bool] = lambda name: False) -> np.ndarray:
+    """transformers' logits with every linear layer's input quantized per group as cpullm's int8 matmul
+    does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
+    (then rint of the remainder in steps of s / 127), in float32; layers whose qualified name `keep`
+    accepts are left alone. Give it dequantized int8 weights, and it states fast prefill (and exact
+    prefill, one_digit_rows = 0) independently of the kernels. Modifies hf_model."""
+    import torch
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        K = x.shape[-1]
+        pad = -K % group
+        xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (K + pad) // group, group)
+        s = xg.abs().amax(-1, keepdim=True) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        hi = torch.round(xg / s).clamp(-127, 127)
+        lo = torch.round((xg - hi * s) / (s / 127)).clamp(-127, 127)
+        rows = torch.arange(x.shape[-2])[:, None, None] >= one_digit_rows
+        q = hi * s + torch.where(rows, lo, torch.zeros_like(lo)) * (s / 127)
+        return q.reshape(*x.shape[:-1], K + pad)[..., :K]
+
+    class Quantized(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(quantize(x))
+
+    for prefix, module in list(hf_model.named_modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and not keep(f"{prefix}.{name}"):
+                setattr(module, name, Quantized(child))
+    return hf_logits(hf_model, ids)
+
+
+def dequantized_copy(hf_model: Any, group_size: int = 32) -> Any:
+    """A transformers model with hf_model's matrices rounded to cpullm's int8 and back, as cpullm
+    quantizes them: experts ([E, rows, cols]) one by one, the MoE router (mlp.gate) left f32."""
+    import torch
+
+    from cpullm.dtypes import dequantize_q8, quantize_q8
+
+    def rounded(key: str, v: Any) -> Any:
+        if v.ndim < 2 or key.endswith("mlp.gate.weight"):
+            return v
+        mats = v.numpy().reshape(-1, *v.shape[-2:])
+        return torch.from_numpy(np.stack([dequantize_q8(*quantize_q8(m, group_size), group_size) for m in mats])
+                                .reshape(v.shape))
+
+    copy = type(hf_model)(hf_model.config).eval()
+    copy.load_state_dict({k: rounded(k, v) for k, v in hf_model.state_dict().items()})
+    return copy
+

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cpullm
-from conftest import hf_logits, rel_err
+from conftest import dequantized_copy, hf_logits, hf_logits_digits, rel_err
 from test_llama_parity import F32_TOL, INT8_VS_DEQUANTIZED_TOL, INT8_VS_F32_TOL, hf_logits_f16_cache
 
 COMMON: dict[str, Any] = dict(
@@ -374,3 +374,31 @@ def test_dynamic_rope_within_the_context_matches_transformers(tmp_path: Path) ->
     sequence.forward(ids[:60].astype(np.int32), False, 2)
     steps = [sequence.forward(ids[i:i + 1].astype(np.int32), True, 2)[0] for i in range(60, 64)]
     assert rel_err(np.stack(steps), expected[60:]) < F32_TOL
+
+
+def test_fast_prefill_matches_one_digit_reference(arch: tuple[str, Any, Any]) -> None:
+    # As tests/test_llama_parity.py's test of the same name, on every architecture: a 40-token prompt
+    # (past the sliding windows and Phi-3's longrope switch, so decoding never re-encodes the cache)
+    # with fast prefill, then 12 decoded tokens, against transformers on the same int8 weights with the
+    # prompt's rows but the last quantized with one digit in torch. Mixtral's router stays f32 and its
+    # experts keep two digits (their inputs are gathered rows), which the reference leaves at f32: the
+    # two-digit rounding, 1e-4 of the logits, is below the bounds. A routing near-tie that the two
+    # sides' rounding noise decides differently changes a row's FFN altogether (as in the int8 test
+    # above), so with experts only the median row is held to the bound. Measured: the one-digit rows'
+    # effect 3.0e-3 (Mixtral) to 1.3e-2, cpullm's distance from the reference 0.01-0.11 of it, median
+    # rows 0.8e-4-2.9e-4.
+    name, f32_model, hf_model = arch
+    model = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32", fast_prefill=True)
+    ids = _ids(model.spec.vocab_size, 52, seed=17).astype(np.int32)
+    prompt = 40
+    sequence = model._new_sequence()
+    got = np.concatenate([sequence.forward(ids[:prompt], False, 2)] +
+                         [sequence.forward(ids[i:i + 1], False, 2) for i in range(prompt, len(ids))])
+    router = lambda layer: layer.endswith("mlp.gate")  # noqa: E731
+    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=router)[prompt - 1:]
+    exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, 0, keep=router)[prompt - 1:]
+    effect = rel_err(fast_ref, exact_ref)
+    assert effect > 1.5e-3  # the mode is on: three times the median bound below
+    assert np.median([rel_err(got[i:i + 1], fast_ref[i:i + 1]) for i in range(len(got))]) < 5e-4
+    if name != "mixtral":
+        assert rel_err(got, fast_ref) < 0.4 * effect

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cpullm
-from conftest import hf_logits, rel_err
+from conftest import dequantized_copy, hf_logits, hf_logits_digits, rel_err
 
 # f32 end to end; the two sides only sum in different orders. Measured about 5e-7 on these models.
 F32_TOL = 2e-5
@@ -358,54 +358,6 @@ def test_int8_decode_with_cache_equals_full_pass(llama: tuple[Any, Any]) -> None
                                                                        for i in range(7, 20)])
     # Activations are quantized per token row, so prefill and decode compute identical products.
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
-
-
-def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group: int = 32) -> np.ndarray:
-    """transformers' logits with every linear layer's input quantized per group as cpullm's int8 matmul
-    does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
-    (then rint of the remainder in steps of s / 127), in float32. Give it dequantized int8 weights, and
-    it states fast prefill (and exact prefill, one_digit_rows = 0) independently of the kernels."""
-    import torch
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        K = x.shape[-1]
-        pad = -K % group
-        xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (K + pad) // group, group)
-        s = xg.abs().amax(-1, keepdim=True) / 127
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        hi = torch.round(xg / s).clamp(-127, 127)
-        lo = torch.round((xg - hi * s) / (s / 127)).clamp(-127, 127)
-        rows = torch.arange(x.shape[-2])[:, None, None] >= one_digit_rows
-        q = hi * s + torch.where(rows, lo, torch.zeros_like(lo)) * (s / 127)
-        return q.reshape(*x.shape[:-1], K + pad)[..., :K]
-
-    class Quantized(torch.nn.Module):
-        def __init__(self, linear: torch.nn.Linear) -> None:
-            super().__init__()
-            self.linear = linear
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(quantize(x))
-
-    for module in list(hf_model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, Quantized(child))
-    return hf_logits(hf_model, ids)
-
-
-def dequantized_copy(hf_model: Any, group_size: int = 32) -> Any:
-    """A transformers model with hf_model's matrices rounded to cpullm's int8 and back."""
-    import torch
-
-    from cpullm.dtypes import dequantize_q8, quantize_q8
-
-    copy = type(hf_model)(hf_model.config).eval()
-    copy.load_state_dict({
-        k: torch.from_numpy(dequantize_q8(*quantize_q8(v.numpy(), group_size), group_size)) if v.ndim == 2 else v
-        for k, v in hf_model.state_dict().items()
-    })
-    return copy
 
 
 def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: str) -> None:
