@@ -155,7 +155,8 @@ class Sequence {
   // Fast prefill (int8 weights): the rows of a forward pass whose logits are not returned (a prompt's
   // tokens but its last, which only fill the cache) take their activations with one int8 digit
   // instead of two, about half the integer work; the rows whose logits are returned, and every decoded
-  // token, keep two. Off by default: it costs accuracy (docs/int8.md). MoE layers keep two digits.
+  // token, keep two. Off by default: it costs accuracy (docs/int8.md). MoE layers keep two digits. A
+  // longrope re-encode of the whole cache (see forward) is a prefill like any other.
   bool fast_prefill() const { return fast_prefill_; }
   void set_fast_prefill(bool on) { fast_prefill_ = on; }
   int n_past() const { return n_past_; }
