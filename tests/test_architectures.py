@@ -398,7 +398,12 @@ def test_fast_prefill_matches_one_digit_reference(arch: tuple[str, Any, Any]) ->
     fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=router)[prompt - 1:]
     exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, 0, keep=router)[prompt - 1:]
     effect = rel_err(fast_ref, exact_ref)
-    assert effect > 1.5e-3  # the mode is on: three times the median bound below
-    assert np.median([rel_err(got[i:i + 1], fast_ref[i:i + 1]) for i in range(len(got))]) < 5e-4
+    assert effect > 1.5e-3  # one digit matters here: three times the median bound below
+
+    def median_row_err(reference: np.ndarray) -> float:
+        return float(np.median([rel_err(got[i:i + 1], reference[i:i + 1]) for i in range(len(got))]))
+
+    assert median_row_err(fast_ref) < 5e-4
+    assert median_row_err(fast_ref) < 0.5 * median_row_err(exact_ref)  # cpullm really took one digit
     if name != "mixtral":
         assert rel_err(got, fast_ref) < 0.4 * effect

@@ -5,9 +5,9 @@ For each group size: the share of positions where the int8 model's top-1 token e
 model's, and the ratio of their perplexities on the text. With ``--kv-cache-dtypes f32 f16`` every row
 is also measured with an f16 KV cache (and f32 weights with one), against f32 weights and cache.
 ``--generated N`` scores generation instead of whole windows: each window is cut at prompt lengths N + 1,
-2N + 1, ...; the prompt but its last token is one forward pass (its logits unread, as in a chat turn),
-then the N tokens from its last one are fed in one pass with every logit read (teacher-forced decoding:
-two-digit rows either way), and those N predictions are scored. ``--fast-prefill`` adds an int8 row
+2N + 1, ...; the prompt is one forward pass whose last row's logits predict the first generated token (as
+in a chat turn), then the next N - 1 tokens are fed in one pass with every logit read (teacher-forced
+decoding: two-digit rows either way), and those N predictions are scored. ``--fast-prefill`` adds an int8 row
 with Model.fast_prefill for each group size (with --generated: the prompt's rows then take one digit).
 Usage:
 
@@ -59,9 +59,9 @@ def evaluate_generated(model: cpullm.Model, chunks: list[list[int]], step: int) 
     for chunk in chunks:
         for p in range(step + 1, len(chunk) - step + 1, step):
             sequence = model._new_sequence()
-            sequence.forward(np.asarray(chunk[: p - 1], np.int32), False, model.threads)
-            logits = sequence.forward(np.asarray(chunk[p - 1 : p - 1 + step], np.int32), True, model.threads)
-            logp = log_softmax(logits)
+            first = sequence.forward(np.asarray(chunk[:p], np.int32), False, model.threads)
+            rest = sequence.forward(np.asarray(chunk[p : p + step - 1], np.int32), True, model.threads)
+            logp = log_softmax(np.concatenate([first, rest]))
             targets = np.asarray(chunk[p : p + step])
             top1.append(logp.argmax(axis=-1))
             loglik.append(logp[np.arange(len(targets)), targets])

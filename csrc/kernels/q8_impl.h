@@ -59,7 +59,8 @@ struct Q8Driver {
     constexpr int64_t RB = Tiles::blocks(Tiles::kTokens);
     int64_t chunk = (int64_t(256) << 10) / w.block_bytes / RB * RB;  // whole tiles
     if (chunk < RB) chunk = RB;
-    const int64_t split = std::is_same_v<Tiles, OneDigitTiles> ? 0 : std::min(x.one_digit_rows, x.T);
+    const int64_t split =
+        std::is_same_v<Tiles, OneDigitTiles> ? 0 : std::max<int64_t>(0, std::min(x.one_digit_rows, x.T));
     for (int64_t cb = b0; cb < b1; cb += chunk) {
       const int64_t ce = cb + chunk < b1 ? cb + chunk : b1;
       if (split > 0) tokens<OneDigitTiles>(x, 0, split, w, cb, ce, y, ldy);

@@ -82,7 +82,7 @@ def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt
         decode.append(gen_tokens / (time.perf_counter() - start))
     result = BenchResult(
         model=str(model_path), dtype=model.dtype, kv_cache_dtype=model.kv_cache_dtype,
-        fast_prefill=model.fast_prefill, threads=model.threads,
+        fast_prefill=model.fast_prefill and model.dtype == "int8", threads=model.threads,
         isa=_C.get_isa(),
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
         weights_mb=round(model.weights_bytes / 1e6, 1),

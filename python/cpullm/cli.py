@@ -115,7 +115,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(args.model, dtype=args.dtype, threads=args.threads, prompt_tokens=args.prompt_tokens,
                        gen_tokens=args.gen_tokens, repeats=args.repeats, kv_cache_dtype=args.kv_cache_dtype,
-                 fast_prefill=args.fast_prefill)
+                       fast_prefill=args.fast_prefill)
     print(format_result(result, args.json))
     return 0
 

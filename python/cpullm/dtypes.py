@@ -28,9 +28,9 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
 
 
 def check_fast_prefill(fast_prefill: object) -> bool:
-    if not isinstance(fast_prefill, bool):
+    if not isinstance(fast_prefill, (bool, np.bool_)):
         raise ValueError(f"fast_prefill must be True or False, got {fast_prefill!r}")
-    return fast_prefill
+    return bool(fast_prefill)
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -115,9 +115,12 @@ class Model:
     def fast_prefill(self) -> bool:
         """With int8 weights: whether sequences started from now on quantize the activations of rows
         whose logits are not returned (a prompt but its last token) with one int8 digit instead of
-        two: prompt processing about 1.5x faster, the logits returned and every decoded token still
-        two digits; the cache they fill is less exact (docs/int8.md has the measured cost). No effect
-        on f32 / bf16 weights or on mixture-of-experts layers."""
+        two: prompt processing about 1.5x faster, the logits returned and decoded tokens still two
+        digits; the cache they fill is less exact (docs/int8.md has the measured cost). Unlike the
+        default, results then depend on how a prompt is split into calls (each call's last row keeps
+        two digits: the server's 256-token chunks, a turn after a cached prefix), and a longrope
+        model crossing its switch length re-encodes its whole cache as one prefill (decoded tokens
+        included). No effect on f32 / bf16 weights or on mixture-of-experts layers."""
         return self._fast_prefill
 
     @fast_prefill.setter

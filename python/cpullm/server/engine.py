@@ -16,7 +16,8 @@ prompt, and runs only the rest (``generation.prefill``), so a client that contin
 
 Text is made exactly as ``Model.stream`` / ``ChatSession.stream`` make it: the same ``prefill`` /
 ``decode`` loop (``cpullm.generation``), ``Sampler`` and ``TextStream`` (incremental decoding, stop
-strings). Results go to the asyncio side through ``loop.call_soon_threadsafe`` onto the request's
+strings); with ``Model.fast_prefill`` on, the last row of each prefill chunk keeps two digits, so a
+prompt longer than a chunk is not bit for bit what one call would give. Results go to the asyncio side through ``loop.call_soon_threadsafe`` onto the request's
 ``asyncio.Queue``. A request can be cancelled at any time (its client went away): it leaves the queue, or
 the worker drops it before its next step and cuts its slot's cache back to what it verifiably holds.
 """
