@@ -388,5 +388,16 @@ PYBIND11_MODULE(_C, m) {
       .def("reserve", [](PySequence& s, int n) { s.seq->reserve(n); }, py::arg("positions"),
            "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")
       .def("forward", &forward, py::arg("tokens"), py::arg("all_logits"), py::arg("threads"),
-           "Runs new tokens after the cached ones; returns logits [T or 1, vocab].");
+           "Runs new tokens after the cached ones; returns logits [T or 1, vocab].")
+      .def("feed", [](PySequence& ps, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
+                      int n_threads) {
+             if (tokens.ndim() != 1) throw std::invalid_argument("feed: token ids must be a 1-D array");
+             const int n = static_cast<int>(tokens.shape(0));
+             if (tokens.shape(0) != n) throw std::invalid_argument("feed: too many tokens");
+             const int32_t* ids = tokens.data();
+             py::gil_scoped_release release;
+             ps.seq->forward(ids, n, nullptr, false, n_threads);
+           }, py::arg("tokens"), py::arg("threads"),
+           "Runs new tokens after the cached ones into the cache only (no logits; under fast prefill "
+           "every one of them takes one digit).");
 }

@@ -406,3 +406,25 @@ def test_fast_prefill_switch(make_llama: Any) -> None:
     ids = _ids(f32.spec.vocab_size, 30, seed=2).astype(np.int32)
     plain = cpullm.load(directory, threads=1)
     np.testing.assert_array_equal(f32._new_sequence().forward(ids, False, 1), plain._new_sequence().forward(ids, False, 1))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_feed_fills_the_cache_as_one_call_would(make_llama: Any, fast: bool) -> None:
+    # Sequence.feed runs tokens into the cache without logits (no LM head; under fast prefill no row
+    # keeps two digits), so a prompt fed in parts and finished with forward gives the bits of one call
+    # (1 thread: one summation order), with the default and with fast prefill alike.
+    directory, _ = make_llama(seed=5, **CONFIGS["gqa3-hd24"])
+    model = cpullm.load(directory, dtype="int8", threads=1, fast_prefill=fast)
+    ids = _ids(model.spec.vocab_size, 90, seed=4).astype(np.int32)
+    whole = model._new_sequence().forward(ids, False, 1)
+    parts = model._new_sequence()
+    assert parts.feed(ids[:37], 1) is None and parts.n_past == 37
+    parts.feed(ids[37:70], 1)
+    np.testing.assert_array_equal(parts.forward(ids[70:], False, 1), whole)
+    # A part that returned logits would have kept its last row at two digits: not the same cache.
+    split = model._new_sequence()
+    split.forward(ids[:37], False, 1)
+    split.forward(ids[37:70], False, 1)
+    assert np.array_equal(split.forward(ids[70:], False, 1), whole) == (not fast)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        parts.feed(np.array([model.spec.vocab_size], np.int32), 1)

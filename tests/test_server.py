@@ -546,3 +546,31 @@ def test_a_long_prompt_is_prefilled_in_chunks_to_the_same_result(server: Server,
     events = raw.text.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-2]) == reply.choices[0].text
+
+
+def test_a_long_prompt_with_fast_prefill_continues_as_one_call(smollm2_gguf: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fast prefill the chunks before the last fill the cache without logits (need_logits=False:
+    Sequence.feed, whose cache equals one call's, tests/test_llama_parity.py), so no chunk boundary keeps
+    a two-digit row, and the server's text is the Python API's, which runs the prompt in one call."""
+    import cpullm.server.engine as engine_module
+
+    asked: list[bool] = []
+    real_prefill = engine_module.prefill
+
+    def recording_prefill(*args: Any, need_logits: bool = True, **kwargs: Any) -> Any:
+        asked.append(need_logits)
+        return real_prefill(*args, need_logits=need_logits, **kwargs)
+
+    monkeypatch.setattr(engine_module, "prefill", recording_prefill)
+    prompt = " ".join(f"Step {i}: move the {['cup', 'plate', 'fork'][i % 3]} left." for i in range(70)) + " Step 70:"
+    with cpullm.load(smollm2_gguf.parent / "int8", fast_prefill=True) as fast:
+        n = len(fast.tokenizer.encode(prompt))
+        assert n > 2 * 256 + 10
+        s = Server(create_app(fast, model_name="m", max_concurrent=1))
+        try:
+            reply = s.client().completions.create(model="m", prompt=prompt, temperature=0, max_tokens=12)
+        finally:
+            s.close()
+        assert asked == [False] * (-(-n // 256) - 1) + [True]
+        assert reply.choices[0].text == fast.generate(prompt, max_tokens=12, temperature=0)

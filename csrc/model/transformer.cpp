@@ -494,7 +494,8 @@ void Sequence::forward(const int32_t* tokens, int n_tokens, float* logits, bool 
     fail("forward: " + std::to_string(n_past_) + " cached + " + std::to_string(n_tokens) +
          " new tokens exceed the context length " + std::to_string(s.max_context));
 
-  const int n_out = all_logits ? n_tokens : 1;
+  if (logits == nullptr && all_logits) fail("forward: all_logits needs somewhere to write them");
+  const int n_out = logits == nullptr ? 0 : all_logits ? n_tokens : 1;
   const bool want_long = !s.inv_freq_long.empty() && n_past_ + n_tokens > s.rope_switch;
   if (n_past_ > 0 && want_long != long_rope_) {
     // longrope: the sequence crosses the switch length (or was cut back below it), so every cached
@@ -602,7 +603,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       for (int64_t i = 0; i < D; ++i) row[i] += pending[t * D + i];
     rmsnorm(row, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
   }
-  matmul(xn, n_out, model_.lm_head(), logits, n_threads);
+  if (n_out > 0) matmul(xn, n_out, model_.lm_head(), logits, n_threads);
   history_.insert(history_.end(), tokens, tokens + n_tokens);
   n_past_ += n_tokens;
 }

@@ -171,7 +171,9 @@ class Sequence {
 
   // Runs `n_tokens` new tokens at positions n_past .. n_past + n_tokens - 1 and appends them to the
   // cache. Writes logits for every new position ([n_tokens, vocab]) when all_logits, else for the last
-  // one only ([1, vocab]). Validates tokens and context length first; throws std::invalid_argument.
+  // one only ([1, vocab]). With logits null (and all_logits false) the tokens only fill the cache: no
+  // LM head, and under fast prefill every row takes one digit (so a prompt fed in parts gives the same
+  // cache as in one call). Validates tokens and context length first; throws std::invalid_argument.
   void forward(const int32_t* tokens, int n_tokens, float* logits, bool all_logits, int n_threads);
 
  private:

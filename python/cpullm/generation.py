@@ -70,11 +70,14 @@ _RESERVE_AHEAD = 4096
 
 
 def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads: int,
-            stats: GenerationStats, max_tokens: int | None = None) -> np.ndarray:
+            stats: GenerationStats, max_tokens: int | None = None, need_logits: bool = True) -> np.ndarray | None:
     """Runs the part of ``prompt_ids`` that the sequence does not hold yet and returns the logits of the
     prompt's last position. The cached tokens that agree with the prompt are kept (at least the last
     prompt token is always run, since its logits are needed). With ``max_tokens`` (the tokens that may
-    follow), the cache is sized for the whole generation first, so it does not grow while decoding."""
+    follow), the cache is sized for the whole generation first, so it does not grow while decoding.
+    ``need_logits`` False (a part of a longer prompt): the tokens only fill the cache, None is returned,
+    and under fast prefill the part's last row takes one digit like the others, so a prompt fed in
+    parts gives the cache one call would."""
     start = time.perf_counter()
     reuse = min(common_prefix(cached, prompt_ids), len(prompt_ids) - 1)
     sequence.truncate(reuse)
@@ -82,13 +85,13 @@ def prefill(sequence: Any, cached: list[int], prompt_ids: Sequence[int], threads
     if max_tokens is not None:  # the sequence clamps it to its context
         sequence.reserve(len(prompt_ids) + min(max_tokens, _RESERVE_AHEAD))
     new = np.asarray(prompt_ids[reuse:], dtype=np.int32)
-    logits = sequence.forward(new, False, threads)
+    logits = sequence.forward(new, False, threads) if need_logits else sequence.feed(new, threads)
     cached.extend(int(t) for t in new)
     stats.prompt_tokens = len(prompt_ids)
     stats.cached_tokens = reuse
     stats.processed_tokens = int(new.size)
     stats.prefill_seconds = time.perf_counter() - start
-    return logits[-1]
+    return logits[-1] if need_logits else None
 
 
 def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sampler, *, max_tokens: int | None,

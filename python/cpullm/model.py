@@ -117,10 +117,12 @@ class Model:
         whose logits are not returned (a prompt but its last token) with one int8 digit instead of
         two: prompt processing about 1.5x faster, the logits returned and decoded tokens still two
         digits; the cache they fill is less exact (docs/int8.md has the measured cost). Unlike the
-        default, results then depend on how a prompt is split into calls (each call's last row keeps
-        two digits: the server's 256-token chunks, a turn after a cached prefix), and a longrope
-        model crossing its switch length re-encodes its whole cache as one prefill (decoded tokens
-        included). No effect on f32 / bf16 weights or on mixture-of-experts layers."""
+        default, results then depend on which rows returned logits: a chat turn after a cached
+        conversation keeps the earlier replies' two-digit rows, where one call over the whole text
+        would give them one digit (the server's chunked prefill returns none before its last chunk,
+        so it matches one call), and a longrope model crossing its switch length re-encodes its
+        whole cache as one prefill, decoded tokens included. No effect on f32 / bf16 weights or on
+        mixture-of-experts layers."""
         return self._fast_prefill
 
     @fast_prefill.setter

@@ -16,8 +16,9 @@ prompt, and runs only the rest (``generation.prefill``), so a client that contin
 
 Text is made exactly as ``Model.stream`` / ``ChatSession.stream`` make it: the same ``prefill`` /
 ``decode`` loop (``cpullm.generation``), ``Sampler`` and ``TextStream`` (incremental decoding, stop
-strings); with ``Model.fast_prefill`` on, the last row of each prefill chunk keeps two digits, so a
-prompt longer than a chunk is not bit for bit what one call would give. Results go to the asyncio side through ``loop.call_soon_threadsafe`` onto the request's
+strings). A prompt longer than ``prefill_chunk`` runs in parts between other requests' steps; the
+parts before the last only fill the cache (``prefill(..., need_logits=False)``), so the cache, and
+with it the text, is the one a single call makes, with fast prefill too. Results go to the asyncio side through ``loop.call_soon_threadsafe`` onto the request's
 ``asyncio.Queue``. A request can be cancelled at any time (its client went away): it leaves the queue, or
 the worker drops it before its next step and cuts its slot's cache back to what it verifiably holds.
 """
@@ -270,9 +271,10 @@ class Engine:
             job._cached_tokens = job._prefilled
         end = min(len(prompt), job._prefilled + self.prefill_chunk)
         logits = prefill(slot.sequence, slot.cached, prompt[:end], model.threads, job._stats,
-                         None if job.max_tokens is None else job.max_tokens + len(prompt) - end)
+                         None if job.max_tokens is None else job.max_tokens + len(prompt) - end,
+                         need_logits=end == len(prompt))
         job._prefilled = end
-        if end < len(prompt):
+        if logits is None:
             return
         sampler = Sampler(job.params, model.spec.vocab_size, prompt)
         job._tokens = decode(slot.sequence, slot.cached, logits, sampler, max_tokens=job.max_tokens,
