@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu/dispatch.h"
@@ -104,11 +105,18 @@ struct PySequence {
   std::unique_ptr<Sequence> seq;
 };
 
-py::array_t<float> forward(PySequence& ps, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
-                           bool all_logits, int n_threads) {
-  if (tokens.ndim() != 1) throw std::invalid_argument("forward: token ids must be a 1-D array");
+using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// The number of token ids in a 1-D array, checked to fit an int (`what` names the call in errors).
+int token_count(const TokenArray& tokens, const char* what) {
+  if (tokens.ndim() != 1) throw std::invalid_argument(std::string(what) + ": token ids must be a 1-D array");
   const int n = static_cast<int>(tokens.shape(0));
-  if (tokens.shape(0) != n) throw std::invalid_argument("forward: too many tokens");
+  if (tokens.shape(0) != n) throw std::invalid_argument(std::string(what) + ": too many tokens");
+  return n;
+}
+
+py::array_t<float> forward(PySequence& ps, const TokenArray& tokens, bool all_logits, int n_threads) {
+  const int n = token_count(tokens, "forward");
   const int vocab = ps.owner->model->spec().vocab_size;
   const py::ssize_t rows = all_logits ? n : 1;
   py::array_t<float> logits({rows, static_cast<py::ssize_t>(vocab)});
@@ -389,11 +397,8 @@ PYBIND11_MODULE(_C, m) {
            "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")
       .def("forward", &forward, py::arg("tokens"), py::arg("all_logits"), py::arg("threads"),
            "Runs new tokens after the cached ones; returns logits [T or 1, vocab].")
-      .def("feed", [](PySequence& ps, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
-                      int n_threads) {
-             if (tokens.ndim() != 1) throw std::invalid_argument("feed: token ids must be a 1-D array");
-             const int n = static_cast<int>(tokens.shape(0));
-             if (tokens.shape(0) != n) throw std::invalid_argument("feed: too many tokens");
+      .def("feed", [](PySequence& ps, const TokenArray& tokens, int n_threads) {
+             const int n = token_count(tokens, "feed");
              const int32_t* ids = tokens.data();
              py::gil_scoped_release release;
              ps.seq->forward(ids, n, nullptr, false, n_threads);

@@ -205,3 +205,20 @@ def dequantized_copy(hf_model: Any, group_size: int = 32) -> Any:
     copy.load_state_dict({k: rounded(k, v) for k, v in hf_model.state_dict().items()})
     return copy
 
+
+def fast_prefill_case(model: Any, hf_model: Any, ids: np.ndarray, prompt: int, threads: int = 2,
+                      keep: Callable[[str], bool] = lambda name: False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cpullm's logits for a prompt of ``prompt`` tokens of ``ids`` (one forward) then the rest decoded
+    token by token, from the prompt's last row on; and transformers' on the same int8 weights, with the
+    prompt's rows but the last one-digit (as fast prefill) and with two digits everywhere."""
+    sequence = model._new_sequence()
+    got = np.concatenate([sequence.forward(ids[:prompt], False, threads)] +
+                         [sequence.forward(ids[i:i + 1], False, threads) for i in range(prompt, len(ids))])
+    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=keep)[prompt - 1:]
+    exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, 0, keep=keep)[prompt - 1:]
+    return got, fast_ref, exact_ref
+
+
+def median_row_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    """The median over rows of rel_err: robust to the few rows one rounding flip moves."""
+    return float(np.median([rel_err(actual[i:i + 1], expected[i:i + 1]) for i in range(len(actual))]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cpullm
-from conftest import dequantized_copy, hf_logits, hf_logits_digits, rel_err
+from conftest import dequantized_copy, fast_prefill_case, hf_logits, median_row_err, rel_err
 from test_llama_parity import F32_TOL, INT8_VS_DEQUANTIZED_TOL, INT8_VS_F32_TOL, hf_logits_f16_cache
 
 COMMON: dict[str, Any] = dict(
@@ -180,25 +180,12 @@ def test_greedy_generation_matches_transformers(arch: tuple[str, Any, Any]) -> N
 
 
 def test_int8_logits_stay_within_documented_bound(arch: tuple[str, Any, Any]) -> None:
-    import torch
-
-    from cpullm.dtypes import dequantize_q8, quantize_q8
-
     name, f32_model, hf_model = arch
     model = cpullm.load(f32_model.source, dtype="int8", threads=2)
     ids = _ids(model.spec.vocab_size, 70, seed=7)
     int8_logits = model.logits(ids)
-
-    def rounded(key: str, v: Any) -> Any:
-        # The router stays f32 (hf.py); every other matrix is quantized, experts ([E, rows, cols] in
-        # transformers' memory layout) one by one.
-        if v.ndim < 2 or key.endswith("mlp.gate.weight"):
-            return v
-        mats = v.numpy().reshape(-1, *v.shape[-2:])
-        return torch.from_numpy(np.stack([dequantize_q8(*quantize_q8(m, 32), 32) for m in mats]).reshape(v.shape))
-
-    dequantized = type(hf_model)(hf_model.config).eval()
-    dequantized.load_state_dict({k: rounded(k, v) for k, v in hf_model.state_dict().items()})
+    # The router stays f32 (hf.py); every other matrix is quantized, experts one by one.
+    dequantized = dequantized_copy(hf_model)
     assert rel_err(int8_logits, hf_logits(dequantized, ids)) < INT8_VS_DEQUANTIZED_TOL
     # Against f32: the bound holds wherever the rounded weights route every token as f32 does. A token
     # whose top-k experts change (a near-tie in the router, common in random models) gets a different
@@ -390,20 +377,11 @@ def test_fast_prefill_matches_one_digit_reference(arch: tuple[str, Any, Any]) ->
     name, f32_model, hf_model = arch
     model = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32", fast_prefill=True)
     ids = _ids(model.spec.vocab_size, 52, seed=17).astype(np.int32)
-    prompt = 40
-    sequence = model._new_sequence()
-    got = np.concatenate([sequence.forward(ids[:prompt], False, 2)] +
-                         [sequence.forward(ids[i:i + 1], False, 2) for i in range(prompt, len(ids))])
-    router = lambda layer: layer.endswith("mlp.gate")  # noqa: E731
-    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=router)[prompt - 1:]
-    exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, 0, keep=router)[prompt - 1:]
+    got, fast_ref, exact_ref = fast_prefill_case(model, hf_model, ids, prompt=40,
+                                                 keep=lambda layer: layer.endswith("mlp.gate"))
     effect = rel_err(fast_ref, exact_ref)
     assert effect > 1.5e-3  # one digit matters here: three times the median bound below
-
-    def median_row_err(reference: np.ndarray) -> float:
-        return float(np.median([rel_err(got[i:i + 1], reference[i:i + 1]) for i in range(len(got))]))
-
-    assert median_row_err(fast_ref) < 5e-4
-    assert median_row_err(fast_ref) < 0.5 * median_row_err(exact_ref)  # cpullm really took one digit
+    assert median_row_err(got, fast_ref) < 5e-4
+    assert median_row_err(got, fast_ref) < 0.5 * median_row_err(got, exact_ref)  # cpullm really took one digit
     if name != "mixtral":
         assert rel_err(got, fast_ref) < 0.4 * effect

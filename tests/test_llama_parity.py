@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cpullm
-from conftest import dequantized_copy, hf_logits, hf_logits_digits, rel_err
+from conftest import dequantized_copy, fast_prefill_case, hf_logits, median_row_err, rel_err
 
 # f32 end to end; the two sides only sum in different orders. Measured about 5e-7 on these models.
 F32_TOL = 2e-5
@@ -326,10 +326,6 @@ INT8_VS_DEQUANTIZED_TOL = 1e-3
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int8_logits_stay_within_documented_bound(llama: tuple[Any, Any], group_size: int, isa: str) -> None:
-    import torch
-
-    from cpullm.dtypes import dequantize_q8, quantize_q8
-
     f32_model, hf_model = llama
     model = cpullm.load(f32_model.source, dtype="int8", group_size=group_size, threads=2)
     ids = _ids(model.spec.vocab_size, 33, seed=7)
@@ -340,12 +336,7 @@ def test_int8_logits_stay_within_documented_bound(llama: tuple[Any, Any], group_
     assert rel_err(int8_logits, hf_logits(hf_model, ids)) < INT8_VS_F32_TOL
     # Against transformers running the very weights we quantized (dequantized back to f32), only the
     # on-the-fly activation quantization remains.
-    dequantized = type(hf_model)(hf_model.config).eval()
-    dequantized.load_state_dict({
-        k: torch.from_numpy(dequantize_q8(*quantize_q8(v.numpy(), group_size), group_size)) if v.ndim == 2 else v
-        for k, v in hf_model.state_dict().items()
-    })
-    assert rel_err(int8_logits, hf_logits(dequantized, ids)) < INT8_VS_DEQUANTIZED_TOL
+    assert rel_err(int8_logits, hf_logits(dequantized_copy(hf_model, group_size), ids)) < INT8_VS_DEQUANTIZED_TOL
 
 
 def test_int8_decode_with_cache_equals_full_pass(llama: tuple[Any, Any]) -> None:
@@ -372,17 +363,12 @@ def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: s
     f32_model, hf_model = llama
     model = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32", fast_prefill=True)
     ids = _ids(model.spec.vocab_size, 40, seed=21).astype(np.int32)
-    sequence = model._new_sequence()
-    assert sequence.fast_prefill
-    prompt = 27
-    got = np.concatenate([sequence.forward(ids[:prompt], False, 2)] +
-                         [sequence.forward(ids[i:i + 1], False, 2) for i in range(prompt, 40)])
-    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, one_digit_rows=prompt - 1)[prompt - 1:]
-    exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, one_digit_rows=0)[prompt - 1:]
+    assert model._new_sequence().fast_prefill
+    got, fast_ref, exact_ref = fast_prefill_case(model, hf_model, ids, prompt=27)
     effect = rel_err(fast_ref, exact_ref)
     assert effect > 3e-3  # one digit moves the logits by far more than the bounds below
     assert rel_err(got, fast_ref) < 0.4 * effect
-    assert np.median([rel_err(got[i:i + 1], fast_ref[i:i + 1]) for i in range(len(got))]) < 5e-4
+    assert median_row_err(got, fast_ref) < 5e-4
     # Rows whose logits are all returned keep two digits: the same bits as without fast prefill.
     model_exact = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32")
     np.testing.assert_array_equal(model.logits(ids), model_exact.logits(ids))

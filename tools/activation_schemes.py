@@ -130,13 +130,18 @@ def evaluate(model: torch.nn.Module, chunks: list[list[int]]) -> tuple[torch.Ten
     return torch.cat(top1), torch.cat(loglik)
 
 
+def prompt_cuts(chunk: list[int], step: int) -> range:
+    """The prompt lengths --generated cuts a window at: step + 1, 2 step + 1, ... while step tokens follow."""
+    return range(step + 1, len(chunk) - step + 1, step)
+
+
 def evaluate_generated(model: torch.nn.Module, chunks: list[list[int]], step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Like evaluate, but each window's predictions come in runs of `step` from a cached prompt (see
     --generated); returns them in the order of positions_generated."""
     top1, loglik = [], []
     with torch.no_grad():
         for chunk in chunks:
-            for p in range(step + 1, len(chunk) - step + 1, step):
+            for p in prompt_cuts(chunk, step):
                 SimulatedInt8Linear.decoding = False
                 cache = model(torch.tensor([chunk[: p - 1]]), use_cache=True).past_key_values
                 SimulatedInt8Linear.decoding = True
@@ -155,7 +160,7 @@ def positions_generated(chunks: list[list[int]], step: int) -> torch.Tensor:
     """Indices into evaluate()'s flat predictions of the ones evaluate_generated scores."""
     picked, base = [], 0
     for chunk in chunks:
-        for p in range(step + 1, len(chunk) - step + 1, step):
+        for p in prompt_cuts(chunk, step):
             picked.extend(range(base + p - 1, base + p - 1 + step))
         base += len(chunk) - 1
     return torch.tensor(picked, dtype=torch.long)

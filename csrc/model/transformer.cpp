@@ -193,7 +193,6 @@ void parallel_for(int n_threads, bool parallel, int64_t n, const Body& body) {
   }
 }
 
-
 }  // namespace
 
 namespace {

@@ -127,8 +127,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     require_server_dependencies()  # before the model is loaded: a missing extra is a one-line error
     model = load(args.model, dtype=args.dtype, threads=args.threads, context_length=args.context_length,
-                 kv_cache_dtype=args.kv_cache_dtype,
-                 fast_prefill=args.fast_prefill)
+                 kv_cache_dtype=args.kv_cache_dtype, fast_prefill=args.fast_prefill)
     name = args.model_name or (hub.canonical_name(args.model) if hub.is_known(args.model) else None)
     if name is None:
         from pathlib import Path
