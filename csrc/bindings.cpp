@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -138,6 +139,37 @@ F32Array matmul_impl(const F32Array& x, const py::array& w, Fn&& fn) {
   return y;
 }
 
+// An int8 matmul's operands as the model makes them: T rows of x quantized per group (rows [0,
+// one_digit_rows) with one digit, as fast prefill does) and the [N, K] weights packed. Sizes are the
+// caller's to check.
+struct Q8Problem {
+  std::vector<int8_t> xq;
+  std::vector<float> xs;
+  std::vector<int32_t> sums;
+  std::vector<uint8_t> packed;
+  Q8Acts acts;
+  Q8Weights w;
+
+  Q8Problem(const float* x, int64_t T, int64_t K, const int8_t* wq, const float* ws, int64_t N, int64_t group,
+            int64_t one_digit_rows)
+      : w(q8_layout(N, K, group)) {
+    const int64_t G = w.n_groups, stride = q8_act_stride(K);
+    xq.resize(size_t(2 * T * stride));
+    xs.resize(size_t(T * G));
+    sums.resize(size_t(T * G));
+    for (int64_t t = 0; t < T; ++t) {
+      kernels().quantize_q8(x + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
+                            sums.data() + t * G);
+      if (t < one_digit_rows) drop_lo_digits(xq.data() + 2 * t * stride, K, group, stride, sums.data() + t * G);
+    }
+    acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
+    acts.one_digit_rows = one_digit_rows;
+    packed.resize(size_t(w.block_bytes * w.n_blocks));
+    pack_q8(wq, ws, w, packed.data());
+    w.data = packed.data();
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -205,24 +237,10 @@ PYBIND11_MODULE(_C, m) {
       throw std::invalid_argument("matmul_q8: group must be a positive multiple of 32 up to 512");
     const int64_t T = x.shape(0), K = x.shape(1), N = wq.shape(0), G = (K + group - 1) / group;
     if (ws.ndim() != 2 || ws.shape(0) != N || ws.shape(1) != G) throw std::invalid_argument("matmul_q8: ws must be [N, ceil(K / group)]");
-    const int64_t stride = q8_act_stride(K);
-    std::vector<int8_t> xq(size_t(2 * T * stride));
-    std::vector<float> xs(size_t(T * G));
-    std::vector<int32_t> sums(size_t(T * G));
     if (one_digit_rows < 0 || one_digit_rows > T) throw std::invalid_argument("matmul_q8: one_digit_rows must lie in [0, T]");
-    for (int64_t t = 0; t < T; ++t) {
-      kernels().quantize_q8(x.data() + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
-                            sums.data() + t * G);
-      if (t < one_digit_rows) drop_lo_digits(xq.data() + 2 * t * stride, K, group, stride, sums.data() + t * G);
-    }
-    Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
-    acts.one_digit_rows = one_digit_rows;
-    Q8Weights w = q8_layout(N, K, group);
-    std::vector<uint8_t> packed(size_t(w.block_bytes * w.n_blocks));
-    pack_q8(wq.data(), ws.data(), w, packed.data());
-    w.data = packed.data();
+    const Q8Problem p(x.data(), T, K, wq.data(), ws.data(), N, group, one_digit_rows);
     F32Array y({T, N});
-    kernels().matmul_q8(acts, w, 0, w.n_blocks, y.mutable_data(), N);
+    kernels().matmul_q8(p.acts, p.w, 0, p.w.n_blocks, y.mutable_data(), N);
     return y;
   }, py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("group"), py::arg("one_digit_rows") = 0,
      "y = x @ dequant(wq, ws).T with x quantized per group on the fly, as the model does (the first "
@@ -254,6 +272,36 @@ PYBIND11_MODULE(_C, m) {
     return checksum;
   }, py::arg("iterations"), py::arg("threads"),
      "Runs the int8 peak loop on each thread (iterations x 8 x 32 multiply-adds per thread)");
+  m.def("probe_matmul_q8", [](int64_t T, int64_t K, int64_t N, int64_t group, int64_t one_digit_rows,
+                              int repeats) {
+    // The int8 matmul alone on made-up data (no quantization or packing in the timed calls): a kernel
+    // benchmark for tools/kernel_bench.py. Returns the best of `repeats` calls, in seconds.
+    if (T < 1 || K < 1 || N < 1 || T > (1 << 16) || K > (1 << 20) || N > (1 << 20) || T * K > (int64_t(1) << 28) ||
+        N * K > (int64_t(1) << 30) || repeats < 1)
+      throw std::invalid_argument("probe_matmul_q8: sizes out of range");
+    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
+      throw std::invalid_argument("probe_matmul_q8: group must be a positive multiple of 32 up to 512");
+    if (one_digit_rows < 0 || one_digit_rows > T) throw std::invalid_argument("probe_matmul_q8: one_digit_rows must lie in [0, T]");
+    uint32_t state = 12345;
+    const auto next = [&state]() { return state = state * 1664525u + 1013904223u; };
+    std::vector<int8_t> wq(size_t(N * K));
+    for (auto& v : wq) v = static_cast<int8_t>(int(next() >> 24) % 255 - 127);
+    std::vector<float> ws(size_t(N * ((K + group - 1) / group)), 0.01f), x(size_t(T * K));
+    for (auto& v : x) v = float(next() >> 8) / float(1 << 23) - 1.f;
+    const Q8Problem p(x.data(), T, K, wq.data(), ws.data(), N, group, one_digit_rows);
+    std::vector<float> y(size_t(T * N));
+    double best = 1e30;
+    {
+      py::gil_scoped_release release;
+      for (int r = 0; r < repeats; ++r) {
+        const auto start = std::chrono::steady_clock::now();
+        kernels().matmul_q8(p.acts, p.w, 0, p.w.n_blocks, y.data(), N);
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+    }
+    return best;
+  }, py::arg("T"), py::arg("K"), py::arg("N"), py::arg("group"), py::arg("one_digit_rows"), py::arg("repeats"),
+     "Times the int8 matmul of T rows by an [N, K] matrix on one thread: the best of `repeats` calls, seconds");
   m.def("probe_read", [](const py::array_t<int64_t, py::array::c_style>& data, int threads) {
     // Sums a large array: a read-bandwidth probe. Each thread reads a contiguous slice.
     if (threads < 1 || threads > 1024) throw std::invalid_argument("probe_read: bad thread count");

@@ -314,6 +314,30 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
         C.matmul_q8(x, wq, ws, group, one_digit_rows=T + 1)
 
 
+def test_probe_matmul_q8_checks_its_sizes_and_kernel_bench_runs() -> None:
+    """The kernel benchmark's timing hook refuses sizes it cannot hold, and tools/kernel_bench.py prints
+    one line per shape, digit count and extension."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert C.probe_matmul_q8(5, 70, 40, 32, 2, 2) > 0
+    for bad in [(0, 64, 16, 32, 0, 1), (4, 64, 16, 48, 0, 1), (4, 64, 16, 32, 5, 1), (4, 64, 16, 32, -1, 1),
+                (4, 1 << 21, 16, 32, 0, 1), (4, 64, 16, 32, 0, 0)]:
+        with pytest.raises(ValueError, match="probe_matmul_q8"):
+            C.probe_matmul_q8(*bad)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "kernel_bench.py"
+    out = subprocess.run([sys.executable, str(tool), "--shapes", "64x48", "100x20", "--tokens", "7", "--rounds", "1",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=120, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("K=")]
+    assert [line.split(":")[0] for line in lines] == [
+        "K=64 N=48  1 digit   installed", "K=64 N=48  2 digits  installed",
+        "K=100 N=20  1 digit   installed", "K=100 N=20  2 digits  installed"]
+    bad_shape = subprocess.run([sys.executable, str(tool), "--shapes", "64by48"], capture_output=True, text=True,
+                               timeout=60)
+    assert bad_shape.returncode != 0 and "KxN" in bad_shape.stderr
+
+
 @pytest.mark.parametrize("N,K,group", [(1, 1, 32), (17, 129, 32), (16, 64, 64), (33, 1000, 256), (5, 513, 512)])
 def test_packed_q8_layout_round_trips(N: int, K: int, group: int) -> None:
     """The kernels' packed layout (16-row blocks, 4-byte quads, scales per group) holds exactly the

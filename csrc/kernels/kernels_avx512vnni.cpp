@@ -77,15 +77,16 @@ inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64
     _mm512_mask_storeu_ps(y + row0, static_cast<__mmask16>((1u << rest) - 1u), acc);
 }
 
-// kLo: the lo digits' products are taken (false only for rows whose lo digits are zero, where the lo
-// sums would stay at their seed: the same integers, half the vpdpbusd).
+// kLo: the lo digits' products are taken (false only for rows whose lo digits are zero: the same
+// integers, half the vpdpbusd). Without lo digits the group's sum 128 * 127 * sum(hi) is a multiple of
+// 127, so the hi sums start at -128 * sum(hi) and the epilogue's 127 * hi is the whole sum.
+//
+// No software prefetch: the next tile's blocks, requested one line per quad, cost 6-17 % of the tile's
+// time in a kernel benchmark on Zen 4 (one- and two-digit rows, SmolLM2 and Llama-1B shapes, 128 and
+// 512 tokens; docs/performance.md), and its L1 prefetcher follows the block streams from L2 by itself.
 template <int TT, int RB, bool kLo>
 inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
   const int64_t G = w.n_groups;
-  // Software prefetch of the next tile's blocks: prefill re-reads a chunk of blocks (kept in L2) for
-  // every token tile, and each block is a stream of only a few KiB that the hardware prefetcher would
-  // meet cold.
-  const int64_t ahead = RB * w.block_bytes;
   const uint8_t* blk[RB];
   for (int b = 0; b < RB; ++b) blk[b] = w.data + (b0 + b) * w.block_bytes;
   const int8_t* xt[TT];
@@ -100,20 +101,16 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
     const int64_t off = g * w.group_bytes, begin = g * w.group;
     __m512i hi[TT][RB], lo[TT][RB];
     for (int t = 0; t < TT; ++t) {
-      const __m512i seed = _mm512_set1_epi32(-x.sums[(t0 + t) * G + g]);
+      const int32_t sum = x.sums[(t0 + t) * G + g];
       for (int b = 0; b < RB; ++b) {
-        hi[t][b] = _mm512_setzero_si512();
-        lo[t][b] = seed;
+        hi[t][b] = kLo ? _mm512_setzero_si512() : _mm512_set1_epi32(-sum / 127);
+        if constexpr (kLo) lo[t][b] = _mm512_set1_epi32(-sum);
       }
     }
 #pragma GCC unroll 2
     for (int64_t i = 0; i < quads; ++i) {
       __m512i wv[RB];
-      for (int b = 0; b < RB; ++b) {
-        const uint8_t* p = blk[b] + off + i * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
-        wv[b] = _mm512_loadu_si512(p);
-      }
+      for (int b = 0; b < RB; ++b) wv[b] = _mm512_loadu_si512(blk[b] + off + i * 64);
       for (int t = 0; t < TT; ++t) {
         int32_t h4;
         std::memcpy(&h4, xt[t] + begin + 4 * i, 4);
@@ -130,8 +127,9 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
     for (int b = 0; b < RB; ++b) {
       const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk[b] + off + quads * 64));
       for (int t = 0; t < TT; ++t) {
-        // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
-        const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]), lo[t][b]);
+        // 127 * hi (+ lo) in wrapping int32 arithmetic, exact since the result fits.
+        const __m512i hi127 = _mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]);
+        const __m512i isum = kLo ? _mm512_add_epi32(hi127, lo[t][b]) : hi127;
         const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x.scales[(t0 + t) * G + g]));
         _mm512_store_ps(acc[t][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, _mm512_load_ps(acc[t][b])));
       }
