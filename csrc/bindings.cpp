@@ -140,13 +140,13 @@ F32Array matmul_impl(const F32Array& x, const py::array& w, Fn&& fn) {
 }
 
 // An int8 matmul's operands as the model makes them: T rows of x quantized per group (rows [0,
-// one_digit_rows) with one digit, as fast prefill does) and the [N, K] weights packed. Sizes are the
-// caller's to check.
+// one_digit_rows) with one digit, as fast prefill does) and the [N, K] weights packed, in huge pages
+// like a model's. Sizes are the caller's to check.
 struct Q8Problem {
   std::vector<int8_t> xq;
   std::vector<float> xs;
   std::vector<int32_t> sums;
-  std::vector<uint8_t> packed;
+  PageArena packed;
   Q8Acts acts;
   Q8Weights w;
 
@@ -164,7 +164,7 @@ struct Q8Problem {
     }
     acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
     acts.one_digit_rows = one_digit_rows;
-    packed.resize(size_t(w.block_bytes * w.n_blocks));
+    packed = PageArena(size_t(w.block_bytes * w.n_blocks));
     pack_q8(wq, ws, w, packed.data());
     w.data = packed.data();
   }
@@ -273,11 +273,12 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("iterations"), py::arg("threads"),
      "Runs the int8 peak loop on each thread (iterations x 8 x 32 multiply-adds per thread)");
   m.def("probe_matmul_q8", [](int64_t T, int64_t K, int64_t N, int64_t group, int64_t one_digit_rows,
-                              int repeats) {
+                              int repeats, int threads) {
     // The int8 matmul alone on made-up data (no quantization or packing in the timed calls): a kernel
-    // benchmark for tools/kernel_bench.py. Returns the best of `repeats` calls, in seconds.
+    // benchmark for tools/kernel_bench.py. Threads claim chunks of row blocks as the model's matmuls do
+    // (about four per thread, dynamically). Returns the best of `repeats` calls, in seconds.
     if (T < 1 || K < 1 || N < 1 || T > (1 << 16) || K > (1 << 20) || N > (1 << 20) || T * K > (int64_t(1) << 28) ||
-        N * K > (int64_t(1) << 30) || repeats < 1)
+        N * K > (int64_t(1) << 30) || repeats < 1 || threads < 1 || threads > 1024)
       throw std::invalid_argument("probe_matmul_q8: sizes out of range");
     if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
       throw std::invalid_argument("probe_matmul_q8: group must be a positive multiple of 32 up to 512");
@@ -295,13 +296,17 @@ PYBIND11_MODULE(_C, m) {
       py::gil_scoped_release release;
       for (int r = 0; r < repeats; ++r) {
         const auto start = std::chrono::steady_clock::now();
-        kernels().matmul_q8(p.acts, p.w, 0, p.w.n_blocks, y.data(), N);
+        const int64_t blocks = p.w.n_blocks, chunk = std::max<int64_t>(2, (blocks + 4 * threads - 1) / (4 * threads));
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+        for (int64_t b0 = 0; b0 < blocks; b0 += chunk)
+          kernels().matmul_q8(p.acts, p.w, b0, std::min(blocks, b0 + chunk), y.data(), N);
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       }
     }
     return best;
   }, py::arg("T"), py::arg("K"), py::arg("N"), py::arg("group"), py::arg("one_digit_rows"), py::arg("repeats"),
-     "Times the int8 matmul of T rows by an [N, K] matrix on one thread: the best of `repeats` calls, seconds");
+     py::arg("threads") = 1,
+     "Times the int8 matmul of T rows by an [N, K] matrix: the best of `repeats` calls, seconds");
   m.def("probe_read", [](const py::array_t<int64_t, py::array::c_style>& data, int threads) {
     // Sums a large array: a read-bandwidth probe. Each thread reads a contiguous slice.
     if (threads < 1 || threads > 1024) throw std::invalid_argument("probe_read: bad thread count");

@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """The int8 matmul kernel alone, as a share of the machine's int8 dot-product peak, for the matrix
-shapes of a model's prefill: one thread, made-up data, no quantization or packing inside the timing
-(`_C.probe_matmul_q8`), each figure next to the peak loop of the same kernel path timed in the same
-process (`tools/probe.py`'s). One-digit rows are fast prefill's, two-digit rows the default's; the
-two-digit ceiling is half the peak.
+shapes of a model's prefill: made-up data, no quantization or packing inside the timing
+(`_C.probe_matmul_q8`; with --threads, row blocks shared out as the model does), each figure next to
+the peak loop of the same kernel path on as many threads, timed in the same process (`tools/probe.py`'s).
+One-digit rows are fast prefill's, two-digit rows the default's; the two-digit ceiling is half the peak.
 
 A/B runs of kernel variants: each ``--so`` is a separately built ``_C`` extension, timed in a fresh
 process, round after round, so that a drift of the machine hits every variant alike (as
 tools/ab_forward.py does for the whole forward pass). ``CPULLM_ISA`` picks the kernel path.
 
     python tools/kernel_bench.py [--so A.so B.so ...] [--shapes smollm2 llama-1b | KxN ...]
-                                 [--tokens 128] [--digits 1 2] [--rounds 5] [--repeats 6]
+                                 [--tokens 128] [--digits 1 2] [--rounds 5] [--repeats 6] [--threads 1]
 
 Prints per variant, shape and digit count the median over rounds of the best call's share of the
 peak (and the rounds' range).
@@ -47,25 +47,25 @@ def load_extension(so: str | None) -> Any:
     return native
 
 
-def peak_mac_s(native: Any, iterations: int = 4_000_000, runs: int = 5) -> float:
-    """Multiply-adds per second of the peak loop on one thread (best of `runs`)."""
-    native.probe_q8_peak(iterations // 10, 1)
+def peak_mac_s(native: Any, threads: int, iterations: int = 4_000_000, runs: int = 5) -> float:
+    """Multiply-adds per second of the peak loop on `threads` threads (best of `runs`)."""
+    native.probe_q8_peak(iterations // 10, threads)
     best = float("inf")
     for _ in range(runs):
         start = time.perf_counter()
-        native.probe_q8_peak(iterations, 1)
+        native.probe_q8_peak(iterations, threads)
         best = min(best, time.perf_counter() - start)
-    return 8 * 32 * iterations / best
+    return 8 * 32 * iterations * threads / best
 
 
 def measure(so: str | None, shapes: list[tuple[int, int]], tokens: int, digits: list[int], repeats: int,
-            group: int) -> list[dict[str, float]]:
+            group: int, threads: int) -> list[dict[str, float]]:
     native = load_extension(so)
     results = []
     for K, N in shapes:
         for d in digits:
-            seconds = native.probe_matmul_q8(tokens, K, N, group, tokens if d == 1 else 0, repeats)
-            peak = peak_mac_s(native)
+            seconds = native.probe_matmul_q8(tokens, K, N, group, tokens if d == 1 else 0, repeats, threads)
+            peak = peak_mac_s(native, threads)
             results.append({"K": K, "N": N, "digits": d, "share": tokens * K * N / seconds / peak,
                             "gmac_s": tokens * K * N / seconds / 1e9})
     return results
@@ -94,23 +94,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=6, help="calls per measurement (the best is kept)")
     parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = parse_shapes(args.shapes)
     if args.worker:
-        print(json.dumps(measure(args.so[0], shapes, args.tokens, args.digits, args.repeats, args.group)))
+        print(json.dumps(measure(args.so[0], shapes, args.tokens, args.digits, args.repeats, args.group,
+                                 args.threads)))
         return
     shares: dict[tuple[str, int, int, int], list[float]] = {}
     for _ in range(args.rounds):
         for so in args.so:
             cmd = [sys.executable, __file__, "--worker", "--tokens", str(args.tokens), "--repeats", str(args.repeats),
-                   "--group", str(args.group), "--shapes", *args.shapes, "--digits", *map(str, args.digits)]
+                   "--group", str(args.group), "--threads", str(args.threads), "--shapes", *args.shapes, "--digits", *map(str, args.digits)]
             if so:
                 cmd += ["--so", so]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             for r in json.loads(out):
                 shares.setdefault((so or "installed", r["K"], r["N"], r["digits"]), []).append(r["share"])
-    print(f"{args.tokens} tokens, group {args.group}, one thread; share of the int8 peak, median over "
+    print(f"{args.tokens} tokens, group {args.group}, {args.threads} thread(s); share of the int8 peak, median over "
           f"{args.rounds} rounds [min-max]")
     for K, N in shapes:
         for d in args.digits:

@@ -180,7 +180,13 @@ int64_t peak_loop(int64_t iterations) {
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
   __m512i s = acc[0];
   for (int i = 1; i < 8; ++i) s = _mm512_add_epi32(s, acc[i]);
-  return _mm512_reduce_add_epi32(s);
+  // The sums wrap (vpdpbusd does) after enough iterations; lanes added as unsigned wrap without UB,
+  // which _mm512_reduce_add_epi32's signed adds would be.
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, s);
+  uint32_t total = 0;
+  for (uint32_t lane : lanes) total += lane;
+  return static_cast<int64_t>(total);
 }
 
 }  // namespace
