@@ -23,8 +23,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
+
+from probe import int8_rate  # tools/probe.py, beside this script
 
 # The int8 matmuls of one layer, as (inputs K, outputs N): fused QKV, attention output, fused gate / up,
 # down projection.
@@ -47,17 +48,6 @@ def load_extension(so: str | None) -> Any:
     return native
 
 
-def peak_mac_s(native: Any, threads: int, iterations: int = 4_000_000, runs: int = 5) -> float:
-    """Multiply-adds per second of the peak loop on `threads` threads (best of `runs`)."""
-    native.probe_q8_peak(iterations // 10, threads)
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        native.probe_q8_peak(iterations, threads)
-        best = min(best, time.perf_counter() - start)
-    return 8 * 32 * iterations * threads / best
-
-
 def measure(so: str | None, shapes: list[tuple[int, int]], tokens: int, digits: list[int], repeats: int,
             group: int, threads: int) -> list[dict[str, float]]:
     native = load_extension(so)
@@ -65,7 +55,7 @@ def measure(so: str | None, shapes: list[tuple[int, int]], tokens: int, digits: 
     for K, N in shapes:
         for d in digits:
             seconds = native.probe_matmul_q8(tokens, K, N, group, tokens if d == 1 else 0, repeats, threads)
-            peak = peak_mac_s(native, threads)
+            peak = int8_rate(threads, 4_000_000, 5, native) * 1e9 / 2  # multiply-adds per second
             results.append({"K": K, "N": N, "digits": d, "share": tokens * K * N / seconds / peak,
                             "gmac_s": tokens * K * N / seconds / 1e9})
     return results
