@@ -276,9 +276,9 @@ PYBIND11_MODULE(_C, m) {
                               int repeats, int threads) {
     // The int8 matmul alone on made-up data (no quantization or packing in the timed calls): a kernel
     // benchmark for tools/kernel_bench.py. Threads claim chunks of row blocks as the model's matmuls do
-    // (about four per thread, dynamically). Returns the best of `repeats` calls, in seconds.
+    // (matmul_chunk, dynamically). Returns the best of `repeats` calls, in seconds.
     if (T < 1 || K < 1 || N < 1 || T > (1 << 16) || K > (1 << 20) || N > (1 << 20) || T * K > (int64_t(1) << 28) ||
-        N * K > (int64_t(1) << 30) || repeats < 1 || threads < 1 || threads > 1024)
+        T * N > (int64_t(1) << 28) || N * K > (int64_t(1) << 30) || repeats < 1 || threads < 1 || threads > 1024)
       throw std::invalid_argument("probe_matmul_q8: sizes out of range");
     if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
       throw std::invalid_argument("probe_matmul_q8: group must be a positive multiple of 32 up to 512");
@@ -296,7 +296,7 @@ PYBIND11_MODULE(_C, m) {
       py::gil_scoped_release release;
       for (int r = 0; r < repeats; ++r) {
         const auto start = std::chrono::steady_clock::now();
-        const int64_t blocks = p.w.n_blocks, chunk = std::max<int64_t>(2, (blocks + 4 * threads - 1) / (4 * threads));
+        const int64_t blocks = p.w.n_blocks, chunk = matmul_chunk(WType::Q8, blocks, threads);
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
         for (int64_t b0 = 0; b0 < blocks; b0 += chunk)
           kernels().matmul_q8(p.acts, p.w, b0, std::min(blocks, b0 + chunk), y.data(), N);

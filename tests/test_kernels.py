@@ -323,7 +323,8 @@ def test_probe_matmul_q8_checks_its_sizes_and_kernel_bench_runs() -> None:
 
     assert C.probe_matmul_q8(5, 70, 40, 32, 2, 2) > 0
     for bad in [(0, 64, 16, 32, 0, 1), (4, 64, 16, 48, 0, 1), (4, 64, 16, 32, 5, 1), (4, 64, 16, 32, -1, 1),
-                (4, 1 << 21, 16, 32, 0, 1), (4, 64, 16, 32, 0, 0), (4, 64, 16, 32, 0, 1, 0)]:
+                (4, 1 << 21, 16, 32, 0, 1), (1 << 15, 1, 1 << 14, 32, 0, 1), (4, 64, 16, 32, 0, 0),
+                (4, 64, 16, 32, 0, 1, 0)]:
         with pytest.raises(ValueError, match="probe_matmul_q8"):
             C.probe_matmul_q8(*bad)
     tool = Path(__file__).resolve().parents[1] / "tools" / "kernel_bench.py"

@@ -7,8 +7,9 @@
 // broadcast to every lane, and a tile of TT tokens x RB blocks needs no horizontal sums. vpdpbusd
 // multiplies unsigned by signed bytes: the weights are stored as w + 128 (unsigned), and the 128 *
 // sum(x) this adds is taken back by seeding the lo digits' sum with the group's precomputed
-// -128 * (127 * sum(hi) + sum(lo)) (Q8Acts::sums). Per group and tile the epilogue (join the digits,
-// convert, scale) then runs once per 16 rows per token instead of once per row.
+// -128 * (127 * sum(hi) + sum(lo)) (Q8Acts::sums), or for one-digit rows the hi digits' sum with
+// -128 * sum(hi) (vnni_tile). Per group and tile the epilogue (join the digits, convert, scale) then runs
+// once per 16 rows per token instead of once per row.
 #include <immintrin.h>
 
 #include <cstdint>

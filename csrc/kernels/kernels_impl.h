@@ -58,8 +58,8 @@ struct KernelsImpl {
     for (; k + W <= K; k += W) {
       Vec wv[RR];
       for (int r = 0; r < RR; ++r) {
-        // Several tokens: the next tile's rows, requested early (see kernels_avx512vnni.cpp): rows are
-        // short streams. One token reads rows in order, a stream the hardware prefetcher follows.
+        // Several tokens: the next tile's rows, requested early: rows are short streams. One token
+        // reads rows in order, a stream the hardware prefetcher follows.
         if (TT > 1) __builtin_prefetch(w + (RR + r) * K + k);
         wv[r] = loadw(w + r * K + k);
       }

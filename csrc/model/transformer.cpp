@@ -199,6 +199,12 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 }
 
+int64_t matmul_chunk(WType type, int64_t units, int n_threads) {
+  const int64_t min_chunk = type == WType::Q8 ? 2 : 32;
+  const int64_t chunk = (units + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
+  return std::max<int64_t>(min_chunk, (chunk + min_chunk - 1) / min_chunk * min_chunk);
+}
+
 bool huge_pages_enabled() {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {
@@ -466,9 +472,7 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
     acts.one_digit_rows = std::min(one_digit_rows_, T);
     units = w.q8.n_blocks;
   }
-  const int64_t min_chunk = w.type == WType::Q8 ? 2 : 32;
-  int64_t chunk = (units + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
-  chunk = std::max<int64_t>(min_chunk, (chunk + min_chunk - 1) / min_chunk * min_chunk);
+  const int64_t chunk = matmul_chunk(w.type, units, n_threads);
   const int64_t n_chunks = (units + chunk - 1) / chunk;
   parallel_for<Schedule::kDynamic>(n_threads, true, n_chunks, [&](int64_t c) {
     const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);

@@ -57,6 +57,10 @@ struct Matrix {
   int64_t rows = 0, cols = 0;
 };
 
+// The units (output rows for f32 / bf16, 16-row blocks for Q8, in whole tiles) of one claim when n_threads
+// share a matmul's `units` dynamically: about four claims per thread, so a slow thread is caught up.
+int64_t matmul_chunk(WType type, int64_t units, int n_threads);
+
 // Whether the system grants transparent huge pages to memory that asks for them (Linux, THP not "never").
 bool huge_pages_enabled();
 
