@@ -99,8 +99,11 @@ def main() -> None:
                    "--group", str(args.group), "--threads", str(args.threads), "--shapes", *args.shapes, "--digits", *map(str, args.digits)]
             if so:
                 cmd += ["--so", so]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-            for r in json.loads(out):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:  # e.g. an extension built before probe_matmul_q8 existed
+                raise SystemExit(f"kernel_bench: the worker for {so or 'the installed extension'} failed:\n"
+                                 f"{done.stderr.strip()[-2000:]}")
+            for r in json.loads(done.stdout.splitlines()[-1]):
                 shares.setdefault((so or "installed", r["K"], r["N"], r["digits"]), []).append(r["share"])
     print(f"{args.tokens} tokens, group {args.group}, {args.threads} thread(s); share of the int8 peak, median over "
           f"{args.rounds} rounds [min-max]")
