@@ -23,9 +23,8 @@ import json
 import statistics
 import subprocess
 import sys
-from typing import Any
-
-from probe import int8_rate  # tools/probe.py, beside this script
+from ab_forward import use_extension  # tools/ab_forward.py and tools/probe.py, beside this script
+from probe import int8_rate
 
 # The int8 matmuls of one layer, as (inputs K, outputs N): fused QKV, attention output, fused gate / up,
 # down projection.
@@ -35,22 +34,9 @@ SHAPES = {
 }
 
 
-def load_extension(so: str | None) -> Any:
-    if not so:
-        import cpullm._C as native
-
-        return native
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_C", so)
-    native = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native)
-    return native
-
-
 def measure(so: str | None, shapes: list[tuple[int, int]], tokens: int, digits: list[int], repeats: int,
             group: int, threads: int) -> list[dict[str, float]]:
-    native = load_extension(so)
+    native = use_extension(so)
     results = []
     for K, N in shapes:
         for d in digits:

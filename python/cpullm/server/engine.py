@@ -18,9 +18,10 @@ Text is made exactly as ``Model.stream`` / ``ChatSession.stream`` make it: the s
 ``decode`` loop (``cpullm.generation``), ``Sampler`` and ``TextStream`` (incremental decoding, stop
 strings). A prompt longer than ``prefill_chunk`` runs in parts between other requests' steps; the
 parts before the last only fill the cache (``prefill(..., need_logits=False)``), so the cache, and
-with it the text, is the one a single call makes, with fast prefill too. Results go to the asyncio side through ``loop.call_soon_threadsafe`` onto the request's
-``asyncio.Queue``. A request can be cancelled at any time (its client went away): it leaves the queue, or
-the worker drops it before its next step and cuts its slot's cache back to what it verifiably holds.
+with it the text, is the one a single call makes, with fast prefill too. Results go to the asyncio side
+through ``loop.call_soon_threadsafe`` onto the request's ``asyncio.Queue``. A request can be cancelled
+at any time (its client went away): it leaves the queue, or the worker drops it before its next step
+and cuts its slot's cache back to what it verifiably holds.
 """
 
 from __future__ import annotations
