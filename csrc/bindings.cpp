@@ -188,12 +188,13 @@ PYBIND11_MODULE(_C, m) {
     d["avx512vnni"] = f.avx512vnni;
     d["avxvnni"] = f.avxvnni;
     d["neon"] = f.neon;
+    d["neon_dotprod"] = f.neon_dotprod;
     d["available_isas"] = available_isas();
     d["isa"] = std::string(kernels().name);
     return d;
   }, "What the CPU offers, which kernel paths can run here, and the one in use.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Switch the kernel path (scalar, avx2, avxvnni, vnni256, avx512, avx512vnni; see available_isas).");
+        "Switch the kernel path (scalar, neon, neondot, avx2, avxvnni, vnni256, avx512, avx512vnni; see available_isas).");
   m.def("get_isa", []() { return std::string(kernels().name); });
 
   // Kernels bound one by one, for tests against NumPy.

@@ -13,6 +13,10 @@ namespace {
 const Kernels* table_for(const std::string& name) {
   const CpuFeatures& f = cpu_features();
   if (name == "scalar") return &kernels_scalar();
+#if defined(CPULLM_HAVE_NEON_KERNELS)
+  if (name == "neon" && f.neon) return &kernels_neon();
+  if (name == "neondot" && f.neon && f.neon_dotprod) return &kernels_neondot();
+#endif
 #if defined(CPULLM_HAVE_X86_KERNELS)
   if (name == "avx2" && f.avx2 && f.fma && f.f16c) return &kernels_avx2();
 #if defined(CPULLM_HAVE_AVXVNNI_KERNELS)
@@ -48,7 +52,7 @@ const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   // In order of preference: the last one available is the default.
-  for (const char* name : {"scalar", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"})
+  for (const char* name : {"scalar", "neon", "neondot", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"})
     if (table_for(name)) names.emplace_back(name);
   return names;
 }

@@ -3,6 +3,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #include <cstdint>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
 #endif
 
 namespace cpullm {
@@ -56,6 +60,14 @@ CpuFeatures detect() {
   CpuFeatures f;
 #if defined(__aarch64__)
   f.neon = true;  // Advanced SIMD is mandatory on AArch64.
+#if defined(__linux__)
+  // HWCAP_ASIMDDP: the kernel reports what user space may execute.
+  f.neon_dotprod = (getauxval(AT_HWCAP) >> 20) & 1;
+#elif defined(__APPLE__)
+  int has = 0;
+  size_t size = sizeof has;
+  f.neon_dotprod = sysctlbyname("hw.optional.arm.FEAT_DotProd", &has, &size, nullptr, 0) == 0 && has;
+#endif
 #endif
   return f;
 }

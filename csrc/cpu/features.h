@@ -16,6 +16,7 @@ struct CpuFeatures {
   bool avx512vnni = false;
   bool avxvnni = false;  // AVX-VNNI: vpdpbusd on ymm without AVX-512 (VEX encoding)
   bool neon = false;
+  bool neon_dotprod = false;  // Armv8.2 DotProd (sdot / udot)
 };
 
 // Detected once; cheap to call.

@@ -187,6 +187,10 @@ const Kernels& kernels_vnni256();  // the AVX2 path with 256-bit VNNI for int8 (
 const Kernels& kernels_avx512();
 const Kernels& kernels_avx512vnni();
 #endif
+#if defined(CPULLM_HAVE_NEON_KERNELS)
+const Kernels& kernels_neon();     // AArch64 Advanced SIMD
+const Kernels& kernels_neondot();  // the same with sdot for int8 (Armv8.2 DotProd)
+#endif
 #if defined(CPULLM_HAVE_AVXVNNI_KERNELS)
 const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs without AVX-512
 #endif
