@@ -189,6 +189,11 @@ PYBIND11_MODULE(_C, m) {
     d["avxvnni"] = f.avxvnni;
     d["neon"] = f.neon;
     d["neon_dotprod"] = f.neon_dotprod;
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;  // built without OpenMP: every kernel runs on the calling thread
+#endif
     d["available_isas"] = available_isas();
     d["isa"] = std::string(kernels().name);
     return d;

@@ -385,3 +385,30 @@ def test_fast_prefill_matches_one_digit_reference(arch: tuple[str, Any, Any]) ->
     assert median_row_err(got, fast_ref) < 0.5 * median_row_err(got, exact_ref)  # cpullm really took one digit
     if name != "mixtral":
         assert rel_err(got, fast_ref) < 0.4 * effect
+
+
+def test_reference_cases_tool_records_and_checks(tmp_path: Path) -> None:
+    """tools/reference_cases.py, the check for machines without torch (an Arm machine, an emulator):
+    what it records here passes on every kernel path here, and a reference moved by a little more than
+    the f32 bound fails it."""
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "reference_cases.py"
+    run = lambda *args: subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True,
+                                       timeout=600)
+    recorded = run("record", str(tmp_path), "--cases", "mistral", "phi3-longrope")
+    assert recorded.returncode == 0, recorded.stderr
+    checked = run("check", str(tmp_path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    assert len(lines) == 2 * 3 * len(cpullm._C.cpu_features()["available_isas"])
+    assert all(line.startswith("ok") for line in lines)
+    reference = dict(np.load(tmp_path / "mistral" / "reference.npz"))
+    reference["f32"] = reference["f32"] * (1 + 5e-5)
+    np.savez(tmp_path / "mistral" / "reference.npz", **reference)
+    failed = run("check", str(tmp_path), "--isas", "scalar")
+    assert failed.returncode == 1
+    assert [" ".join(line.split()[1:5]) for line in failed.stdout.splitlines() if line.startswith("FAIL")] == [
+        "mistral scalar f32 prefill", "mistral scalar f32 decode"]
+    assert run("record", str(tmp_path), "--cases", "no-such-model").returncode != 0

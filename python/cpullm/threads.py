@@ -1,9 +1,11 @@
 """The default thread count: physical cores available to this process (hyperthreads do not help a
-memory-bound decode loop)."""
+memory-bound decode loop); on Apple silicon its performance cores."""
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from pathlib import Path
 
 
@@ -14,7 +16,30 @@ def _available_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+def _macos_cores() -> int | None:
+    """Performance cores (hw.perflevel0: the efficiency cores would hold every step back to their pace),
+    else physical cores, from sysctl; None if neither can be read."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+    for name in (b"hw.perflevel0.physicalcpu", b"hw.physicalcpu"):
+        value = ctypes.c_int(0)
+        size = ctypes.c_size_t(ctypes.sizeof(value))
+        if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0 \
+                and value.value > 0:
+            return value.value
+    return None
+
+
 def physical_cores() -> int:
+    if sys.platform == "darwin":
+        cores = _macos_cores()
+        if cores is not None:
+            return cores
     cpus = _available_cpus()
     cores: set[tuple[str, str]] = set()
     for cpu in cpus:
@@ -29,8 +54,13 @@ def physical_cores() -> int:
 
 
 def resolve_threads(threads: int | None) -> int:
-    if threads is None:
-        return physical_cores()
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
         raise ValueError(f"threads must be an integer between 1 and 1024, got {threads!r}")
-    return threads
+    from . import _C
+
+    if not _C.cpu_features()["openmp"]:
+        if threads is not None and threads > 1:
+            warnings.warn(f"this cpullm build has no OpenMP: threads={threads} runs on one thread (on macOS: "
+                          "brew install libomp, then reinstall cpullm)", RuntimeWarning, stacklevel=3)
+        return 1 if threads is None else threads
+    return physical_cores() if threads is None else threads
