@@ -1,11 +1,13 @@
 // AArch64 Advanced SIMD path (every 64-bit Arm CPU: Apple M-series, Graviton, Ampere, Cortex-A).
 // Built for the baseline ISA; the int8 matmul here widens products through int16 (q8_neon.h), and
-// kernels_neondot.cpp replaces it with sdot where the CPU has the dot-product extension.
+// kernels_neondot.cpp replaces it with sdot where the CPU has the dot-product extension. Not measured
+// on Arm hardware yet: tested under qemu-aarch64 (tools/reference_cases.py, README "Arm").
 //
 // The float vocabulary is 8 lanes wide as a pair of 128-bit registers: with 32 of them, that leaves the
 // generic kernels the same register budget (KernelsImpl::kAccRegs) as AVX2's 16 x 256 bits.
 #include <arm_neon.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "kernels/kernels_impl.h"
@@ -77,13 +79,97 @@ struct NeonV {
   static inline float reduce(Vec v) { return vaddvq_f32(vaddq_f32(v.a, v.b)); }
 };
 
+// quantize_row_q8 with the same operations in the same order as the portable version (the product
+// with the reciprocal, the clamp that sends NaN to -127, round-half-even, the remainder as a separate
+// multiply and subtract), so the digits are bit-identical; 8 values at a time, a group's tail through a
+// zero-padded copy (zeros give zero digits and add nothing to the sums).
+inline float32x4_t clamp127(float32x4_t v) {
+  const float32x4_t lim = vdupq_n_f32(127.f), neg_lim = vdupq_n_f32(-127.f);
+  v = vbslq_f32(vcgtq_f32(v, neg_lim), v, neg_lim);  // !(v > -127) -> -127, NaN included
+  return vbslq_f32(vcgtq_f32(v, lim), lim, v);
+}
+
+struct Digits8 {
+  int8x8_t hi, lo;
+  int32x4_t sum_hi, sum_lo;
+};
+
+inline Digits8 digits8(const float* x, float32x4_t vs, float32x4_t vinv, float32x4_t vinv_fine) {
+  float32x4_t h[2], l[2];
+  for (int i = 0; i < 2; ++i) {
+    const float32x4_t xv = vld1q_f32(x + 4 * i);
+    h[i] = vrndnq_f32(clamp127(vmulq_f32(xv, vinv)));
+    const float32x4_t rest = vsubq_f32(xv, vmulq_f32(h[i], vs));
+    l[i] = vrndnq_f32(clamp127(vmulq_f32(rest, vinv_fine)));
+  }
+  const int32x4_t h0 = vcvtq_s32_f32(h[0]), h1 = vcvtq_s32_f32(h[1]);
+  const int32x4_t l0 = vcvtq_s32_f32(l[0]), l1 = vcvtq_s32_f32(l[1]);
+  return {vmovn_s16(vcombine_s16(vmovn_s32(h0), vmovn_s32(h1))), vmovn_s16(vcombine_s16(vmovn_s32(l0), vmovn_s32(l1))),
+          vaddq_s32(h0, h1), vaddq_s32(l0, l1)};
+}
+
+void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums) {
+  int8_t* hi = q;
+  int8_t* lo = q + stride;
+  for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
+  for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
+    const int64_t end = begin + group < K ? begin + group : K;
+    // max(|x|, running) as the portable loop's a > amax ? a : amax, so a NaN never becomes the maximum
+    // (vmaxq would return it).
+    float32x4_t vmax = vdupq_n_f32(0.f);
+    int64_t k = begin;
+    for (; k + 4 <= end; k += 4) {
+      const float32x4_t a = vabsq_f32(vld1q_f32(x + k));
+      vmax = vbslq_f32(vcgtq_f32(a, vmax), a, vmax);
+    }
+    float amax = vmaxvq_f32(vmax);
+    for (; k < end; ++k) {
+      const float a = std::fabs(x[k]);
+      amax = a > amax ? a : amax;
+    }
+    const float scale = amax / 127.f;
+    const float fine = scale / 127.f;
+    scales[g] = fine;
+    if (!(fine >= 1.17549435e-38f)) {  // as the portable version: zero, or a fine step below FLT_MIN
+      for (k = begin; k < end; ++k) hi[k] = lo[k] = 0;
+      sums[g] = 0;
+      continue;
+    }
+    const float32x4_t vs = vdupq_n_f32(scale), vinv = vdupq_n_f32(1.f / scale), vinv_fine = vdupq_n_f32(1.f / fine);
+    int32x4_t sum_hi = vdupq_n_s32(0), sum_lo = vdupq_n_s32(0);
+    for (k = begin; k < end; k += 8) {
+      const int n = end - k < 8 ? static_cast<int>(end - k) : 8;
+      float padded[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      const float* src = x + k;
+      if (n < 8) {
+        std::memcpy(padded, src, n * sizeof(float));
+        src = padded;
+      }
+      const Digits8 d = digits8(src, vs, vinv, vinv_fine);
+      if (n == 8) {
+        vst1_s8(hi + k, d.hi);
+        vst1_s8(lo + k, d.lo);
+      } else {
+        int8_t hb[8], lb[8];
+        vst1_s8(hb, d.hi);
+        vst1_s8(lb, d.lo);
+        std::memcpy(hi + k, hb, n);
+        std::memcpy(lo + k, lb, n);
+      }
+      sum_hi = vaddq_s32(sum_hi, d.sum_hi);
+      sum_lo = vaddq_s32(sum_lo, d.sum_lo);
+    }
+    sums[g] = 128 * (127 * vaddvq_s32(sum_hi) + vaddvq_s32(sum_lo));
+  }
+}
+
 }  // namespace
 
 const Kernels& kernels_neon() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<NeonV>::table("neon");
     k.matmul_q8 = &Q8Impl<Q8Neon>::matmul_q8;
-    k.quantize_q8 = &quantize_row_q8;
+    k.quantize_q8 = &quantize_q8;
     k.q8_peak_loop = &Q8Impl<Q8Neon>::peak_loop;
     return k;
   }();
