@@ -15,7 +15,9 @@ const Kernels* table_for(const std::string& name) {
   if (name == "scalar") return &kernels_scalar();
 #if defined(CPULLM_HAVE_NEON_KERNELS)
   if (name == "neon" && f.neon) return &kernels_neon();
+#if defined(CPULLM_HAVE_NEONDOT_KERNELS)
   if (name == "neondot" && f.neon && f.neon_dotprod) return &kernels_neondot();
+#endif
 #endif
 #if defined(CPULLM_HAVE_X86_KERNELS)
   if (name == "avx2" && f.avx2 && f.fma && f.f16c) return &kernels_avx2();

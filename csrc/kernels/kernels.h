@@ -189,6 +189,8 @@ const Kernels& kernels_avx512vnni();
 #endif
 #if defined(CPULLM_HAVE_NEON_KERNELS)
 const Kernels& kernels_neon();     // AArch64 Advanced SIMD
+#endif
+#if defined(CPULLM_HAVE_NEONDOT_KERNELS)
 const Kernels& kernels_neondot();  // the same with sdot for int8 (Armv8.2 DotProd)
 #endif
 #if defined(CPULLM_HAVE_AVXVNNI_KERNELS)
