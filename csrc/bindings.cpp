@@ -189,6 +189,7 @@ PYBIND11_MODULE(_C, m) {
     d["avxvnni"] = f.avxvnni;
     d["neon"] = f.neon;
     d["neon_dotprod"] = f.neon_dotprod;
+    d["neon_i8mm"] = f.neon_i8mm;
 #ifdef _OPENMP
     d["openmp"] = true;
 #else
@@ -199,7 +200,7 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "What the CPU offers, which kernel paths can run here, and the one in use.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Switch the kernel path (scalar, neon, neondot, avx2, avxvnni, vnni256, avx512, avx512vnni; see available_isas).");
+        "Switch the kernel path (scalar, neon, neondot, neoni8mm, avx2, avxvnni, vnni256, avx512, avx512vnni; see available_isas).");
   m.def("get_isa", []() { return std::string(kernels().name); });
 
   // Kernels bound one by one, for tests against NumPy.

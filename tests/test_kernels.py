@@ -92,10 +92,11 @@ def test_cpu_features_report_and_forcing() -> None:
     assert available[0] == "scalar"
     assert features["isa"] in available
     # Paths come in order of preference, each only where the CPU has what it needs.
-    order = ["scalar", "neon", "neondot", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"]
+    order = ["scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"]
     assert available == [name for name in order if name in available]
     assert ("neon" in available) == features["neon"]  # AArch64 builds; sdot only where the CPU has it
     assert "neondot" not in available or (features["neon"] and features["neon_dotprod"])  # (compilers that know it)
+    assert "neoni8mm" not in available or (features["neon"] and features["neon_i8mm"])
     x86 = features["avx2"] and features["fma"] and features["f16c"]
     assert ("vnni256" in available) == (x86 and features["avx512vl"] and features["avx512vnni"])
     assert "avxvnni" not in available or (x86 and features["avxvnni"])  # (built only by compilers that know it)

@@ -4,9 +4,9 @@
 #      Python 3.11 (debootstrap, first stage only: nothing arm64 runs during it), PyPI's aarch64 wheels
 #      of cpullm's dependencies and pytest (pip install --target --platform);
 #   2. the extension cross-built with CMake (CMakeLists.txt's aarch64 branch);
-#   3. tests/test_kernels.py on the emulated CPU (qemu's "max": DotProd, so scalar, neon and neondot)
-#      and tools/reference_cases.py's check against transformers' logits recorded here, on "max" and on a
-#      Cortex-A53 (no DotProd: scalar and neon).
+#   3. tests/test_kernels.py on the emulated CPU (qemu's "max": DotProd and I8MM, so scalar, neon,
+#      neondot and neoni8mm) and tools/reference_cases.py's check against transformers' logits recorded
+#      here, on "max", on a Neoverse-N1 (DotProd, no I8MM) and on a Cortex-A53 (neither: scalar, neon).
 # Needs root (apt, and binfmt_misc so that tests which start a child Python can run it under qemu).
 #
 #   tools/arm_check.sh [WORK_DIR]        (default /tmp/cpullm-arm; reuses what an earlier run left there)
@@ -68,5 +68,6 @@ fi
 cd "$repo"
 arm_python max -c 'import cpullm._C as C; print(C.cpu_features())'
 arm_python max -m pytest -q -p no:cacheprovider tests/test_kernels.py
-arm_python max tools/reference_cases.py check "$work/cases" --isas neondot neon
+arm_python max tools/reference_cases.py check "$work/cases" --isas neoni8mm neondot neon
+arm_python neoverse-n1 -c 'import cpullm._C as C; i = C.cpu_features()["available_isas"]; assert i[-1] == "neondot", i'
 arm_python cortex-a53 tools/reference_cases.py check "$work/cases" --isas neon

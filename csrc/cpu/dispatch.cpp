@@ -18,6 +18,9 @@ const Kernels* table_for(const std::string& name) {
 #if defined(CPULLM_HAVE_NEONDOT_KERNELS)
   if (name == "neondot" && f.neon && f.neon_dotprod) return &kernels_neondot();
 #endif
+#if defined(CPULLM_HAVE_NEONI8MM_KERNELS)
+  if (name == "neoni8mm" && f.neon && f.neon_i8mm) return &kernels_neoni8mm();
+#endif
 #endif
 #if defined(CPULLM_HAVE_X86_KERNELS)
   if (name == "avx2" && f.avx2 && f.fma && f.f16c) return &kernels_avx2();
@@ -54,7 +57,7 @@ const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   // In order of preference: the last one available is the default.
-  for (const char* name : {"scalar", "neon", "neondot", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"})
+  for (const char* name : {"scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"})
     if (table_for(name)) names.emplace_back(name);
   return names;
 }

@@ -63,10 +63,14 @@ CpuFeatures detect() {
 #if defined(__linux__)
   // HWCAP_ASIMDDP: the kernel reports what user space may execute.
   f.neon_dotprod = (getauxval(AT_HWCAP) >> 20) & 1;
+  f.neon_i8mm = (getauxval(AT_HWCAP2) >> 13) & 1;  // HWCAP2_I8MM
 #elif defined(__APPLE__)
   int has = 0;
   size_t size = sizeof has;
   f.neon_dotprod = sysctlbyname("hw.optional.arm.FEAT_DotProd", &has, &size, nullptr, 0) == 0 && has;
+  has = 0;
+  size = sizeof has;
+  f.neon_i8mm = sysctlbyname("hw.optional.arm.FEAT_I8MM", &has, &size, nullptr, 0) == 0 && has;
 #endif
 #endif
   return f;

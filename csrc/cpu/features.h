@@ -17,6 +17,7 @@ struct CpuFeatures {
   bool avxvnni = false;  // AVX-VNNI: vpdpbusd on ymm without AVX-512 (VEX encoding)
   bool neon = false;
   bool neon_dotprod = false;  // Armv8.2 DotProd (sdot / udot)
+  bool neon_i8mm = false;     // FEAT_I8MM (usdot, smmla)
 };
 
 // Detected once; cheap to call.

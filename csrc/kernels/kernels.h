@@ -193,6 +193,9 @@ const Kernels& kernels_neon();     // AArch64 Advanced SIMD
 #if defined(CPULLM_HAVE_NEONDOT_KERNELS)
 const Kernels& kernels_neondot();  // the same with sdot for int8 (Armv8.2 DotProd)
 #endif
+#if defined(CPULLM_HAVE_NEONI8MM_KERNELS)
+const Kernels& kernels_neoni8mm();  // the same with usdot (FEAT_I8MM): the stored weights as they are
+#endif
 #if defined(CPULLM_HAVE_AVXVNNI_KERNELS)
 const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs without AVX-512
 #endif
