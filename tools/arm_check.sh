@@ -70,4 +70,5 @@ arm_python max -c 'import cpullm._C as C; print(C.cpu_features())'
 arm_python max -m pytest -q -p no:cacheprovider tests/test_kernels.py
 arm_python max tools/reference_cases.py check "$work/cases" --isas neoni8mm neondot neon
 arm_python neoverse-n1 -c 'import cpullm._C as C; i = C.cpu_features()["available_isas"]; assert i[-1] == "neondot", i'
+arm_python cortex-a53 -c 'import cpullm._C as C; i = C.cpu_features()["available_isas"]; assert i == ["scalar", "neon"], i'
 arm_python cortex-a53 tools/reference_cases.py check "$work/cases" --isas neon

@@ -19,7 +19,8 @@ const Kernels* table_for(const std::string& name) {
   if (name == "neondot" && f.neon && f.neon_dotprod) return &kernels_neondot();
 #endif
 #if defined(CPULLM_HAVE_NEONI8MM_KERNELS)
-  if (name == "neoni8mm" && f.neon && f.neon_i8mm) return &kernels_neoni8mm();
+  // Built with +dotprod too, so the compiler may use sdot anywhere in it.
+  if (name == "neoni8mm" && f.neon && f.neon_dotprod && f.neon_i8mm) return &kernels_neoni8mm();
 #endif
 #endif
 #if defined(CPULLM_HAVE_X86_KERNELS)

@@ -67,7 +67,8 @@ CpuFeatures detect() {
 #elif defined(__APPLE__)
   int has = 0;
   size_t size = sizeof has;
-  f.neon_dotprod = sysctlbyname("hw.optional.arm.FEAT_DotProd", &has, &size, nullptr, 0) == 0 && has;
+  // macOS 11 has no FEAT_* names; every Apple silicon CPU (M1 and later) has DotProd.
+  f.neon_dotprod = sysctlbyname("hw.optional.arm.FEAT_DotProd", &has, &size, nullptr, 0) != 0 || has;
   has = 0;
   size = sizeof has;
   f.neon_i8mm = sysctlbyname("hw.optional.arm.FEAT_I8MM", &has, &size, nullptr, 0) == 0 && has;

@@ -106,8 +106,11 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
       const __m256i hi32 = _mm256_cvtps_epi32(h), lo32 = _mm256_cvtps_epi32(l);
       narrow(hi32, hi + k, n);
       narrow(lo32, lo + k, n);
-      sum_hi = _mm256_add_epi32(sum_hi, hi32);  // masked-off lanes loaded as 0 and stay 0
-      sum_lo = _mm256_add_epi32(sum_lo, lo32);
+      // Masked-off lanes are left out: loaded as 0 they give 0 digits, except with an infinite scale,
+      // where 0 - 0 * inf is NaN and its lo digit -127.
+      const __m256i in_group = mask256(n);
+      sum_hi = _mm256_add_epi32(sum_hi, _mm256_and_si256(hi32, in_group));
+      sum_lo = _mm256_add_epi32(sum_lo, _mm256_and_si256(lo32, in_group));
     }
     const __m128i sh = _mm_add_epi32(_mm256_castsi256_si128(sum_hi), _mm256_extracti128_si256(sum_hi, 1));
     const __m128i sl = _mm_add_epi32(_mm256_castsi256_si128(sum_lo), _mm256_extracti128_si256(sum_lo, 1));

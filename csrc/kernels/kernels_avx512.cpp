@@ -97,8 +97,10 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
       const __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
       _mm512_mask_cvtepi32_storeu_epi8(hi + k, m, hi32);
       _mm512_mask_cvtepi32_storeu_epi8(lo + k, m, lo32);
-      sum_hi = _mm512_add_epi32(sum_hi, hi32);  // masked-off lanes loaded as 0 and stay 0
-      sum_lo = _mm512_add_epi32(sum_lo, lo32);
+      // Masked-off lanes are left out: loaded as 0 they give 0 digits, except with an infinite scale,
+      // where 0 - 0 * inf is NaN and its lo digit -127.
+      sum_hi = _mm512_mask_add_epi32(sum_hi, m, sum_hi, hi32);
+      sum_lo = _mm512_mask_add_epi32(sum_lo, m, sum_lo, lo32);
     }
     sums[g] = 128 * (127 * _mm512_reduce_add_epi32(sum_hi) + _mm512_reduce_add_epi32(sum_lo));
   }

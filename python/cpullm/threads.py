@@ -3,6 +3,7 @@ memory-bound decode loop); on Apple silicon its performance cores."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -26,11 +27,14 @@ def _macos_cores() -> int | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
     except OSError:
         return None
+    sysctlbyname = libc.sysctlbyname
+    sysctlbyname.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                             ctypes.c_size_t]
+    sysctlbyname.restype = ctypes.c_int
     for name in (b"hw.perflevel0.physicalcpu", b"hw.physicalcpu"):
         value = ctypes.c_int(0)
         size = ctypes.c_size_t(ctypes.sizeof(value))
-        if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0 \
-                and value.value > 0:
+        if sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, 0) == 0 and value.value > 0:
             return value.value
     return None
 
@@ -53,14 +57,19 @@ def physical_cores() -> int:
     return max(1, len(cores) or len(cpus))
 
 
+@functools.lru_cache(maxsize=None)
+def _has_openmp() -> bool:
+    from . import _C
+
+    return bool(_C.cpu_features()["openmp"])
+
+
 def resolve_threads(threads: int | None) -> int:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
         raise ValueError(f"threads must be an integer between 1 and 1024, got {threads!r}")
-    from . import _C
-
-    if not _C.cpu_features()["openmp"]:
+    if not _has_openmp():
         if threads is not None and threads > 1:
             warnings.warn(f"this cpullm build has no OpenMP: threads={threads} runs on one thread (on macOS: "
                           "brew install libomp, then reinstall cpullm)", RuntimeWarning, stacklevel=3)
-        return 1 if threads is None else threads
+        return 1  # more would only cut the matmuls into smaller pieces for the one thread
     return physical_cores() if threads is None else threads
