@@ -23,24 +23,30 @@ inline float32x4_t clamp127(float32x4_t v) {
   return vbslq_f32(vcgtq_f32(v, lim), lim, v);
 }
 
+// One run of 8 values: their digits as bytes, and as int32 lanes (0-3, 4-7) for the group's sums.
 struct Digits8 {
   int8x8_t hi, lo;
-  int32x4_t h0, h1, l0, l1;  // the digits of lanes 0-3 and 4-7
-  int32x4_t sum_hi, sum_lo;
+  int32x4_t h[2], l[2];
 };
 
 inline Digits8 digits8(const float* x, float32x4_t vs, float32x4_t vinv, float32x4_t vinv_fine) {
-  float32x4_t h[2], l[2];
+  Digits8 d;
   for (int i = 0; i < 2; ++i) {
     const float32x4_t xv = vld1q_f32(x + 4 * i);
-    h[i] = vrndnq_f32(clamp127(vmulq_f32(xv, vinv)));
-    const float32x4_t rest = vsubq_f32(xv, vmulq_f32(h[i], vs));
-    l[i] = vrndnq_f32(clamp127(vmulq_f32(rest, vinv_fine)));
+    const float32x4_t h = vrndnq_f32(clamp127(vmulq_f32(xv, vinv)));
+    const float32x4_t rest = vsubq_f32(xv, vmulq_f32(h, vs));
+    d.h[i] = vcvtq_s32_f32(h);
+    d.l[i] = vcvtq_s32_f32(vrndnq_f32(clamp127(vmulq_f32(rest, vinv_fine))));
   }
-  const int32x4_t h0 = vcvtq_s32_f32(h[0]), h1 = vcvtq_s32_f32(h[1]);
-  const int32x4_t l0 = vcvtq_s32_f32(l[0]), l1 = vcvtq_s32_f32(l[1]);
-  return {vmovn_s16(vcombine_s16(vmovn_s32(h0), vmovn_s32(h1))), vmovn_s16(vcombine_s16(vmovn_s32(l0), vmovn_s32(l1))),
-          h0, h1, l0, l1, vaddq_s32(h0, h1), vaddq_s32(l0, l1)};
+  d.hi = vmovn_s16(vcombine_s16(vmovn_s32(d.h[0]), vmovn_s32(d.h[1])));
+  d.lo = vmovn_s16(vcombine_s16(vmovn_s32(d.l[0]), vmovn_s32(d.l[1])));
+  return d;
+}
+
+// All ones in lanes first + i < n, zero elsewhere.
+inline int32x4_t lanes_below(int n, int first) {
+  const int32_t lanes[4] = {0, 1, 2, 3};
+  return vreinterpretq_s32_u32(vcltq_s32(vaddq_s32(vld1q_s32(lanes), vdupq_n_s32(first)), vdupq_n_s32(n)));
 }
 
 void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums) {
@@ -80,14 +86,7 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
         std::memcpy(padded, src, n * sizeof(float));
         src = padded;
       }
-      Digits8 d = digits8(src, vs, vinv, vinv_fine);
-      if (n < 8) {  // the padding's digits left out of the sums (see the AVX2 version)
-        const int32_t lanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-        const uint32x4_t in0 = vcltq_s32(vld1q_s32(lanes), vdupq_n_s32(n));
-        const uint32x4_t in1 = vcltq_s32(vld1q_s32(lanes + 4), vdupq_n_s32(n));
-        d.sum_hi = vaddq_s32(vandq_s32(d.h0, vreinterpretq_s32_u32(in0)), vandq_s32(d.h1, vreinterpretq_s32_u32(in1)));
-        d.sum_lo = vaddq_s32(vandq_s32(d.l0, vreinterpretq_s32_u32(in0)), vandq_s32(d.l1, vreinterpretq_s32_u32(in1)));
-      }
+      const Digits8 d = digits8(src, vs, vinv, vinv_fine);
       if (n == 8) {
         vst1_s8(hi + k, d.hi);
         vst1_s8(lo + k, d.lo);
@@ -98,8 +97,11 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
         std::memcpy(hi + k, hb, n);
         std::memcpy(lo + k, lb, n);
       }
-      sum_hi = vaddq_s32(sum_hi, d.sum_hi);
-      sum_lo = vaddq_s32(sum_lo, d.sum_lo);
+      // The padding is left out of the sums: its zeros give zero digits, except with an infinite scale,
+      // where 0 - 0 * inf is NaN and its lo digit -127 (as in the x86 versions).
+      const int32x4_t in0 = lanes_below(n, 0), in1 = lanes_below(n, 4);
+      sum_hi = vaddq_s32(sum_hi, vaddq_s32(vandq_s32(d.h[0], in0), vandq_s32(d.h[1], in1)));
+      sum_lo = vaddq_s32(sum_lo, vaddq_s32(vandq_s32(d.l[0], in0), vandq_s32(d.l[1], in1)));
     }
     sums[g] = 128 * (127 * vaddvq_s32(sum_hi) + vaddvq_s32(sum_lo));
   }
