@@ -412,3 +412,83 @@ def test_reference_cases_tool_records_and_checks(tmp_path: Path) -> None:
     assert [" ".join(line.split()[1:5]) for line in failed.stdout.splitlines() if line.startswith("FAIL")] == [
         "mistral scalar f32 prefill", "mistral scalar f32 decode"]
     assert run("record", str(tmp_path), "--cases", "no-such-model").returncode != 0
+
+
+def _llama(seed: int, **extra: Any) -> Any:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, **extra})).eval()
+
+
+def _edit_config(directory: Path, **changes: Any) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _stray_qkv_biases(directory: Path) -> None:
+    """q/k/v biases added to a checkpoint whose config has none (attention_bias: false)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(directory / "model.safetensors")
+    for name in [n for n in state if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
+        state[name.replace(".weight", ".bias")] = torch.randn(state[name].shape[0])
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+# Configs and checkpoints that say more than the family's transformers class reads: cpullm must read
+# them as transformers does (the reference then loads the saved directory itself). Each was once read
+# differently, with every logit off by several units and no error.
+QUIRKS: dict[str, tuple[Callable[[], Any], Callable[[Path], None]]] = {
+    # Llama ignores sliding_window (a Mistral-derived checkpoint relabelled as llama)
+    "llama-sliding-window-key": (lambda: _llama(1), lambda d: _edit_config(d, sliding_window=WINDOW)),
+    # only Phi-3 rotates part of each head; Mistral and Llama rotate all of it whatever the key says
+    "mistral-partial-rotary-key": (lambda: build("mistral", seed=2),
+                                   lambda d: _edit_config(d, partial_rotary_factor=0.5)),
+    "llama-partial-rotary-key": (lambda: _llama(3), lambda d: _edit_config(d, partial_rotary_factor=0.5)),
+    # a transformers 5 config (rope_parameters) with rope_scaling added by hand: rope_scaling wins whole
+    "rope-scaling-beside-rope-parameters": (lambda: _llama(4, rope_theta=1000.0), lambda d: _edit_config(
+        d, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64))),
+    # tied in the config, but the checkpoint's lm_head differs from the embeddings: both are kept
+    "tied-config-with-distinct-head": (lambda: _llama(5, tie_word_embeddings=False),
+                                       lambda d: _edit_config(d, tie_word_embeddings=True)),
+    # q/k/v biases in a Llama checkpoint without attention_bias: dropped as unexpected keys
+    "llama-stray-qkv-biases": (lambda: _llama(6), _stray_qkv_biases),
+    # Mistral has no attention_bias / mlp_bias; "swish" is SiLU
+    "mistral-bias-flags-and-swish": (lambda: build("mistral", seed=7),
+                                     lambda d: _edit_config(d, attention_bias=True, mlp_bias=True, hidden_act="swish")),
+}
+
+
+@pytest.mark.parametrize("quirk", sorted(QUIRKS))
+def test_configs_are_read_as_transformers_reads_them(quirk: str, tmp_path: Path) -> None:
+    import transformers
+
+    make, edit = QUIRKS[quirk]
+    make().save_pretrained(tmp_path)
+    edit(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids(COMMON["vocab_size"], 40, seed=11)
+    expected = hf_logits(reference, ids)
+    assert rel_err(cpullm.load(tmp_path, threads=2).logits(ids), expected) < F32_TOL
+    from cpullm.convert import convert
+
+    converted = convert(tmp_path, tmp_path / "converted", dtype="f32")
+    assert rel_err(cpullm.load(converted, threads=2).logits(ids), expected) < F32_TOL
+
+
+def test_gguf_with_biases_the_model_does_not_apply_is_refused(tmp_path: Path) -> None:
+    """llama.cpp applies any bias a Llama-architecture GGUF holds (output and FFN projections too); the
+    canonical model has none there, so such a file is refused by name rather than run without them."""
+    from gguf_util import f32_state, write_gguf
+
+    from cpullm.errors import UnsupportedModelError
+
+    for flag in ("attention_bias", "mlp_bias"):
+        hf_model = _llama(8, **{flag: True})
+        path = tmp_path / f"{flag}.gguf"
+        write_gguf(path, hf_model.config, f32_state(hf_model), None)
+        with pytest.raises(UnsupportedModelError, match="bias tensors are not supported"):
+            cpullm.load(path)

@@ -14,7 +14,7 @@ from .converted import EXTRA_FILES, is_converted, write_converted
 from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_group_size
 from .errors import ModelFormatError, ModelNotFoundError
 from .gguf_io import is_gguf
-from .hf import Checkpoint, canonical_tensor_count, iter_canonical_tensors, read_json
+from .hf import Checkpoint, canonical_tensor_count, iter_canonical_tensors, read_json, resolve_tied_head
 from .spec import spec_from_hf_config
 
 DEFAULT_CONVERT_DTYPE = "int8"
@@ -56,8 +56,8 @@ def convert(
         hf_spec = spec_from_hf_config(config)
     except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:  # a value of the wrong type
         raise ModelFormatError(f"{source / 'config.json'}: malformed ({type(e).__name__}: {e})") from e
-    spec = replace(hf_spec, group_size=group_size)
     checkpoint = Checkpoint(source)
+    spec = replace(resolve_tied_head(hf_spec, checkpoint), group_size=group_size)
     tensors = _with_progress(iter_canonical_tensors(spec, checkpoint, dtype), canonical_tensor_count(spec, checkpoint),
                              progress)
     extras = {name: source / name for name in EXTRA_FILES if (source / name).is_file()}

@@ -487,6 +487,11 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         raise UnsupportedModelError(f"{gguf.path}: key length {head_dim} != value length {value_dim} is not supported")
     rotary = _meta_int(gguf, f"{a}.rope.dimension_count", required=False)
     if rotary is not None and head_dim and rotary != head_dim:
+        if arch_spec.model_type != "phi3":
+            # llama.cpp would rotate only those dims; transformers' classes for these families rotate
+            # every one. No such file is known: refused rather than following either.
+            raise UnsupportedModelError(f"{gguf.path}: rope over {rotary} of {head_dim} head dims is not supported "
+                                        f"for '{gguf.architecture}'")
         config["partial_rotary_factor"] = rotary / head_dim
 
     vocab = _meta_int(gguf, f"{a}.vocab_size", required=False)
@@ -611,6 +616,17 @@ class GGUFModel:
     generation_config: dict[str, Any]
 
 
+def _check_biases(gguf: GGUFFile, source: GGUFTensorSource, spec: Any) -> None:
+    """llama.cpp applies every bias tensor a file holds (on q, k, v, the output and the FFN projections);
+    the canonical model carries q / k / v biases for the families that have them and no others, so a file
+    with any other bias is refused rather than run without it."""
+    allowed = (".self_attn.q_proj.bias", ".self_attn.k_proj.bias", ".self_attn.v_proj.bias") if spec.qkv_bias else ()
+    extra = sorted(source.names[name] for name in source.names if name.endswith(".bias") and not name.endswith(allowed))
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise UnsupportedModelError(f"{gguf.path}: bias tensors are not supported for '{gguf.architecture}' ({shown})")
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     """Parses and validates a GGUF file: config, spec, tokenizer; tensors are read lazily from ``source``."""
     from .gguf_tokenizer import build_tokenizer, eos_token_ids
@@ -620,6 +636,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     config = hf_config(gguf)
     spec = apply_rope_freqs(spec_from_hf_config(config), gguf)
     source = GGUFTensorSource(gguf, config)
+    _check_biases(gguf, source, spec)
     _check_shapes(gguf, source, spec)
     tokenizer = build_tokenizer(gguf)
     generation_config: dict[str, Any] = {}

@@ -4,6 +4,7 @@ canonical tensors: q/k/v and gate/up fused, names independent of the family."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -36,7 +37,7 @@ _VECTORS = {"attn_norm", "ffn_norm", "bqkv", "norm"}
 # Matrices kept in float32 whatever the dtype: the router is tiny, and rounding it could change which
 # experts a token goes to.
 _F32_MATRICES = {"router"}
-_OPTIONAL = {"bqkv", "lm_head"}
+_OPTIONAL = {"lm_head"}
 
 
 def read_json(path: Path) -> Any:
@@ -108,11 +109,12 @@ class Checkpoint:
 
 
 def _sources(spec: ModelSpec) -> Iterator[tuple[str, list[list[str]]]]:
-    yield "tok_embeddings", [["model.embed_tokens.weight"]]
+    # A tied model whose checkpoint holds only the head: transformers ties the embeddings to it.
+    yield "tok_embeddings", [["model.embed_tokens.weight"]] + ([["lm_head.weight"]] if spec.tie_embeddings else [])
     for i in range(spec.n_layers):
         for name, alternatives in _LAYER_SOURCES.items():
-            if spec.n_experts and name in _EXPERT_SOURCES:
-                continue
+            if (spec.n_experts and name in _EXPERT_SOURCES) or (name == "bqkv" and not spec.qkv_bias):
+                continue  # biases of a family without them: transformers drops them as unexpected keys
             yield f"layers.{i}.{name}", [[f"model.layers.{i}.{part}" for part in alt] for alt in alternatives]
         if spec.n_experts:
             yield f"layers.{i}.router", [[f"model.layers.{i}.{part}" for part in alt] for alt in _MOE_ROUTER]
@@ -154,6 +156,16 @@ def _q8_0_parts(checkpoint: TensorSource, parts: Sequence[str]) -> tuple[np.ndar
     return q, scales
 
 
+def resolve_tied_head(spec: ModelSpec, checkpoint: TensorSource) -> ModelSpec:
+    """The spec with the head untied when the config says tied but the checkpoint holds an lm_head that
+    differs from the embeddings (a fine-tune saved untied): transformers then keeps both, with a warning."""
+    if not spec.tie_embeddings or "lm_head.weight" not in checkpoint or "model.embed_tokens.weight" not in checkpoint:
+        return spec
+    head, _ = checkpoint.get("lm_head.weight")
+    embeddings, _ = checkpoint.get("model.embed_tokens.weight")
+    return spec if np.array_equal(head, embeddings) else replace(spec, tie_embeddings=False)
+
+
 def canonical_tensor_count(spec: ModelSpec, checkpoint: TensorSource) -> int:
     """How many canonical tensors (not counting int8 scales) iter_canonical_tensors will yield from
     ``checkpoint``: optional ones it lacks are not counted."""
@@ -168,7 +180,7 @@ def iter_canonical_tensors(spec: ModelSpec, checkpoint: TensorSource, dtype: str
         short = name.rsplit(".", 1)[-1]
         found = next((alt for alt in alternatives if all(p in checkpoint for p in alt)), None)
         if found is None:
-            if short in _OPTIONAL and not (short == "bqkv" and spec.qkv_bias):
+            if short in _OPTIONAL:
                 continue
             raise ModelFormatError(f"{checkpoint.description}: tensor '{alternatives[0][0]}' is missing")
         vector = short in _VECTORS or short in _F32_MATRICES

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_fast_prefill, check_group_size, check_kv_cache_dtype
 from .errors import ModelFormatError, ModelNotFoundError
-from .hf import Checkpoint, canonical_tensors, read_json
+from .hf import Checkpoint, canonical_tensors, read_json, resolve_tied_head
 from .hub import resolve as resolve_name
 from .model import Model
 from .converted import is_converted, read_converted
@@ -33,8 +33,9 @@ def _load_hf_directory(directory: Path, dtype: str, threads: int, context_length
         hf_spec = spec_from_hf_config(config)
     except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:  # a value of the wrong type
         raise ModelFormatError(f"{directory / 'config.json'}: malformed ({type(e).__name__}: {e})") from e
-    spec = _cap_context(replace(hf_spec, group_size=group_size), context_length)
-    tensors = canonical_tensors(spec, Checkpoint(directory), dtype)
+    checkpoint = Checkpoint(directory)
+    spec = _cap_context(replace(resolve_tied_head(hf_spec, checkpoint), group_size=group_size), context_length)
+    tensors = canonical_tensors(spec, checkpoint, dtype)
     return _assemble(directory, config, spec, tensors, dtype, threads)
 
 

@@ -39,15 +39,14 @@ class Rope:
 
 def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config's RoPE settings as one flat dict with at least ``rope_type`` and ``rope_theta``."""
-    params: dict[str, Any] = {}
     new_style = config.get("rope_parameters")
     old_style = config.get("rope_scaling")
     for source in (old_style, new_style):
-        if source is None:
-            continue
-        if not isinstance(source, Mapping):
+        if source is not None and not isinstance(source, Mapping):
             raise ModelFormatError(f"config: rope settings must be an object, got {source!r}")
-        params.update(source)
+    # Both present (a transformers 5 config with rope_scaling added by hand, as model cards suggest for
+    # YaRN): transformers takes rope_scaling whole and drops rope_parameters (theta included).
+    params: dict[str, Any] = dict(old_style or new_style or {})
     if "rope_type" not in params:
         params["rope_type"] = params.get("type", "default")
     if params.get("rope_theta") is None:

@@ -85,6 +85,14 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Families whose q, k and v projections always carry biases (and o_proj none).
 _QKV_BIAS = {"qwen2"}
+# Families whose transformers class reads attention_bias / mlp_bias (the others build their projections
+# without biases and ignore both keys, dropping any bias tensors a checkpoint holds as unexpected).
+_BIAS_FLAGS = {"llama"}
+# Families whose transformers class applies sliding_window (Llama ignores the key).
+_SLIDING_WINDOW = {"mistral", "mixtral", "phi3", "qwen2"}
+# Families whose transformers class rotates partial_rotary_factor of each head (the others rotate the
+# whole head with the default rope, whatever the key says).
+_PARTIAL_ROTARY = {"phi3"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILY_DEFAULTS))
 
 
@@ -168,14 +176,14 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
             cfg["rope_scaling"] = scaling
 
     act = cfg.get("hidden_act")
-    if act != "silu":
-        raise UnsupportedModelError(f"activation {act!r} is not supported (only 'silu')")
-    for flag in ("mlp_bias",):
-        if cfg.get(flag):
-            raise UnsupportedModelError(f"config: '{flag}: true' is not supported")
-    if cfg.get("attention_bias"):
-        # Llama's attention_bias also puts a bias on o_proj, which the canonical layout does not carry.
-        raise UnsupportedModelError("config: 'attention_bias: true' (biases on q, k, v and o) is not supported")
+    if act not in ("silu", "swish"):  # transformers' ACT2FN maps both to SiLU
+        raise UnsupportedModelError(f"activation {act!r} is not supported (only 'silu' / 'swish')")
+    if model_type in _BIAS_FLAGS:
+        if cfg.get("mlp_bias"):
+            raise UnsupportedModelError("config: 'mlp_bias: true' is not supported")
+        if cfg.get("attention_bias"):
+            # Llama's attention_bias also puts a bias on o_proj, which the canonical layout does not carry.
+            raise UnsupportedModelError("config: 'attention_bias: true' (biases on q, k, v and o) is not supported")
 
     dim = _int(cfg, "hidden_size")
     n_heads = _int(cfg, "num_attention_heads")
@@ -192,6 +200,8 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
         raise ModelFormatError(f"config: 'rms_norm_eps' must be a finite number >= 0, got {eps!r}")
 
     params = rope_parameters(cfg)
+    if model_type not in _PARTIAL_ROTARY:
+        params.pop("partial_rotary_factor", None)
     partial = params.get("partial_rotary_factor", 1.0)
     rotary_dim = int(head_dim * partial)
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
@@ -230,12 +240,12 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
 def _layer_windows(model_type: str, config: Mapping[str, Any], cfg: Mapping[str, Any], n_layers: int) -> tuple[int, ...]:
     """Sliding windows per layer as transformers applies them (0 = full attention), () if none.
 
-    Mistral, Mixtral and Phi-3 apply ``sliding_window`` (null = none) to every layer. Qwen2 applies it
+    Mistral, Mixtral and Phi-3 apply ``sliding_window`` (null = none) to every layer, Llama never. Qwen2 applies it
     only with ``use_sliding_window: true``, and then to the layers ``layer_types`` marks
     "sliding_attention" (by default those from ``max_window_layers`` on)."""
     # An explicit null means "no window", so read the raw config rather than the defaults-merged one.
     window = config["sliding_window"] if "sliding_window" in config else _FAMILY_DEFAULTS[model_type].get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window"):
+    if model_type not in _SLIDING_WINDOW or (model_type == "qwen2" and not cfg.get("use_sliding_window")):
         window = None
     if window is None:
         return ()
