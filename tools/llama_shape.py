@@ -233,17 +233,10 @@ def write_llama_gguf(hf_dir: Path, target: Path, qtype_name: str) -> None:
 
 
 def safetensors_data_bytes(directory: Path) -> int:
-    """The tensor bytes (not headers) of every ``*.safetensors`` file in a directory, as cpullm holds
-    them in memory: int8 scales (``*.scales``, f32 in the file) count 2 bytes each, the f16 of the
-    packed layout (docs/int8.md)."""
+    """The tensor bytes (not headers) of every ``*.safetensors`` file in a directory."""
     total = 0
     for file in directory.glob("*.safetensors"):
         with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            total += (end - start) // 2 if name.endswith(".scales") and info["dtype"] == "F32" else end - start
+            (header,) = struct.unpack("<Q", f.read(8))
+        total += file.stat().st_size - 8 - header
     return total

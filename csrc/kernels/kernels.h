@@ -8,8 +8,8 @@
 namespace cpullm {
 
 // Storage type of a weight matrix. bf16 is kept as raw uint16 bits (the upper half of an f32). Q8 is
-// group-wise symmetric int8: w[n][k] ~= q[n][k] * scale[n][k / group], with one scale per `group`
-// consecutive inputs (the last group of a row may be shorter): f32 in files, f16 in the packed layout.
+// group-wise symmetric int8: w[n][k] ~= q[n][k] * scale[n][k / group], with one f32 scale per `group`
+// consecutive inputs (the last group of a row may be shorter).
 enum class WType : int { F32 = 0, BF16 = 1, Q8 = 2 };
 
 // Bytes of int8 the integer dot-product kernels consume per step; groups are multiples of it.
@@ -88,39 +88,19 @@ static inline Half float_to_half(float f) {
 // form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
 // for each group in turn, ceil(len / 4) 64-byte "quads" (byte 4 * r + j of quad i is row r's weight at
 // input 4 * i + j of the group, stored as w + 128 so that VNNI can treat it as unsigned; padding is
-// w = 0). Groups go in pairs: after the quads of groups 2p and 2p + 1 come 64 bytes holding the 16
-// rows' scales of group 2p, then of 2p + 1 (zeros where there is none), each scale s as the IEEE
-// binary16 number s * 2^E with one exponent E per matrix; the kernels multiply their sums by
-// out_scale = 2^-E. Why: f16 scales cut the bytes a decoded token reads by 1/18 at group 32 (f32 scales
-// were 4 bytes per 32 weights), pairs keep every quad on its own 64-byte line, and E puts the matrix's
-// largest scale in f16's top binades so that small weights keep all 11 significant bits. A block is one
-// contiguous stream, and a vector of 16 lanes accumulates 16 output rows, so a tile needs no
-// horizontal sums and applies each group's scales once per 16 rows. The fields are plain data (no
-// member functions), and q8_group below is static, because this header is compiled under several ISA
-// flags (see kernels_impl.h).
+// w = 0) and then the 16 rows' f32 scales of that group. A block is one contiguous stream, and a
+// vector of 16 lanes accumulates 16 output rows, so a tile needs no horizontal sums and applies each
+// group's scales once per 16 rows. The fields are plain data (no member functions), because this
+// header is compiled under several ISA flags (see kernels_impl.h).
 struct Q8Weights {
   const uint8_t* data = nullptr;
   int64_t rows = 0, cols = 0, group = 0;
   int64_t n_groups = 0;      // ceil(cols / group)
   int64_t n_blocks = 0;      // ceil(rows / kQ8Rows)
-  int64_t pair_bytes = 0;    // bytes of two full groups with their scales: 32 * group + 64
+  int64_t group_bytes = 0;   // bytes of a full group's record: 16 * group + 64
   int64_t last_quads = 0;    // quads of the last group: ceil(its length / 4)
-  int64_t block_bytes = 0;   // bytes of one block
-  float out_scale = 1.f;     // 2^-E (set by pack_q8)
+  int64_t block_bytes = 0;   // bytes of one block: (n_groups - 1) * group_bytes + 64 * last_quads + 64
 };
-
-// Where group g lies in a block of the packed layout: byte offsets of its quads and of its 16 f16
-// scales, and its number of quads.
-struct Q8Group {
-  int64_t weights, scales, quads;
-};
-static inline Q8Group q8_group(const Q8Weights& w, int64_t g) {
-  const int64_t full = w.group / 4, first = g & ~int64_t(1), base = (first / 2) * w.pair_bytes;
-  const int64_t q0 = first + 1 == w.n_groups ? w.last_quads : full;
-  const int64_t q1 = first + 1 >= w.n_groups ? 0 : first + 2 == w.n_groups ? w.last_quads : full;
-  const bool second = (g & 1) != 0;
-  return {base + (second ? 64 * q0 : 0), base + 64 * (q0 + q1) + (second ? 32 : 0), second ? q1 : q0};
-}
 
 // Activations of one int8 matmul, quantized by quantize_row_q8 with the weights' group size (so the
 // weights' n_groups also indexes scales and sums).
@@ -142,11 +122,9 @@ Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_
 // The Q8Weights description of a [rows, cols] matrix with this group (data left null; its size is
 // block_bytes * n_blocks).
 Q8Weights q8_layout(int64_t rows, int64_t cols, int64_t group);
-// Packs row-major int8 weights into `out` (w.block_bytes * w.n_blocks bytes) and sets w.out_scale.
-// The scales are stored exactly when each has at most 11 significant bits (as the converter's do) and
-// lies within 2^-28 of the matrix's largest; others are rounded to the nearest such value.
-void pack_q8(const int8_t* q, const float* scales, Q8Weights& w, uint8_t* out);
-// Row `row` of packed weights, dequantized: out[k] = w[row][k] * scale (the scale as stored).
+// Packs row-major int8 weights into `out` (layout.block_bytes * layout.n_blocks bytes).
+void pack_q8(const int8_t* q, const float* scales, const Q8Weights& layout, uint8_t* out);
+// Row `row` of packed weights, dequantized: out[k] = w[row][k] * scale.
 void q8_row(const Q8Weights& w, int64_t row, float* out);
 
 struct Kernels {

@@ -20,11 +20,6 @@
 namespace cpullm {
 namespace {
 
-// A group's 16 row scales (f16, see Q8Weights) as floats.
-inline __m512 load_scales(const uint8_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // One token (decode, and a prefill's last odd token): a single block at a time, read front to back, so
 // that a thread's chunk of blocks (which lie back to back) is one sequential stream: the hardware
 // prefetcher then runs at the full read bandwidth. Tiles over several blocks read as many interleaved streams of a few KiB each, which the
@@ -42,9 +37,8 @@ inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64
   y += t * ldy;
   __m512 acc = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const Q8Group at = q8_group(w, g);
-    const int64_t quads = at.quads;
-    const uint8_t* rec = blk + at.weights;
+    const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
+    const uint8_t* rec = blk + g * w.group_bytes;
     const int8_t* xh = xh_row + g * w.group;
     const int8_t* xl = xl_row + g * w.group;
     __m512i hi0 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
@@ -73,11 +67,11 @@ inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64
     const __m512i hi = _mm512_add_epi32(hi0, hi1), lo = _mm512_add_epi32(lo0, lo1);
     // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
     const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi), lo);
-    const __m512 s = _mm512_mul_ps(load_scales(blk + at.scales), _mm512_set1_ps(xs[g]));
+    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(rec + quads * 64)),
+                                   _mm512_set1_ps(xs[g]));
     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc);
   }
   const int64_t row0 = b * kQ8Rows, rest = w.rows - row0;
-  acc = _mm512_mul_ps(acc, _mm512_set1_ps(w.out_scale));
   if (rest >= kQ8Rows)
     _mm512_storeu_ps(y + row0, acc);
   else
@@ -104,8 +98,8 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
   for (int t = 0; t < TT; ++t)
     for (int b = 0; b < RB; ++b) _mm512_store_ps(acc[t][b], _mm512_setzero_ps());
   for (int64_t g = 0; g < G; ++g) {
-    const Q8Group at = q8_group(w, g);
-    const int64_t quads = at.quads, off = at.weights, begin = g * w.group;
+    const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
+    const int64_t off = g * w.group_bytes, begin = g * w.group;
     __m512i hi[TT][RB], lo[TT][RB];
     for (int t = 0; t < TT; ++t) {
       const int32_t sum = x.sums[(t0 + t) * G + g];
@@ -132,7 +126,7 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
       }
     }
     for (int b = 0; b < RB; ++b) {
-      const __m512 ws = load_scales(blk[b] + at.scales);
+      const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk[b] + off + quads * 64));
       for (int t = 0; t < TT; ++t) {
         // 127 * hi (+ lo) in wrapping int32 arithmetic, exact since the result fits.
         const __m512i hi127 = _mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]);
@@ -142,16 +136,14 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
       }
     }
   }
-  const __m512 out_scale = _mm512_set1_ps(w.out_scale);
   for (int t = 0; t < TT; ++t)
     for (int b = 0; b < RB; ++b) {
       const int64_t row0 = (b0 + b) * kQ8Rows, rest = w.rows - row0;
       float* out = y + (t0 + t) * ldy + row0;
-      const __m512 result = _mm512_mul_ps(_mm512_load_ps(acc[t][b]), out_scale);
       if (rest >= kQ8Rows)
-        _mm512_storeu_ps(out, result);
+        _mm512_storeu_ps(out, _mm512_load_ps(acc[t][b]));
       else
-        _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << rest) - 1u), result);
+        _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << rest) - 1u), _mm512_load_ps(acc[t][b]));
     }
 }
 

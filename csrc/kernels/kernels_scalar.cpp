@@ -148,7 +148,7 @@ struct ScalarQ {
     for (int l = 0; l < 8; ++l) hi.v[l] = 127 * hi.v[l] + lo.v[l];
     return hi;
   }
-  static inline F fload_half(const uint16_t* p) { return ScalarV::load_f16(p); }
+  static inline F fload(const float* p) { return ScalarV::load(p); }
   static inline void fstore(float* p, F f) { ScalarV::store(p, f); }
   static inline void fstore_partial(float* p, F f, int n) { ScalarV::store_partial(p, f, n); }
   static inline F fmul(F f, float s) {

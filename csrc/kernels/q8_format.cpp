@@ -1,10 +1,9 @@
 // The int8 formats shared by every ISA: the packed weight layout (see Q8Weights in kernels.h) and the
 // two-digit activation quantizer. Compiled with the baseline flags: this runs once per matmul (the
 // quantizer) or once per load (packing), and the loops are written so the compiler vectorises them.
-#include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
+#include <cstring>
 
 #include "kernels/kernels.h"
 
@@ -60,45 +59,22 @@ Q8Weights q8_layout(int64_t rows, int64_t cols, int64_t group) {
   w.group = group;
   w.n_groups = (cols + group - 1) / group;
   w.n_blocks = (rows + kQ8Rows - 1) / kQ8Rows;
-  w.pair_bytes = 32 * group + 64;
+  w.group_bytes = 16 * group + 64;
   w.last_quads = (group_len(w, w.n_groups - 1) + 3) / 4;
-  const Q8Group last = q8_group(w, w.n_groups - 1);
-  w.block_bytes = last.scales / 64 * 64 + 64;  // the end of the last pair's scales
+  w.block_bytes = (w.n_groups - 1) * w.group_bytes + 64 * w.last_quads + 64;
   return w;
 }
 
-namespace {
-
-// E for pack_q8: the largest finite |scale| times 2^E lies in [2^14, 2^15), so every scale of the
-// matrix within 2^-28 of it is a normal f16 (and none rounds past 65504). Kept in [-126, 126] so that
-// 2^-E is a normal float.
-int scale_exponent(const float* scales, int64_t n) {
-  float largest = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = std::fabs(scales[i]);
-    if (std::isfinite(a) && a > largest) largest = a;
-  }
-  if (largest == 0.f) return 0;
-  int e = 0;
-  std::frexp(largest, &e);  // largest in [2^(e-1), 2^e)
-  return std::min(126, std::max(-126, 15 - e));
-}
-
-}  // namespace
-
-void pack_q8(const int8_t* q, const float* scales, Q8Weights& layout, uint8_t* out) {
+void pack_q8(const int8_t* q, const float* scales, const Q8Weights& layout, uint8_t* out) {
   const int64_t K = layout.cols, G = layout.n_groups;
-  const int e = scale_exponent(scales, layout.rows * G);
-  layout.out_scale = std::ldexp(1.f, -e);
   // Blocks are independent; loading a large model is mostly this loop and its page faults.
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < layout.n_blocks; ++b) {
     uint8_t* block = out + b * layout.block_bytes;
     for (int64_t g = 0; g < G; ++g) {
-      const Q8Group at = q8_group(layout, g);
-      uint8_t* rec = block + at.weights;
-      const int64_t begin = g * layout.group, len = group_len(layout, g);
-      uint16_t rec_scales[kQ8Rows];
+      uint8_t* rec = block + g * layout.group_bytes;
+      const int64_t begin = g * layout.group, len = group_len(layout, g), quads = (len + 3) / 4;
+      float rec_scales[kQ8Rows];
       for (int r = 0; r < kQ8Rows; ++r) {
         const int64_t row = b * kQ8Rows + r;
         int64_t k = 0;
@@ -106,11 +82,10 @@ void pack_q8(const int8_t* q, const float* scales, Q8Weights& layout, uint8_t* o
           const int8_t* src = q + row * K + begin;
           for (; k < len; ++k) rec[(k / 4) * 64 + 4 * r + k % 4] = static_cast<uint8_t>(src[k]) ^ 0x80;
         }
-        for (; k < 4 * at.quads; ++k) rec[(k / 4) * 64 + 4 * r + k % 4] = 0x80;  // w = 0
-        rec_scales[r] = row < layout.rows ? float_to_half(std::ldexp(scales[row * G + g], e)).bits : 0;
+        for (; k < 4 * quads; ++k) rec[(k / 4) * 64 + 4 * r + k % 4] = 0x80;  // w = 0
+        rec_scales[r] = row < layout.rows ? scales[row * G + g] : 0.f;
       }
-      std::memcpy(block + at.scales, rec_scales, sizeof rec_scales);
-      if (g + 1 == G && g % 2 == 0) std::memset(block + at.scales + 32, 0, 32);  // no second group
+      std::memcpy(rec + quads * 64, rec_scales, sizeof rec_scales);
     }
   }
 }
@@ -119,12 +94,10 @@ void q8_row(const Q8Weights& w, int64_t row, float* out) {
   const uint8_t* block = w.data + (row / kQ8Rows) * w.block_bytes;
   const int64_t r = row % kQ8Rows;
   for (int64_t g = 0; g < w.n_groups; ++g) {
-    const Q8Group at = q8_group(w, g);
-    const uint8_t* rec = block + at.weights;
-    const int64_t begin = g * w.group, len = group_len(w, g);
-    Half stored;
-    std::memcpy(&stored.bits, block + at.scales + 2 * r, sizeof stored.bits);
-    const float scale = half_to_float(stored) * w.out_scale;
+    const uint8_t* rec = block + g * w.group_bytes;
+    const int64_t begin = g * w.group, len = group_len(w, g), quads = (len + 3) / 4;
+    float scale;
+    std::memcpy(&scale, rec + quads * 64 + 4 * r, sizeof scale);
     for (int64_t k = 0; k < len; ++k)
       out[begin + k] = static_cast<float>(static_cast<int>(rec[(k / 4) * 64 + 4 * r + k % 4]) - 128) * scale;
   }

@@ -10,8 +10,7 @@
 //                                     weights() made it: the signed weights, with seed() zero, or the
 //                                     stored unsigned bytes, with seed() taking back 128 * sum(x))
 //   Q::combine(hi, lo)                127 * hi + lo   (lane-wise int32)
-//   Q::fload_half(p)                  8 IEEE binary16 numbers at p as floats (exactly)
-//   Q::fstore(p, f), Q::fstore_partial(p, f, n)
+//   Q::fload(p), Q::fstore(p, f), Q::fstore_partial(p, f, n)
 //   Q::fma_scaled(f, i, s)            f + float(i) * s      (s a float or an F)
 //   Q::fmul(f, s)                     f * s (s a float)
 //   Q::reduce(f)                      sum of lanes
@@ -93,8 +92,8 @@ struct Q8Impl {
     for (int t = 0; t < TT; ++t)
       for (int b = 0; b < RB; ++b) acc[t][b][0] = acc[t][b][1] = Q::fzero();
     for (int64_t g = 0; g < G; ++g) {
-      const Q8Group at = q8_group(w, g);
-      const int64_t quads = at.quads, off = at.weights, begin = g * w.group;
+      const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
+      const int64_t off = g * w.group_bytes, begin = g * w.group;
       I hi[TT][RB][2], lo[TT][RB][2];
       for (int t = 0; t < TT; ++t) {
         const I seed = Q::seed(x.sums[(t0 + t) * G + g]);
@@ -126,8 +125,8 @@ struct Q8Impl {
         }
       }
       for (int b = 0; b < RB; ++b) {
-        const uint16_t* ws = reinterpret_cast<const uint16_t*>(blk[b] + at.scales);
-        const F w0 = Q::fload_half(ws), w1 = Q::fload_half(ws + 8);
+        const float* ws = reinterpret_cast<const float*>(blk[b] + off + quads * 64);
+        const F w0 = Q::fload(ws), w1 = Q::fload(ws + 8);
         for (int t = 0; t < TT; ++t) {
           const float s = x.scales[(t0 + t) * G + g];
           acc[t][b][0] = Q::fma_scaled(acc[t][b][0], Q::combine(hi[t][b][0], lo[t][b][0]), Q::fmul(w0, s));
@@ -139,13 +138,12 @@ struct Q8Impl {
       for (int b = 0; b < RB; ++b) {
         const int64_t row0 = (b0 + b) * kQ8Rows, rest = w.rows - row0;
         float* out = y + (t0 + t) * ldy + row0;
-        const F a0 = Q::fmul(acc[t][b][0], w.out_scale), a1 = Q::fmul(acc[t][b][1], w.out_scale);
         if (rest >= kQ8Rows) {
-          Q::fstore(out, a0);
-          Q::fstore(out + 8, a1);
+          Q::fstore(out, acc[t][b][0]);
+          Q::fstore(out + 8, acc[t][b][1]);
         } else {
-          Q::fstore_partial(out, a0, rest < 8 ? static_cast<int>(rest) : 8);
-          if (rest > 8) Q::fstore_partial(out + 8, a1, static_cast<int>(rest - 8));
+          Q::fstore_partial(out, acc[t][b][0], rest < 8 ? static_cast<int>(rest) : 8);
+          if (rest > 8) Q::fstore_partial(out + 8, acc[t][b][1], static_cast<int>(rest - 8));
         }
       }
   }

@@ -46,7 +46,7 @@ struct Q8Avx2 {
   static inline I combine(I hi, I lo) {
     return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(hi, 7), hi), lo);
   }
-  static inline F fload_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline F fload(const float* p) { return _mm256_loadu_ps(p); }
   static inline void fstore(float* p, F f) { _mm256_storeu_ps(p, f); }
   static inline void fstore_partial(float* p, F f, int n) {
     _mm256_maskstore_ps(p, mask256(n), f);

@@ -304,7 +304,7 @@ Matrix Transformer::matrix(const std::map<std::string, TensorView>& tensors, con
     return m;
   }
   const int64_t group = spec_.group_size;
-  Q8Weights layout = q8_layout(rows, cols, group);
+  const Q8Weights layout = q8_layout(rows, cols, group);
   const float* scales = vector_f32(tensors, name + ".scales", -1, true);
   check_shape(name + ".scales", tensors.at(name + ".scales"), {rows, layout.n_groups});
   uint8_t* packed = take_packed(size_t(layout.block_bytes) * size_t(layout.n_blocks));

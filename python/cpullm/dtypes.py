@@ -66,21 +66,10 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
-def round_significand(values: np.ndarray, bits: int) -> np.ndarray:
-    """float32 values rounded (half to even) to `bits` significant bits; zeros and non-finite values
-    unchanged."""
-    v = np.asarray(values, dtype=np.float32)
-    mantissa, exponent = np.frexp(v)  # |mantissa| in [0.5, 1)
-    rounded = np.ldexp(np.rint(np.ldexp(mantissa, bits)), exponent - bits).astype(np.float32)
-    return np.where(np.isfinite(v), rounded, v).astype(np.float32)
-
-
 def quantize_q8(weights: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Group-wise symmetric int8 of a [N, K] matrix: (q int8 [N, K], scales float32 [N, ceil(K / group)])
     with weights ~= q * scale. scale = max|w| / 127 per group (a shorter last group when K is not a
-    multiple) rounded to 11 significant bits, q = round-half-even(w / scale). 11 bits are binary16's:
-    the kernels keep the scales as f16 with one exponent offset per matrix (docs/int8.md), which then
-    holds these exactly; the rounding moves a scale by at most 2^-11 of itself."""
+    multiple), q = round-half-even(w / scale): the same arithmetic the kernels apply to activations."""
     w = np.ascontiguousarray(weights, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"quantize_q8 expects a 2-D matrix, got shape {w.shape}")
@@ -89,7 +78,7 @@ def quantize_q8(weights: np.ndarray, group_size: int) -> tuple[np.ndarray, np.nd
     padded = np.zeros((n, groups * group_size), dtype=np.float32)
     padded[:, :k] = w
     blocks = padded.reshape(n, groups, group_size)
-    scales = round_significand(np.abs(blocks).max(axis=2) / np.float32(127), 11)
+    scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
     safe = np.where(scales > 0, scales, np.float32(1))[:, :, None]
     q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8)
     return np.ascontiguousarray(q.reshape(n, -1)[:, :k]), scales
