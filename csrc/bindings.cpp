@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -108,6 +109,30 @@ struct PySequence {
 
 using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
+// Token ids from Python as int32, checked: an integer array (floats are refused rather than cast), 1-D,
+// every id representable (an id past 2^31 would otherwise wrap into the vocabulary). `what` names the
+// call in errors; the range against the vocabulary is Sequence::forward's to check.
+TokenArray token_ids(const py::array& tokens, const char* what) {
+  const char kind = tokens.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw std::invalid_argument(std::string(what) + ": token ids must be integers, got dtype " +
+                                std::string(py::str(tokens.dtype())));
+  if (tokens.ndim() != 1) throw std::invalid_argument(std::string(what) + ": token ids must be a 1-D array");
+  if (py::isinstance<TokenArray>(tokens)) return py::reinterpret_borrow<TokenArray>(tokens);
+  const auto wide = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(tokens);
+  if (!wide) throw std::invalid_argument(std::string(what) + ": token ids must be 64-bit integers or narrower");
+  TokenArray ids(wide.shape(0));
+  int32_t* out = ids.mutable_data();
+  for (py::ssize_t i = 0; i < wide.shape(0); ++i) {
+    const int64_t v = wide.data()[i];
+    // (uint64 ids past 2^63 arrive negative: refused as well, if not by value.)
+    if (v < INT32_MIN || v > INT32_MAX)
+      throw std::invalid_argument(std::string(what) + ": token id " + std::to_string(v) + " is outside the vocabulary");
+    out[i] = static_cast<int32_t>(v);
+  }
+  return ids;
+}
+
 // The number of token ids in a 1-D array, checked to fit an int (`what` names the call in errors).
 int token_count(const TokenArray& tokens, const char* what) {
   if (tokens.ndim() != 1) throw std::invalid_argument(std::string(what) + ": token ids must be a 1-D array");
@@ -116,7 +141,8 @@ int token_count(const TokenArray& tokens, const char* what) {
   return n;
 }
 
-py::array_t<float> forward(PySequence& ps, const TokenArray& tokens, bool all_logits, int n_threads) {
+py::array_t<float> forward(PySequence& ps, const py::array& token_array, bool all_logits, int n_threads) {
+  const TokenArray tokens = token_ids(token_array, "forward");
   const int n = token_count(tokens, "forward");
   const int vocab = ps.owner->model->spec().vocab_size;
   const py::ssize_t rows = all_logits ? n : 1;
@@ -433,6 +459,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PySequence>(m, "Sequence")
       .def(py::init([](std::shared_ptr<PyTransformer> t, const std::string& kv_dtype) {
+             if (!t || !t->model) throw std::invalid_argument("Sequence: model must be a loaded Transformer, got None");
              KVType kv;
              if (kv_dtype == "f32")
                kv = KVType::F32;
@@ -457,7 +484,8 @@ PYBIND11_MODULE(_C, m) {
            "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")
       .def("forward", &forward, py::arg("tokens"), py::arg("all_logits"), py::arg("threads"),
            "Runs new tokens after the cached ones; returns logits [T or 1, vocab].")
-      .def("feed", [](PySequence& ps, const TokenArray& tokens, int n_threads) {
+      .def("feed", [](PySequence& ps, const py::array& token_array, int n_threads) {
+             const TokenArray tokens = token_ids(token_array, "feed");
              const int n = token_count(tokens, "feed");
              const int32_t* ids = tokens.data();
              py::gil_scoped_release release;

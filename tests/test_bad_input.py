@@ -218,6 +218,17 @@ def test_native_layer_checks_what_it_is_handed(model_dir: Path) -> None:
         sequence.forward(np.array([5, 100000], np.int32), True, 1)
     with pytest.raises(ValueError, match="thread count"):
         sequence.forward(np.array([5], np.int32), True, 0)
+    # ids are integers that fit: floats are not cast, wide ids do not wrap into the vocabulary
+    for bad, message in [(np.array([1.5]), "must be integers"), (np.array([2**32 + 1], np.int64), "outside the vocabulary"),
+                         (np.array([2**63], np.uint64), "outside the vocabulary"), (np.array([[1]], np.int32), "1-D")]:
+        with pytest.raises(ValueError, match=message):
+            sequence.forward(bad, True, 1)
+        with pytest.raises(ValueError, match=message):
+            sequence.feed(bad, 1)
+    np.testing.assert_array_equal(cpullm._C.Sequence(model._model()).forward(np.array([3, 4], np.uint16), True, 1),
+                                  cpullm._C.Sequence(model._model()).forward(np.array([3, 4], np.int32), True, 1))
+    with pytest.raises(ValueError, match="got None"):
+        cpullm._C.Sequence(None, "f32")
     sequence.forward(np.arange(8, dtype=np.int32), False, 1)
     with pytest.raises(ValueError, match="exceed the context length 8"):
         sequence.forward(np.array([1], np.int32), False, 1)

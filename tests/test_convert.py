@@ -68,8 +68,28 @@ def test_refuses_to_overwrite_without_force(source: Path, tmp_path: Path) -> Non
     with pytest.raises(FileExistsError, match="--force"):
         convert(source, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only an earlier conversion: a directory of anything else stays as it was
+    with pytest.raises(FileExistsError, match="not a cpullm-converted directory"):
+        convert(source, out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    convert(source, out, progress=False)
+    (out / "stale.txt").write_text("from the last conversion")
     convert(source, out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "cpullm.json").exists()
+    assert not (out / "stale.txt").exists() and (out / "cpullm.json").exists()
+
+
+def test_refuses_an_output_directory_that_contains_the_source(tmp_path: Path, source: Path) -> None:
+    """`cpullm convert parent/model parent --force` must not delete the model (or its neighbours)."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(source, parent / "model")
+    (parent / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(ValueError, match="contains the source"):
+            convert(parent / "model", parent, force=force, progress=False)
+    assert (parent / "notes.txt").read_text() == "mine" and (parent / "model" / "config.json").exists()
 
 
 def test_failed_conversion_leaves_nothing(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,8 @@ def convert(
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.resolve() == target.resolve():
         raise ValueError("the output directory must differ from the source")
+    if target.resolve() in source.resolve().parents:
+        raise ValueError(f"the output directory {target} contains the source {source}; choose another")
     if source.is_dir() and is_converted(source):
         raise ModelFormatError(f"{source}: already in the converted format")
     if source.is_file() and is_gguf(source):

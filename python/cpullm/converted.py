@@ -106,6 +106,11 @@ def write_converted(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite)")
+        if not (out.is_dir() and is_converted(out)):
+            # --force replaces an earlier conversion, never a directory or file of anything else (a slip
+            # such as `cpullm convert model ~ --force` must not delete a home directory).
+            raise FileExistsError(f"{out} exists and is not a cpullm-converted directory; --force only replaces "
+                                  "one (choose a new or empty output directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     writer = _SafetensorsStreamWriter(staging)
