@@ -141,3 +141,25 @@ def test_bad_sampling_flags_give_one_clear_line(word_model: Path, args: list[str
     result = _cli("chat", str(word_model), *args, stdin="")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_input_that_is_not_utf8_reads_as_replacement_characters(word_model: Path) -> None:
+    """Bytes that are not UTF-8, on standard input or in -p / --system, become U+FFFD as they are read,
+    so a chat goes on (as a prompt with U+FFFD where they were) instead of dying with a traceback."""
+    model = cpullm.load(word_model, threads=1)
+    expected = model.generate("the \ufffd capital", 4)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    for args, stdin in [(["generate", "-p", b"the \xff capital"], None), (["generate"], b"the \xff capital")]:
+        argv = [sys.executable.encode(), b"-m", b"cpullm", *(a if isinstance(a, bytes) else a.encode() for a in args),
+                str(word_model).encode(), b"-n", b"4", b"--threads", b"1"]
+        result = subprocess.run(argv, input=stdin, capture_output=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode() == expected + "\n"
+    session = model.chat(max_tokens=3)
+    first = session.send("hi \ufffd there")
+    chat = subprocess.run([sys.executable, "-m", "cpullm", "chat", str(word_model), "-n", "3", "--threads", "1"],
+                          input=b"hi \xfe there\n", capture_output=True, env=env, timeout=120)
+    assert chat.returncode == 0 and b"Traceback" not in chat.stderr
+    assert chat.stdout.decode() == ">>> " + first + "\n>>> \n"
+    with pytest.raises(ValueError, match="lone surrogate U\\+DCFF at index 1"):
+        model.generate("a\udcffb", 2)

@@ -212,6 +212,9 @@ def test_same_seed_same_tokens() -> None:
         (dict(min_p=1.5), "min_p"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
         (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        # finite in Python, infinite in the native sampler's float32
+        (dict(temperature=1e39), "temperature must be a finite number >= 0 and <= 3.4e"),
+        (dict(repetition_penalty=1e308), "repetition_penalty must be a finite number > 0 and <= 3.4e"),
         (dict(seed=-3), "seed must be an integer >= 0"),
         (dict(seed=1.5), "seed"),
     ],
@@ -288,3 +291,14 @@ def test_generation_stops_at_the_context_limit(make_llama: Any) -> None:
     # logits and needs no position of its own.
     assert len(tokens) == 11 and stats.finish_reason == "context"
     assert stats.prompt_tokens == stats.processed_tokens == 30
+
+
+def test_top_k_beyond_any_vocabulary_keeps_every_token() -> None:
+    """top_k past int64 (or any value >= the vocabulary) means every token, as top_k=0 does."""
+    logits = np.random.default_rng(3).standard_normal(50).astype(np.float32)
+    ids_all, probs_all = filter_distribution(logits, SamplingParams(temperature=0.8))
+    for top_k in (50, 2**40, 2**63, 2**80):
+        ids, probs = filter_distribution(logits, SamplingParams(temperature=0.8, top_k=top_k))
+        order, order_all = np.argsort(ids), np.argsort(ids_all)
+        np.testing.assert_array_equal(ids[order], ids_all[order_all])
+        np.testing.assert_allclose(probs[order], probs_all[order_all], rtol=1e-6)

@@ -151,6 +151,7 @@ class ChatREPL:
 
 
 def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
+    from .cli import as_text
     from .loader import load
 
     for stream in (sys.stdout, sys.stderr):
@@ -160,7 +161,8 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
     model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
                  fast_prefill=args.fast_prefill)
     with model:
-        session = model.chat(system=args.system, on_overflow=args.on_overflow, **sampling)
+        system = None if args.system is None else as_text(args.system)
+        session = model.chat(system=system, on_overflow=args.on_overflow, **sampling)
         if sys.stdin.isatty():
             sys.stderr.write(f"cpullm chat: {model.source} ({model.dtype}, {model.threads} threads, "
                              f"context {model.spec.max_context}, {model.kv_cache_dtype} KV cache). "

@@ -79,11 +79,17 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
     return {**options, "stop": args.stop}
 
 
+def as_text(value: str) -> str:
+    """Command-line text with undecodable bytes (which Python keeps in argv as lone surrogates) turned
+    into U+FFFD, as standard input's are (see main)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .loader import load
 
     options = _sampling_options(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = as_text(args.prompt) if args.prompt is not None else sys.stdin.read()
     model = load(args.model, dtype=args.dtype, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
                  fast_prefill=args.fast_prefill)
     with model:
@@ -257,8 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD, not a crash mid-chat
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader went away (`cpullm generate ... | head`): nothing left to say
+        try:
+            sys.stdout = open(os.devnull, "w")  # so that the interpreter's final flush stays quiet
+        except OSError:
+            pass
+        return 0
     except (CpullmError, ValueError, OSError) as e:  # FileExistsError, FileNotFoundError among them
         print(f"cpullm: error: {e}", file=sys.stderr)
         return 2

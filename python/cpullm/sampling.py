@@ -33,6 +33,12 @@ __all__ = ["SamplingParams", "Sampler", "filter_distribution", "resolve_sampling
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
+# The native sampler works in float32: larger "finite" values would be infinities there.
+_F32_MAX = float(np.finfo(np.float32).max)
+# top_k at least the vocabulary keeps every token; larger values go to the native sampler as this.
+_TOP_K_ALL = 2**62
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
@@ -55,8 +61,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if not _is_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= _F32_MAX:
+            raise ValueError(f"temperature must be a finite number >= 0 and <= {_F32_MAX:.3g} (0 means greedy), got {t!r}")
         if not _is_integer(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}")
         p = self.top_p
@@ -66,8 +72,8 @@ class SamplingParams:
         if not _is_number(m) or not (0.0 <= m <= 1.0):
             raise ValueError(f"min_p must be a number in [0, 1] (0 switches it off), got {m!r}")
         r = self.repetition_penalty
-        if not _is_number(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 switches it off), got {r!r}")
+        if not _is_number(r) or not math.isfinite(r) or not 0 < r <= _F32_MAX:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 and <= {_F32_MAX:.3g} (1 switches it off), got {r!r}")
         if self.seed is not None and (not _is_integer(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
         # Store plain Python numbers whatever the caller passed (NumPy scalars, ints for floats).
@@ -124,7 +130,8 @@ _NO_IDS = np.empty(0, dtype=np.int64)
 
 def _native_args(params: SamplingParams, seen: np.ndarray | None) -> tuple[Any, ...]:
     ids = _NO_IDS if seen is None or params.repetition_penalty == 1.0 else seen
-    return (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty, ids)
+    return (params.temperature, min(params.top_k, _TOP_K_ALL), params.top_p, params.min_p, params.repetition_penalty,
+            ids)
 
 
 def filter_distribution(
