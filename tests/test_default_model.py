@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import cpullm
@@ -124,6 +125,14 @@ def test_fetch_prepare_and_reuse(offline: hub.KnownModel, monkeypatch: pytest.Mo
         assert m.logits([1, 2, 3]).shape == (3, m.spec.vocab_size)
     row = next(r for r in hub.list_models() if r["name"] == "test-tiny")
     assert row["cached"] and row["path"] == str(path) and row["bytes"] > (path / "model.safetensors").stat().st_size
+    # other weights than the cached int8 come from the GGUF beside it, still without pip
+    gguf = hub.models_dir() / "test-tiny" / "tiny.gguf"
+    with cpullm.load("test-tiny", dtype="f32") as f32, cpullm.load("test-tiny", group_size=64) as int8_64:
+        assert f32.source == gguf and f32.dtype == "f32"
+        assert int8_64.source == gguf and int8_64.spec.group_size == 64
+        np.testing.assert_array_equal(f32.logits([1, 2, 3]), cpullm.load(gguf, dtype="f32").logits([1, 2, 3]))
+    with pytest.raises(cpullm.ModelNotFoundError, match="empty"):
+        cpullm.load("")
 
 
 def test_wheel_checksum_is_enforced(offline: hub.KnownModel, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -311,11 +311,18 @@ def _reuse_gguf(model: KnownModel, directory: Path, staging: Path) -> Path | Non
     return target
 
 
-def resolve(name_or_path: Any) -> Any:
+def resolve(name_or_path: Any, requantize: bool = False) -> Any:
     """What ``cpullm.load`` opens: an existing path as it is, a known model name as its cached path
-    (fetched on first use), anything else unchanged (load reports it)."""
+    (fetched on first use), anything else unchanged (load reports it). ``requantize``: the caller wants
+    weights other than the cached int8 conversion (another dtype or group size), so a known name gives
+    the GGUF the conversion was made from, which sits beside it."""
     if isinstance(name_or_path, str) and not os.path.exists(name_or_path) and is_known(name_or_path):
-        return ensure_model(name_or_path)
+        path = ensure_model(name_or_path)
+        if requantize:
+            gguf = path.parent / Path(KNOWN_MODELS[canonical_name(name_or_path)].member).name
+            if gguf.is_file():
+                return gguf
+        return path
     return name_or_path
 
 

@@ -117,7 +117,10 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     n_threads = resolve_threads(threads)
     group = check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
-    source = Path(resolve_name(path))  # a known model name -> its cached file, fetched on first use
+    if not str(path):
+        raise ModelNotFoundError("cpullm.load: the path is empty")
+    # A known model name -> its cached int8 conversion, fetched on first use (or the GGUF it came from).
+    source = Path(resolve_name(path, requantize=dtype not in (None, "int8") or group_size is not None))
     if not source.exists():
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():
