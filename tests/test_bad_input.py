@@ -248,3 +248,46 @@ def test_closed_model_refuses_work(model_dir: Path) -> None:
         model.logits([1, 2, 3])
     with pytest.raises(cpullm.CpullmError, match="closed"):
         model.logits([1, 2, 3])
+
+
+def test_files_beside_the_weights_that_are_not_what_they_should_be(make_llama: Any, tmp_path: Path) -> None:
+    """tokenizer_config.json that is no object, a chat template that is not UTF-8, and a converted
+    directory without its config.json each raise ModelFormatError naming the file; an eos_token_id that
+    holds no id falls back to the next source instead of never stopping."""
+    from chat_util import make_word_chat_model
+
+    from cpullm.convert import convert
+
+    source = make_word_chat_model(make_llama, seed=3)
+    for name, content, message in [("tokenizer_config.json", b"[1, 2]", "expected a JSON object"),
+                                   ("chat_template.jinja", b"{{ '\xff' }}", "not a readable UTF-8 template")]:
+        directory = tmp_path / name
+        shutil.copytree(source, directory)
+        (directory / name).write_bytes(content)
+        with pytest.raises(cpullm.ModelFormatError, match=message):
+            cpullm.load(directory)
+    converted = convert(source, tmp_path / "converted", dtype="f32", progress=False)
+    (converted / "config.json").unlink()
+    with pytest.raises(cpullm.ModelFormatError, match="config.json is missing"):
+        cpullm.load(converted)
+    fallback = tmp_path / "eos"
+    shutil.copytree(source, fallback)
+    (fallback / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    config_eos = json.loads((source / "config.json").read_text())["eos_token_id"]
+    assert isinstance(config_eos, int) and cpullm.load(fallback).eos_token_ids == (config_eos,)
+
+
+def test_generation_options_of_other_types(make_llama: Any) -> None:
+    """NumPy integers count as integers; a single stop id is one id; bytes are not stop strings."""
+    from chat_util import make_word_chat_model
+
+    model = cpullm.load(make_word_chat_model(make_llama, seed=3), threads=1)
+    assert model.generate("the", np.int64(3)) == model.generate("the", 3)
+    assert model.chat(max_tokens=np.int32(2)).send("hi") == model.chat(max_tokens=2).send("hi")
+    first = model.tokenizer.encode(model.generate("the", 1), add_special_tokens=False)[0]
+    assert list(model.generate_tokens(model.tokenizer.encode("the"), 5, stop_token_ids=first)) == []
+    assert list(model.generate_tokens(model.tokenizer.encode("the"), 5, stop_token_ids=np.int64(first))) == []
+    for bad, message in [(dict(stop_token_ids="5"), "must be integers"), (dict(stop_token_ids=1.5), "token ids"),
+                         (dict(stop=b"a"), "got bytes")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate("the", 3, **bad)

@@ -37,12 +37,48 @@ def test_prompt_ids_match_transformers_for_multi_turn_conversations(tmp_path: Pa
                                                                               add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_transformers_options_of_apply_chat_template(tmp_path: Path, kind: str) -> None:
+    """tokenize=False, return_dict=True and continue_final_message=True (the assistant's last message
+    left open, for the model to go on with) give what transformers gives."""
+    from transformers import AutoTokenizer
+
+    write_chat_tokenizer(tmp_path, kind, TEMPLATES[kind])
+    ours = cpullm.tokenizer.Tokenizer.from_directory(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    assert ours is not None
+    messages = TURNS[:3] + [{"role": "assistant", "content": "Well, the answer is"}]
+    for prompt in (True, False):
+        assert ours.apply_chat_template(TURNS[:3], prompt, tokenize=False) == reference.apply_chat_template(
+            TURNS[:3], add_generation_prompt=prompt, tokenize=False)
+    expected = reference.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert expected.endswith("the answer is")
+    assert ours.apply_chat_template(messages, continue_final_message=True, tokenize=False) == expected
+    ids = ours.apply_chat_template(messages, continue_final_message=True)
+    assert ids == _hf_ids_continued(reference, messages)
+    assert ours.apply_chat_template(messages, continue_final_message=True, return_dict=True) == {
+        "input_ids": ids, "attention_mask": [1] * len(ids)}
+    with pytest.raises(ValueError, match="not compatible"):
+        ours.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+
+
+def _hf_ids_continued(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = tok.apply_chat_template(messages, tokenize=True, continue_final_message=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 def test_template_exceptions_are_clear(tmp_path: Path) -> None:
     write_chat_tokenizer(tmp_path, "llama2", LLAMA2, spm=True)
     tok = cpullm.tokenizer.Tokenizer.from_directory(tmp_path)
     assert tok is not None
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    # content the template cannot concatenate, and messages that are not dicts
+    with pytest.raises(ChatTemplateError, match="the chat template failed"):
+        tok.apply_chat_template([{"role": "user", "content": None}])
+    for bad in ("hello", [["user", "hi"]], None):
+        with pytest.raises(ChatTemplateError, match="must be"):
+            tok.apply_chat_template(bad)
 
 
 # --- sessions on a tiny random model ---------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ContextOverflowError, CpullmError
-from .generation import GenerationStats, decode, prefill, resync
+from .generation import GenerationStats, check_max_tokens, decode, prefill, resync
 from .sampling import Sampler, SamplingParams
 from .streaming import TextStream, normalize_stop
 
@@ -170,9 +170,7 @@ class ChatSession:
         return self._run(turn, prompt_ids, params, max_tokens, stops)
 
     def _resolve(self, options: Mapping[str, Any]) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
-        max_tokens = options.get("max_tokens")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
-            raise ValueError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
+        max_tokens = check_max_tokens(options.get("max_tokens"))
         params = self.model.sampling_params(**{k: options.get(k) for k in _SAMPLING_KEYS})
         return params, max_tokens, normalize_stop(options.get("stop"))
 

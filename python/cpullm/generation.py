@@ -125,3 +125,12 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
         logits = sequence.forward(step, False, threads)[-1]
         cached.append(token)
         stats.generation_seconds += time.perf_counter() - start
+
+
+def check_max_tokens(max_tokens: object) -> int | None:
+    """max_tokens as a plain int (or None): an integer >= 0, NumPy's included."""
+    if max_tokens is None:
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
+    return int(max_tokens)

@@ -46,7 +46,10 @@ def _load_converted(directory: Path, dtype: str | None, threads: int, context_le
             f"{directory} was converted to {stored_dtype}; load it with dtype={stored_dtype!r} (or None), "
             f"or convert the source again with --dtype {dtype}"
         )
-    config = read_json(directory / "config.json")
+    try:
+        config = read_json(directory / "config.json")
+    except FileNotFoundError:
+        raise ModelFormatError(f"{directory}: config.json is missing (convert the model again)") from None
     return _assemble(directory, config, _cap_context(spec, context_length), tensors, stored_dtype, threads)
 
 

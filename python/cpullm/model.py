@@ -12,7 +12,7 @@ import numpy as np
 from . import _C
 from .dtypes import check_fast_prefill, check_kv_cache_dtype, default_kv_cache_dtype
 from .errors import ContextOverflowError, CpullmError, ModelFormatError
-from .generation import GenerationStats, decode, prefill
+from .generation import GenerationStats, check_max_tokens, decode, prefill
 from .sampling import Sampler, SamplingParams, resolve_sampling
 from .spec import ModelSpec
 from .streaming import TextStream, normalize_stop
@@ -161,7 +161,17 @@ class Model:
         return resolve_sampling(self.generation_config, **overrides)
 
     def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> frozenset[int]:
-        return frozenset(self.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+        if stop_token_ids is None:
+            return frozenset(self.eos_token_ids)
+        if isinstance(stop_token_ids, (int, np.integer)) and not isinstance(stop_token_ids, bool):
+            stop_token_ids = [stop_token_ids]  # one id, as transformers' eos_token_id may be
+        try:
+            ids = list(stop_token_ids)
+        except TypeError:
+            raise ValueError(f"stop_token_ids must be token ids (a list of integers), got {stop_token_ids!r}") from None
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+            raise ValueError(f"stop_token_ids must be integers, got {ids!r}")
+        return frozenset(int(t) for t in ids)
 
     def generate_tokens(
         self,
@@ -183,7 +193,7 @@ class Model:
         ``temperature=0`` is greedy. ``stats``: a ``GenerationStats`` to fill in. Arguments are checked
         here, before the first token is asked for."""
         self._model()
-        _check_max_tokens(max_tokens)
+        max_tokens = check_max_tokens(max_tokens)
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repetition_penalty=repetition_penalty, seed=seed)
         ids = self._token_array(prompt_ids)
@@ -281,19 +291,20 @@ class Model:
         )
 
 
-def _check_max_tokens(max_tokens: object) -> None:
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
-        raise ValueError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
 
 
 def _eos_ids(generation_config: Mapping[str, Any], config: Mapping[str, Any],
              tokenizer: Tokenizer | None = None) -> tuple[int, ...]:
     """Every end-of-sequence id: generation_config.json's (a list where the model has several), else
     config.json's, else the tokenizer's ``eos_token`` (an explicit empty list means none)."""
-    value = generation_config.get("eos_token_id")
-    if value is None:
-        value = config.get("eos_token_id")
-    if value is None and tokenizer is not None:
-        value = tokenizer.eos_token_id
-    values = value if isinstance(value, list) else [value]
-    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+    sources = [generation_config.get("eos_token_id"), config.get("eos_token_id"),
+               tokenizer.eos_token_id if tokenizer is not None else None]
+    for value in sources:
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        ids = tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+        if ids or value == []:
+            return ids
+        # a value that holds no id at all (say "x"): the next source's, rather than never stopping
+    return ()

@@ -80,6 +80,8 @@ def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(stop, str):
         stop = [stop]
+    if isinstance(stop, (bytes, bytearray)):
+        raise ValueError("stop must be a string or a list of strings, got bytes (decode them first)")
     try:
         values = tuple(stop)
     except TypeError:

@@ -90,6 +90,31 @@ def _alias_reasoning(message: Mapping[str, Any]) -> Any:
     return message
 
 
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(chat: list[Any]) -> tuple[list[Any], str]:
+    """The chat with _CONTINUE_TAG appended to the last message's text (its content, or the last text
+    block of a list content), and that text."""
+    if not chat:
+        raise ChatTemplateError("continue_final_message is set but the conversation is empty")
+    last = dict(chat[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        final, last["content"] = content, content + _CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in content]
+        index = next((i for i in reversed(range(len(blocks))) if isinstance(blocks[i], dict) and "text" in blocks[i]), None)
+        if index is None:
+            raise ChatTemplateError("continue_final_message is set but the final message has no text to continue")
+        final = str(blocks[index]["text"])
+        blocks[index]["text"] = final + _CONTINUE_TAG
+        last["content"] = blocks
+    else:
+        raise ChatTemplateError('continue_final_message is set but the final message has no "content" to continue')
+    return [*chat[:-1], last], final
+
+
 def _token_text(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens either as strings or as AddedToken objects.
     if isinstance(value, str):
@@ -128,10 +153,15 @@ class Tokenizer:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ModelFormatError(f"{config_path}: not readable JSON: {e}") from e
+            if not isinstance(config, dict):
+                raise ModelFormatError(f"{config_path}: expected a JSON object")
         template = config.get("chat_template")
         jinja_path = directory / "chat_template.jinja"
         if jinja_path.exists():  # transformers 5 writes the template here and prefers it
-            template = jinja_path.read_text(encoding="utf-8")
+            try:
+                template = jinja_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelFormatError(f"{jinja_path}: not a readable UTF-8 template: {e}") from e
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
             template = named.get("default")
@@ -175,26 +205,57 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **extra: Any) -> str:
         """The conversation rendered by the chat template, with the variables transformers passes: the
         messages, ``add_generation_prompt``, ``tools`` and ``documents`` (None unless given), the named
-        special tokens (``bos_token``, ``eos_token``, ...), and any ``extra`` keyword arguments."""
+        special tokens (``bos_token``, ``eos_token``, ...), and any ``extra`` keyword arguments.
+        ``continue_final_message``: the text ends inside the last message, for the model to go on with it
+        (transformers' way: a marker appended to that message's text, the render cut where it lands)."""
         if self.chat_template is None:
             raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
         if self._compiled is None:
             self._compiled = _compile_template(self.chat_template)
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ChatTemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        if any(not isinstance(m, Mapping) for m in messages):
+            raise ChatTemplateError("every message must be a dict such as {'role': 'user', 'content': '...'}")
         chat = [_alias_reasoning(m) for m in messages]
+        final = None
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt are not compatible: the first goes "
+                                 "on with the last message, the second starts a new assistant message")
+            chat, final = _tag_final_message(chat)
         variables = {"tools": None, "documents": None, **self.special_tokens, **extra}
         try:
-            return self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+            text = self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template failed: {e}") from e
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # e.g. content that is not text
+            raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
+        if final is None:
+            return text
+        if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+            raise ChatTemplateError("continue_final_message: the final message does not appear in the rendered chat "
+                                    "(the template rewrites it)")
+        at = text.rindex(_CONTINUE_TAG.strip())
+        return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any
-    ) -> list[int]:
-        """Token ids of the rendered conversation. The rendered text already holds its special tokens,
-        so none are added again (no second BOS)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_special_tokens=False)
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool | None = None, *,
+        tokenize: bool = True, return_dict: bool = False, continue_final_message: bool = False, **extra: Any
+    ) -> Any:
+        """Token ids of the rendered conversation, as transformers' ``apply_chat_template`` gives them. The
+        rendered text already holds its special tokens, so none are added again (no second BOS).
+        ``add_generation_prompt``: default True (the reply comes next), unless ``continue_final_message``.
+        ``tokenize=False``: the rendered text instead. ``return_dict``: ``{"input_ids", "attention_mask"}``."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        text = self.render_chat(messages, add_generation_prompt, continue_final_message, **extra)
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)} if return_dict else ids
