@@ -273,8 +273,9 @@ def test_files_beside_the_weights_that_are_not_what_they_should_be(make_llama: A
     fallback = tmp_path / "eos"
     shutil.copytree(source, fallback)
     (fallback / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
-    config_eos = json.loads((source / "config.json").read_text())["eos_token_id"]
-    assert isinstance(config_eos, int) and cpullm.load(fallback).eos_token_ids == (config_eos,)
+    assert json.loads((source / "config.json").read_text()).get("eos_token_id") is None  # so: the tokenizer's
+    model = cpullm.load(fallback)
+    assert model.eos_token_ids == (model.tokenizer.eos_token_id,) != ()
 
 
 def test_generation_options_of_other_types(make_llama: Any) -> None:
