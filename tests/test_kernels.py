@@ -484,3 +484,18 @@ def test_attend_several_heads_of_a_group_matches_numpy(isa: str, n_q: int, n: in
     assert np.max(np.abs(got - expected)) <= bound
     for h in range(n_q):  # one head alone gives the same numbers
         np.testing.assert_array_equal(C.attend(q[h], k, v, scale, first), got[h])
+
+
+def test_a_forced_kernel_path_the_cpu_cannot_run_is_reported() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import cpullm, cpullm._C as C; print(C.get_isa())"
+    env = {**os.environ, "CPULLM_ISA": "bogus"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == C.cpu_features()["available_isas"][-1]
+    assert "CPULLM_ISA='bogus' is not a kernel path this CPU can run" in result.stderr
+    quiet = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "CPULLM_ISA": "scalar"}, timeout=60)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "scalar", quiet.stderr

@@ -163,3 +163,20 @@ def test_cli_bad_arguments_give_one_clear_line(make_llama: Any, args: list[str],
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_default_thread_count_follows_omp_num_threads_and_cpu_quotas(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpullm import threads
+
+    monkeypatch.setattr(threads, "physical_cores", lambda: 8)
+    monkeypatch.setattr(threads, "_cgroup_cpu_limit", lambda: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.default_threads() == 8
+    for value, expected in [("3", 3), ("2,1", 2), ("16", 8), ("0", 8), ("many", 8), ("", 8)]:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert threads.default_threads() == expected, value
+    monkeypatch.setattr(threads, "_cgroup_cpu_limit", lambda: 2)
+    assert threads.default_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    if threads._has_openmp():
+        assert threads.resolve_threads(None) == 2 and threads.resolve_threads(5) == 5

@@ -203,14 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_cmd_chat)
 
     convert = sub.add_parser("convert", help="convert a model into cpullm's fast format",
-                             description="Convert a Hugging Face model directory into cpullm's converted format "
-                                         "(memory-mapped at load, weights in the chosen dtype).")
-    convert.add_argument("source", help="a Hugging Face model directory")
+                             description="Convert a Hugging Face model directory or a GGUF file into cpullm's "
+                                         "converted format (memory-mapped at load, weights in the chosen dtype; "
+                                         "Q8_0 GGUF tensors go to int8 as they are stored).")
+    convert.add_argument("source", help="a Hugging Face model directory or a .gguf file")
     convert.add_argument("output", help="the directory to write (must be empty or absent unless --force)")
     convert.add_argument("--dtype", choices=["int8", "bf16", "f32"], default="int8", help="weight type (default: int8)")
     convert.add_argument("--group-size", type=_positive_int, default=32,
                          help="inputs per int8 scale, a multiple of 32 (default: 32)")
-    convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    convert.add_argument("--force", action="store_true", help="replace an earlier conversion in OUTPUT")
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=_cmd_convert)
 

@@ -72,4 +72,29 @@ def resolve_threads(threads: int | None) -> int:
             warnings.warn(f"this cpullm build has no OpenMP: threads={threads} runs on one thread (on macOS: "
                           "brew install libomp, then reinstall cpullm)", RuntimeWarning, stacklevel=3)
         return 1  # more would only cut the matmuls into smaller pieces for the one thread
-    return physical_cores() if threads is None else threads
+    return default_threads() if threads is None else threads
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """CPUs a cgroup v2 quota allows this process (a container's --cpus), rounded up; None without one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def default_threads() -> int:
+    """The physical cores available, capped by OMP_NUM_THREADS (when it holds a positive integer, as
+    OpenMP programs and PyTorch read it) and by a container's CPU quota: threads beyond a quota are
+    descheduled in turn and hold every step's barrier back."""
+    limits = [physical_cores()]
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        limits.append(int(omp))
+    quota = _cgroup_cpu_limit()
+    if quota is not None:
+        limits.append(quota)
+    return min(limits)
