@@ -112,7 +112,10 @@ using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecas
 // Token ids from Python as int32, checked: an integer array (floats are refused rather than cast), 1-D,
 // every id representable (an id past 2^31 would otherwise wrap into the vocabulary). `what` names the
 // call in errors; the range against the vocabulary is Sequence::forward's to check.
-TokenArray token_ids(const py::array& tokens, const char* what) {
+TokenArray token_ids(const py::object& given, const char* what) {
+  // A list or tuple of ids becomes an array first (ints give int64, floats float64: refused below).
+  const py::array tokens = py::isinstance<py::array>(given) ? py::reinterpret_borrow<py::array>(given)
+                                                             : py::array(py::module_::import("numpy").attr("asarray")(given));
   const char kind = tokens.dtype().kind();
   if (kind != 'i' && kind != 'u')
     throw std::invalid_argument(std::string(what) + ": token ids must be integers, got dtype " +
@@ -141,7 +144,7 @@ int token_count(const TokenArray& tokens, const char* what) {
   return n;
 }
 
-py::array_t<float> forward(PySequence& ps, const py::array& token_array, bool all_logits, int n_threads) {
+py::array_t<float> forward(PySequence& ps, const py::object& token_array, bool all_logits, int n_threads) {
   const TokenArray tokens = token_ids(token_array, "forward");
   const int n = token_count(tokens, "forward");
   const int vocab = ps.owner->model->spec().vocab_size;
@@ -484,7 +487,7 @@ PYBIND11_MODULE(_C, m) {
            "Sizes the cache for min(positions, max_context) positions ahead of time (backed as written).")
       .def("forward", &forward, py::arg("tokens"), py::arg("all_logits"), py::arg("threads"),
            "Runs new tokens after the cached ones; returns logits [T or 1, vocab].")
-      .def("feed", [](PySequence& ps, const py::array& token_array, int n_threads) {
+      .def("feed", [](PySequence& ps, const py::object& token_array, int n_threads) {
              const TokenArray tokens = token_ids(token_array, "feed");
              const int n = token_count(tokens, "feed");
              const int32_t* ids = tokens.data();

@@ -479,6 +479,19 @@ def test_configs_are_read_as_transformers_reads_them(quirk: str, tmp_path: Path)
     assert rel_err(cpullm.load(converted, threads=2).logits(ids), expected) < F32_TOL
 
 
+def test_partial_rotary_with_a_scaled_rope_outside_phi3_is_refused() -> None:
+    """transformers' Llama fails on such a config (its scaled table covers part of a head it rotates
+    whole): refused by name rather than run one way or the other."""
+    from cpullm.errors import UnsupportedModelError
+    from cpullm.spec import spec_from_hf_config
+
+    config = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                  intermediate_size=64, vocab_size=100, partial_rotary_factor=0.5)
+    assert spec_from_hf_config(config).rotary_dim == 16  # the default rope: the whole head, as transformers
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor 0.5 with rope type 'linear'"):
+        spec_from_hf_config({**config, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
 def test_gguf_with_biases_the_model_does_not_apply_is_refused(tmp_path: Path) -> None:
     """llama.cpp applies any bias a Llama-architecture GGUF holds (output and FFN projections too); the
     canonical model has none there, so such a file is refused by name rather than run without them."""

@@ -229,6 +229,10 @@ def test_native_layer_checks_what_it_is_handed(model_dir: Path) -> None:
                                   cpullm._C.Sequence(model._model()).forward(np.array([3, 4], np.int32), True, 1))
     with pytest.raises(ValueError, match="got None"):
         cpullm._C.Sequence(None, "f32")
+    np.testing.assert_array_equal(cpullm._C.Sequence(model._model()).forward([3, 4], True, 1),  # lists too
+                                  cpullm._C.Sequence(model._model()).forward(np.array([3, 4], np.int32), True, 1))
+    with pytest.raises(ValueError, match="must be integers"):
+        cpullm._C.Sequence(model._model()).forward([3.0], True, 1)
     sequence.forward(np.arange(8, dtype=np.int32), False, 1)
     with pytest.raises(ValueError, match="exceed the context length 8"):
         sequence.forward(np.array([1], np.int32), False, 1)

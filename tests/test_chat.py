@@ -62,6 +62,25 @@ def test_transformers_options_of_apply_chat_template(tmp_path: Path, kind: str) 
         ours.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
 
 
+def test_message_keys_holding_none_are_dropped_as_transformers_does(tmp_path: Path) -> None:
+    """OpenAI-style messages carry content=None beside tool_calls: transformers drops None-valued keys
+    before rendering, so a template that prints content does not print "None"."""
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                "{% if m['tool_calls'] %}[call {{ m['tool_calls'][0]['name'] }}]{% endif %}{% endfor %}")
+    write_tokenizer(tmp_path, chat_template=template)
+    ours = cpullm.tokenizer.Tokenizer.from_directory(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    assert ours is not None
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"name": "get"}]}]
+    expected = reference.apply_chat_template(messages, tokenize=False)
+    assert "None" not in expected and ours.render_chat(messages, add_generation_prompt=False) == expected
+    with pytest.raises(ChatTemplateError, match="continue_final_message may be True or 'content'"):
+        ours.apply_chat_template(messages[:1], continue_final_message="reasoning_content")
+
+
 def _hf_ids_continued(tok: Any, messages: list[dict[str, str]]) -> list[int]:
     ids = tok.apply_chat_template(messages, tokenize=True, continue_final_message=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

@@ -131,7 +131,7 @@ def test_chat_reads_lines_from_a_pipe(word_model: Path) -> None:
         (["--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--top-p", "0"], "top_p must be a number in (0, 1]"),
         (["--min-p", "2"], "min_p must be a number in [0, 1]"),
-        (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be a number in [1e-06, 1e+06]"),
         (["--top-k", "-5"], "expected an integer >= 0"),
         (["--stop", ""], "stop strings must not be empty"),
         (["--on-overflow", "truncate"], "invalid choice"),

@@ -180,3 +180,27 @@ def test_default_thread_count_follows_omp_num_threads_and_cpu_quotas(monkeypatch
     monkeypatch.delenv("OMP_NUM_THREADS")
     if threads._has_openmp():
         assert threads.resolve_threads(None) == 2 and threads.resolve_threads(5) == 5
+
+
+def test_cgroup_cpu_quotas_are_read_along_the_process_path(tmp_path: Path) -> None:
+    """cgroup v2 (cpu.max) and v1 (cpu.cfs_quota_us / cpu.cfs_period_us) quotas, at the process's own
+    cgroup or above it (a systemd slice), rounded up to whole CPUs; "max" or -1 means none."""
+    from cpullm.threads import _cgroup_cpu_limit
+
+    def tree(files: dict[str, str], membership: str) -> int | None:
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        (root / "fs").mkdir(parents=True)
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        (root / "membership").write_text(membership)
+        return _cgroup_cpu_limit(root / "fs", root / "membership")
+
+    assert tree({}, "0::/\n") is None
+    assert tree({"fs/cpu.max": "max 100000\n"}, "0::/\n") is None
+    assert tree({"fs/cpu.max": "150000 100000\n"}, "0::/\n") == 2  # a container's --cpus 1.5
+    assert tree({"fs/system.slice/cpu.max": "300000 100000\n", "fs/system.slice/app.service/cpu.max": "max 100000\n"},
+                "0::/system.slice/app.service\n") == 3  # the slice above the service
+    assert tree({"fs/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "200000\n", "fs/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n"},
+                "3:cpu,cpuacct:/docker/x\n2:memory:/docker/x\n") == 2  # v1
+    assert tree({"fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n") is None

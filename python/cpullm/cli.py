@@ -75,8 +75,9 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
     keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
     options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     SamplingParams(**options)  # ValueError with a clear message for a bad value
-    normalize_stop(args.stop)
-    return {**options, "stop": args.stop}
+    stop = None if args.stop is None else [as_text(text) for text in args.stop]
+    normalize_stop(stop)
+    return {**options, "stop": stop}
 
 
 def as_text(value: str) -> str:

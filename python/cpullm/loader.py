@@ -123,7 +123,8 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
     if not str(path):
         raise ModelNotFoundError("cpullm.load: the path is empty")
     # A known model name -> its cached int8 conversion, fetched on first use (or the GGUF it came from).
-    source = Path(resolve_name(path, requantize=dtype not in (None, "int8") or group_size is not None))
+    requantize = dtype not in (None, "int8") or group not in (None, DEFAULT_GROUP_SIZE)
+    source = Path(resolve_name(path, requantize=requantize))
     if not source.exists():
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():

@@ -291,8 +291,6 @@ class Model:
         )
 
 
-
-
 def _eos_ids(generation_config: Mapping[str, Any], config: Mapping[str, Any],
              tokenizer: Tokenizer | None = None) -> tuple[int, ...]:
     """Every end-of-sequence id: generation_config.json's (a list where the model has several), else

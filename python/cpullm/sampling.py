@@ -35,6 +35,9 @@ _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"
 
 # The native sampler works in float32: larger "finite" values would be infinities there.
 _F32_MAX = float(np.finfo(np.float32).max)
+# Penalties divide or multiply float32 logits: far outside this range they overflow to infinities or
+# vanish (useful values lie near 1; transformers' documentation suggests 1.0-1.5).
+_PENALTY_RANGE = (1e-6, 1e6)
 # top_k at least the vocabulary keeps every token; larger values go to the native sampler as this.
 _TOP_K_ALL = 2**62
 
@@ -72,8 +75,9 @@ class SamplingParams:
         if not _is_number(m) or not (0.0 <= m <= 1.0):
             raise ValueError(f"min_p must be a number in [0, 1] (0 switches it off), got {m!r}")
         r = self.repetition_penalty
-        if not _is_number(r) or not math.isfinite(r) or not 0 < r <= _F32_MAX:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 and <= {_F32_MAX:.3g} (1 switches it off), got {r!r}")
+        if not _is_number(r) or not math.isfinite(r) or not _PENALTY_RANGE[0] <= r <= _PENALTY_RANGE[1]:
+            raise ValueError(f"repetition_penalty must be a number in [{_PENALTY_RANGE[0]:g}, {_PENALTY_RANGE[1]:g}] "
+                             f"(1 switches it off), got {r!r}")
         if self.seed is not None and (not _is_integer(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
         # Store plain Python numbers whatever the caller passed (NumPy scalars, ints for floats).

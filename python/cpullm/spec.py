@@ -201,7 +201,12 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
 
     params = rope_parameters(cfg)
     if model_type not in _PARTIAL_ROTARY:
-        params.pop("partial_rotary_factor", None)
+        partial = params.pop("partial_rotary_factor", None)
+        if partial not in (None, 1, 1.0) and params["rope_type"] != "default":
+            # transformers' scaled tables would then cover part of a head its attention rotates whole
+            # (it fails on the shapes): nothing to follow.
+            raise UnsupportedModelError(f"config: partial_rotary_factor {partial!r} with rope type "
+                                        f"'{params['rope_type']}' is not supported for {model_type}")
     partial = params.get("partial_rotary_factor", 1.0)
     rotary_dim = int(head_dim * partial)
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:

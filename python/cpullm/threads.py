@@ -75,15 +75,50 @@ def resolve_threads(threads: int | None) -> int:
     return default_threads() if threads is None else threads
 
 
-def _cgroup_cpu_limit() -> int | None:
-    """CPUs a cgroup v2 quota allows this process (a container's --cpus), rounded up; None without one."""
+def _quota(quota: str, period: str) -> int | None:
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max" and int(period) > 0:
-            return max(1, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return None
+        q, p = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    return max(1, -(-q // p)) if q > 0 and p > 0 else None
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """CPUs the cgroup quotas over this process allow (a container's --cpus, a systemd CPUQuota=),
+    rounded up: the smallest along its cgroup's path, cgroup v2 (cpu.max) or v1 (cpu.cfs_quota_us);
+    None without any."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    places: list[tuple[Path, str]] = [(root, "/")]  # a namespace's own root, where it has no path of its own
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            places.append((root, path))  # v2
+        elif "cpu" in controllers.split(","):
+            places += [(root / name, path) for name in ("cpu,cpuacct", "cpuacct,cpu", "cpu")]  # v1 mounts
+    limits: list[int] = []
+    for base, path in places:
+        directory = base / path.strip("/")
+        while True:
+            try:
+                if (directory / "cpu.max").is_file():
+                    limit = _quota(*(directory / "cpu.max").read_text().split()[:2])
+                else:
+                    limit = _quota((directory / "cpu.cfs_quota_us").read_text().strip(),
+                                   (directory / "cpu.cfs_period_us").read_text().strip())
+            except (OSError, TypeError, ValueError):
+                limit = None
+            if limit is not None:
+                limits.append(limit)
+            if directory == base or base not in directory.parents:
+                break
+            directory = directory.parent
+    return min(limits) if limits else None
 
 
 def default_threads() -> int:

@@ -80,10 +80,12 @@ def _compile_template(source: str) -> jinja2.Template:
 
 
 def _alias_reasoning(message: Mapping[str, Any]) -> Any:
-    # transformers fills ``reasoning_content`` (and ``thinking``) from whichever reasoning name a message uses.
+    # transformers drops the keys whose value is None (OpenAI-style content=None beside tool_calls would
+    # otherwise render as "None"), and fills ``reasoning_content`` (and ``thinking``) from whichever
+    # reasoning name a message uses.
     if not isinstance(message, Mapping):
         return message
-    message = dict(message)
+    message = {key: value for key, value in message.items() if value is not None}
     reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
@@ -222,6 +224,9 @@ class Tokenizer:
             raise ChatTemplateError("every message must be a dict such as {'role': 'user', 'content': '...'}")
         chat = [_alias_reasoning(m) for m in messages]
         final = None
+        if continue_final_message not in (True, False, "content"):
+            raise ChatTemplateError(f"continue_final_message may be True or 'content' (the message text), got "
+                                    f"{continue_final_message!r}")
         if continue_final_message:
             if add_generation_prompt:
                 raise ValueError("continue_final_message and add_generation_prompt are not compatible: the first goes "
@@ -248,10 +253,11 @@ class Tokenizer:
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool | None = None, *,
         tokenize: bool = True, return_dict: bool = False, continue_final_message: bool = False, **extra: Any
     ) -> Any:
-        """Token ids of the rendered conversation, as transformers' ``apply_chat_template`` gives them. The
-        rendered text already holds its special tokens, so none are added again (no second BOS).
-        ``add_generation_prompt``: default True (the reply comes next), unless ``continue_final_message``.
-        ``tokenize=False``: the rendered text instead. ``return_dict``: ``{"input_ids", "attention_mask"}``."""
+        """Token ids of the rendered conversation, the ids transformers' ``apply_chat_template`` gives for
+        the same arguments. The rendered text already holds its special tokens, so none are added again (no
+        second BOS). Two defaults differ from transformers 5's, for a runtime whose next step is a reply:
+        ``add_generation_prompt`` is True (unless ``continue_final_message``), and the ids come as a list
+        (``return_dict=True``: ``{"input_ids", "attention_mask"}``). ``tokenize=False``: the text."""
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         text = self.render_chat(messages, add_generation_prompt, continue_final_message, **extra)
