@@ -165,6 +165,8 @@ def _encode(array: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
     if qtype == "F16":
         half = array.astype(np.float16)
         return half, half.astype(np.float32)
+    if qtype == "F64":  # the values are float32's, so they come back exactly
+        return array.astype(np.float64), array
     t = GGMLQuantizationType[qtype]
     if qtype in ("Q4_K", "Q6_K"):
         blocks = random_k_blocks(array.shape, qtype, seed=int(abs(array.sum()) * 1000) % (2**31))
@@ -265,7 +267,7 @@ def write_gguf(
         expected[name] = values
         if gguf_name(name) in drop:
             continue
-        raw_dtype = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
+        raw_dtype = None if qtype in ("F32", "F16", "F64") else gguf.GGMLQuantizationType[qtype]
         w.add_tensor(gguf_name(name), blocks, raw_dtype=raw_dtype)
     if config.tie_word_embeddings:
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]

@@ -63,6 +63,8 @@ _VARIANTS: dict[str, tuple[Callable[[str, np.ndarray], str], dict[str, Any]]] = 
             else "F16" if "down" in name else "Q5_0" if "up" in name else "Q4_1"),
         dict(hidden_size=128, intermediate_size=224, num_attention_heads=4, num_key_value_heads=1),
     ),
+    # F64 tensors (valid GGUF, rare): read as float32
+    "f64": (lambda name, a: "F64" if a.ndim == 1 or "down" in name else "F32", dict()),
     "k-quants": (
         lambda name, a: "F32" if a.ndim == 1 else "Q6_K" if ("down" in name or "embed" in name) else "Q4_K",
         dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2),
@@ -178,6 +180,9 @@ def test_metadata_to_config_and_generation(tmp_path: Path) -> None:
     assert m.tokenizer.chat_template == CHATML
     eos = m.generation_config["eos_token_id"]
     assert eos[0] == 2 and 0 in eos  # <|im_end|>, and <|endoftext|> as llama.cpp also stops there
+    none = tmp_path / "none.gguf"  # ids written as 0xFFFFFFFF mean "none" (some converters): not config ids
+    write_gguf(none, model.config, f32_state(model), {**tok, "bos": 0xFFFFFFFF, "pad": 0xFFFFFFFF}, matrices("Q8_0"))
+    assert "bos_token_id" not in read_gguf(none).config and "pad_token_id" not in read_gguf(none).config
     with cpullm.load(path, context_length=40) as loaded:
         assert loaded.spec.max_context == 40
         assert 2 in loaded.eos_token_ids
@@ -459,6 +464,8 @@ def test_hostile_headers(tmp_path: Path) -> None:
         "zero dim": (raw_gguf([arch_kv()], [("t", [0, 4], 0, 0)]), cpullm.ModelFormatError, "invalid dimensions"),
         "unknown ggml type": (raw_gguf([arch_kv()], [("t", [32], 77, 0)], b"\0" * 64), cpullm.UnsupportedModelError,
                               "unknown ggml type"),
+        "removed ggml type": (raw_gguf([arch_kv()], [("t", [32], 31, 0)], b"\0" * 64), cpullm.UnsupportedModelError,
+                              r"type 31 \(Q4_0_4_4, which llama.cpp no longer"),
         "row not whole blocks": (raw_gguf([arch_kv()], [("t", [30, 2], 8, 0)], b"\0" * 128), cpullm.ModelFormatError,
                                  "block size"),
         "misaligned tensor": (raw_gguf([arch_kv()], [("t", [4], 0, 4)], b"\0" * 64), cpullm.ModelFormatError,

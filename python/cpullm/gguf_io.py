@@ -233,7 +233,11 @@ class GGUFFile:
             if name in self.tensors:
                 raise ModelFormatError(f"{self.path}: tensor '{name}' appears twice")
             if ggml_type not in block_sizes:
-                raise UnsupportedModelError(f"{self.path}: tensor '{name}' has an unknown ggml type {ggml_type}")
+                removed = _REMOVED_TYPES.get(ggml_type)
+                raise UnsupportedModelError(
+                    f"{self.path}: tensor '{name}' has "
+                    + (f"ggml type {ggml_type} ({removed}, which llama.cpp no longer writes or reads; quantize the "
+                       "model again)" if removed else f"an unknown ggml type {ggml_type}"))
             type_name = type_names.get(ggml_type, str(ggml_type))
             block_elems, block_bytes = block_sizes[ggml_type]
             if any(d < 1 or d > (1 << 40) for d in ne):
@@ -301,6 +305,8 @@ class GGUFFile:
         plain = _PLAIN_TYPES.get(info.ggml_type)
         if plain is not None:
             return raw, plain[0]
+        if info.type_name == "F64":
+            return np.ascontiguousarray(raw).view("<f8").reshape(info.shape).astype(np.float32), "F32"
         return dequantize(raw, info, self.path), "F32"
 
     def q8_0_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +328,12 @@ class GGUFFile:
         return f"GGUFFile({str(self.path)!r}, {self.metadata.get('general.architecture')}, {len(self.tensors)} tensors)"
 
 
+# Integer tensors: valid GGUF, but no model weights are stored so.
+_NOT_WEIGHT_TYPES = {"I8", "I16", "I32", "I64"}
+# Type ids that llama.cpp once wrote (2024) and has since removed: named, so that an old file says why.
+_REMOVED_TYPES = {31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8"}
+
+
 def dequantize(raw: np.ndarray, info: GGUFTensorInfo, path: Path | str = "") -> np.ndarray:
     """float32 values of a quantized tensor's blocks, with the tensor's shape."""
     from gguf.constants import GGMLQuantizationType
@@ -333,6 +345,9 @@ def dequantize(raw: np.ndarray, info: GGUFTensorInfo, path: Path | str = "") -> 
             f"{path}: tensor '{info.name}' is {info.type_name}; reading quantized GGUF tensors needs a newer "
             f"gguf package (pip install -U gguf)"
         ) from None
+    if info.type_name in _NOT_WEIGHT_TYPES:
+        raise UnsupportedModelError(f"{path}: tensor '{info.name}' is stored as {info.type_name}, which is not a "
+                                    "weight type (F32, F16, BF16, F64 or a ggml quantized type)")
     try:
         values = _dequantize(raw, GGMLQuantizationType(info.ggml_type))
     except NotImplementedError:
@@ -509,7 +524,7 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     for key, meta in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         token_id = _meta_int(gguf, f"tokenizer.ggml.{meta}", required=False)
-        if token_id is not None:
+        if token_id is not None and (vocab is None or 0 <= token_id < vocab):  # -1 / 0xFFFFFFFF mean none
             config[key] = token_id
     return {k: v for k, v in config.items() if v is not None}
 
