@@ -275,6 +275,8 @@ BAD = [
     (CHAT, {"messages": QUESTION, "stop": ""}, "stop"),
     (CHAT, {"messages": QUESTION, "stream": "yes"}, "stream"),
     (CHAT, {"messages": QUESTION, "stream_options": []}, "stream_options"),
+    (CHAT, {"messages": QUESTION, "stream_options": {"include_usage": True}}, "only allowed when 'stream' is true"),
+    (CHAT, {"messages": QUESTION, "user": 5}, "'user' must be a string"),
     (CHAT, {"messages": QUESTION, "model": 7}, "model"),
     (CHAT, {"messages": QUESTION, "logprobs": True}, "logprobs"),
     (CHAT, {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -324,8 +326,35 @@ def test_the_context_limits_are_400s_that_name_both_lengths(server: Server) -> N
     assert ok.status_code == 200
 
 
+def test_openai_defaults_and_other_servers_conventions(server: Server) -> None:
+    """A completion without max_tokens stops after 16 tokens (OpenAI's default there; a chat goes on to
+    the end of its turn); seed -1 means no seed (llama.cpp's clients); top_p 0 keeps the most likely
+    token, as OpenAI allows."""
+    reply = post(server, COMPLETIONS, {"prompt": "Once upon a time", "temperature": 0}).json()
+    assert reply["usage"]["completion_tokens"] == 16 and reply["choices"][0]["finish_reason"] == "length"
+    greedy = post(server, CHAT, {"messages": QUESTION, "temperature": 0, "max_tokens": 12}).json()
+    for extra in ({"temperature": 1.0, "top_p": 0}, {"temperature": 0, "seed": -1}):
+        response = post(server, CHAT, {"messages": QUESTION, "max_tokens": 12, **extra})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"] == greedy["choices"][0]["message"]
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_at_once(server: Server) -> None:
+    """Megabytes of prompt are refused by their length in characters, before the template and the
+    tokenizer would spend seconds on them holding up every other request."""
+    start = time.monotonic()
+    for path, body in ((CHAT, {"messages": [{"role": "user", "content": "a " * 3_000_000}]}),
+                       (COMPLETIONS, {"prompt": "a " * 3_000_000})):
+        response = post(server, path, body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert "6000000 characters" in response.json()["error"]["message"]
+    assert time.monotonic() - start < 3  # tokenizing one of them took ~7 s
+
+
 def test_unknown_routes_methods_and_oversized_bodies(server: Server) -> None:
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    slash = httpx.post(server.url + CHAT + "/", content=b"{}")  # no redirect to follow
+    assert slash.status_code == 404 and slash.json()["error"]["message"]
     assert httpx.get(server.url + "/v1/nothing").json()["error"]["message"]
     assert httpx.get(server.url + CHAT).status_code == 405
     with pytest.raises(openai.NotFoundError):

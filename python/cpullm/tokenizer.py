@@ -132,6 +132,7 @@ class Tokenizer:
         self.config = dict(config)
         self.chat_template = chat_template
         self._compiled: jinja2.Template | None = None
+        self._max_token_chars: int | None = None
         self.special_tokens = {
             key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(self.config.get(key))) is not None
         }
@@ -170,6 +171,13 @@ class Tokenizer:
         if template is not None and not isinstance(template, str):
             raise ModelFormatError(f"{directory}: chat_template must be a string")
         return cls(tok, config, template)
+
+    def max_token_chars(self) -> int:
+        """The most characters one token decodes to (at least 1): a vocabulary entry's length bounds it,
+        since byte-level entries hold one symbol per byte and SentencePiece ones one per character."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max([1, *(len(piece) for piece in self._tok.get_vocab(with_added_tokens=True))])
+        return self._max_token_chars
 
     @property
     def vocab_size(self) -> int:

@@ -114,6 +114,7 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
     created = int(time.time())
     context = model.spec.max_context
     vocab = model.spec.vocab_size
+    max_token_chars = model.tokenizer.max_token_chars()
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -166,7 +167,8 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
         if req.max_tokens is not None and n + req.max_tokens > context:
             raise RequestError(f"the prompt is {n} tokens and max_tokens is {req.max_tokens}: {n + req.max_tokens} "
                                f"in all, more than this model's context of {context} tokens; ask for at most "
-                               f"{context - n} tokens, or leave max_tokens out to generate until the context is full",
+                               f"{context - n} token{'s' if context - n != 1 else ''}"
+                               + (", or leave max_tokens out to generate until the context is full" if chat else ""),
                                param="max_tokens", code="context_length_exceeded")
         try:
             params = model.sampling_params(**req.sampling)
@@ -204,15 +206,27 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
                              "model": model_name, "system_fingerprint": _FINGERPRINT, "choices": [choice],
                              "usage": _usage(final)})
 
+    def check_text_fits(texts: list[str], param: str) -> None:
+        # A token never decodes to more than max_token_chars characters, so text longer than the context
+        # times that cannot fit: refused before the template and tokenizer spend seconds on it (they hold
+        # the GIL, and every other request waits meanwhile).
+        chars = sum(len(t) for t in texts)
+        if chars > context * max_token_chars:
+            raise RequestError(f"the prompt is {chars} characters, more than this model's context of {context} "
+                               "tokens can hold; shorten the prompt", param=param, code="context_length_exceeded")
+
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req = parse_chat(await read_json(request))
+        check_text_fits([m["content"] for m in req.messages], "messages")
         prompt_ids = await run_in_threadpool(chat_prompt, req.messages)
         return await run(request, req, prompt_ids, chat=True)
 
     async def completions(request: Request) -> Response:
         authorize(request)
         req = parse_completion(await read_json(request))
+        if isinstance(req.prompt, str):
+            check_text_fits([req.prompt], "prompt")
         prompt_ids = await run_in_threadpool(completion_prompt, req.prompt)
         return await run(request, req, prompt_ids, chat=False)
 
@@ -273,6 +287,7 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                                      allow_headers=["*"]))
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
+    app.router.redirect_slashes = False  # /v1/models/ is a JSON 404 like any unknown route, not a redirect
     app.state.engine = engine
     app.state.model_name = model_name
     return app

@@ -23,6 +23,9 @@ __all__ = ["ChatRequest", "CompletionRequest", "RequestError", "parse_chat", "pa
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 MAX_STOP_STRINGS = 16
+# OpenAI's default for /v1/completions (vLLM and llama-cpp-python's servers follow it); chat
+# completions generate until the turn ends.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -154,12 +157,18 @@ def _refuse_unless(body: Mapping[str, Any], key: str, ok: Any, what: str) -> Non
         raise RequestError(f"'{key}' is not supported by this server ({what})", param=key)
 
 
+# top_p so small that only the most likely token is kept (its probability alone exceeds it).
+_TOP_P_ONE_TOKEN = 1e-9
+
+
 def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in SAMPLING_KEYS:
         value = body.get(key)
-        if value is None:
+        if value is None or (key == "seed" and value == -1):  # llama.cpp's clients send -1 for "random"
             continue
+        if key == "top_p" and value == 0:  # OpenAI allows 0: the most likely token alone
+            value = _TOP_P_ONE_TOKEN
         integer = key in ("top_k", "seed")
         if integer and isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -203,6 +212,8 @@ def _common(body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]) -> dict[s
         if not isinstance(options, dict):
             raise RequestError(f"'stream_options' must be an object, got {_json_type(options)}",
                                param="stream_options")
+        if not stream:
+            raise RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         include_usage = _optional_bool(options, "include_usage")
     for key in ("presence_penalty", "frequency_penalty"):
         value = body.get(key)
@@ -210,7 +221,9 @@ def _common(body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]) -> dict[s
             raise RequestError(f"'{key}' must be a number, got {_json_type(value)}", param=key)
         _refuse_unless(body, key, lambda v: v == 0, "only 0; use repetition_penalty")
     _refuse_unless(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "only an empty object")
-    _refuse_unless(body, "user", lambda v: isinstance(v, str), "a string, which is ignored")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise RequestError(f"'user' must be a string (it is accepted and ignored), got {_json_type(user)}", param="user")
     return dict(model=model, max_tokens=max_tokens, sampling=_sampling(body), stop=stop, stream=stream,
                 include_usage=include_usage)
 
@@ -274,6 +287,8 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     """A ``POST /v1/completions`` body, checked. ``prompt``: a string, token ids, or a one-element
     array of either (one prompt per request)."""
     common = _common(body, ("max_tokens",))
+    if body.get("max_tokens") is None:
+        common["max_tokens"] = COMPLETION_DEFAULT_MAX_TOKENS
     if "prompt" not in body or body["prompt"] is None:
         raise RequestError("'prompt' is required: a string or an array of token ids", param="prompt")
     prompt = body["prompt"]
