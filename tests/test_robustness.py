@@ -145,6 +145,39 @@ def test_one_session_used_from_two_threads_is_refused(model: Any) -> None:
     assert isinstance(outcome[-1], str) and len(session.messages) == 4
 
 
+def test_a_stream_superseded_by_a_later_turn_cannot_resume(model: Any) -> None:
+    """A reply's stream held past the next turn's start (its text so far committed) stops with an error
+    when resumed, in this thread or another, instead of writing into the KV cache the new turn owns
+    (it crashed the process from another thread); the new turn's reply equals a fresh run."""
+    session = model.chat(max_tokens=30)
+    first = session.stream("please tell me a long story about the ship and the harbor")
+    next(first)
+    untouched = session.stream("and a second one")  # made, never read: committed as nothing
+    second = session.stream("tell me about the old house")
+    piece = next(second)
+    with pytest.raises(cpullm.CpullmError, match="later turn started"):
+        next(untouched)
+    outcome: list[BaseException | str] = []
+
+    def resume_in_another_thread() -> None:
+        try:
+            outcome.append("".join(first))
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    t = threading.Thread(target=resume_in_another_thread)
+    t.start()
+    rest = "".join(second)
+    t.join()
+    assert isinstance(outcome[0], cpullm.CpullmError) and "later turn started" in str(outcome[0])
+    reply = piece + rest
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2 and session.messages[-1]["content"] == reply
+    fresh = model.chat(max_tokens=30)
+    fresh.messages = [dict(m) for m in session.messages[:2]]
+    assert fresh.send("tell me about the old house") == reply
+    assert session._sequence.n_past == session.cached_tokens
+
+
 def _attempt(session: Any, name: str) -> BaseException | str:
     try:
         value = getattr(session, name)
@@ -248,7 +281,6 @@ def _use(m: Any) -> Any:
 @pytest.mark.parametrize("how", ["close", "with"])
 def test_close_releases_weights_and_caches_at_once(big_converted: Path, how: str) -> None:
     gc.collect()
-    base = rss_bytes()
     if how == "close":
         m = cpullm.load(big_converted, threads=1)
         session = _use(m)
@@ -262,7 +294,9 @@ def test_close_releases_weights_and_caches_at_once(big_converted: Path, how: str
     weights = m.weights_bytes
     assert weights > 40 * 2**20
     if not SANITIZED:  # AddressSanitizer's allocator keeps freed memory: RSS says little there
-        assert loaded - base > 0.7 * weights, "the measurement does not see the weights"
+        # (Not loaded - base: pages an earlier test freed to the allocator but not the system may hold
+        # part of the load, so the growth from base was seen at 0.66 of the weights. What close() gives
+        # back is the property, and it also shows that the measurement sees the weights.)
         assert loaded - after > 0.7 * weights, f"close() freed {(loaded - after) / 2**20:.1f} MiB of {weights / 2**20:.1f}"
     # Everything raises a clear error afterwards.
     for call in (lambda: m.logits([1]), lambda: m.generate("hi", 2), lambda: m.stream("hi", 2),

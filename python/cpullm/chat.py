@@ -47,6 +47,11 @@ class _Turn:
     dropped: int
     stats: GenerationStats
     pieces: list[str] = field(default_factory=list)
+    # Set under the session's lock: `running` while the turn's generator computes (between a resume
+    # and its next piece), `closed` once the turn is committed, so a stream resumed after that (from
+    # any thread) stops before it touches the KV cache the next turn owns.
+    running: bool = False
+    closed: bool = False
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
@@ -167,6 +172,9 @@ class ChatSession:
         user = {"role": "user", "content": message}
         base, prompt_ids, dropped = self._fit(user, max_tokens)
         turn = _Turn(base=base, user=user, dropped=dropped, stats=GenerationStats())
+        # Claimed now, not at the first piece: a stream made and left unread must not run later over a
+        # history that has moved on (its prompt ids were rendered from this one).
+        self._claim(turn)
         return self._run(turn, prompt_ids, params, max_tokens, stops)
 
     def _resolve(self, options: Mapping[str, Any]) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
@@ -205,7 +213,7 @@ class ChatSession:
     def _run(self, turn: _Turn, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
              stops: tuple[str, ...]) -> Iterator[str]:
         model = self.model
-        self._claim(turn)
+        self._resume(turn)
         self.stats = turn.stats
         text = TextStream(model.tokenizer, stop=stops)  # the reply alone, as transformers decodes new tokens
         try:
@@ -218,7 +226,9 @@ class ChatSession:
                 piece = text.push(token)
                 if piece:
                     turn.pieces.append(piece)
+                    turn.running = False
                     yield piece
+                    self._resume(turn)
                 if self._sequence is None:
                     raise CpullmError("this chat session's model has been closed")
                 if text.stopped:
@@ -230,7 +240,14 @@ class ChatSession:
                     turn.pieces.append(piece)
                     yield piece
         finally:
-            self._finish(turn)
+            self._finish(turn, by_its_stream=True)
+
+    def _resume(self, turn: _Turn) -> None:
+        with self._lock:
+            if turn.closed or self._active is not turn:
+                raise CpullmError("this reply's stream ended when a later turn started (or the session was reset); "
+                                  "its text so far is in the history")
+            turn.running = True
 
     def _finish_active(self) -> None:
         with self._lock:
@@ -251,11 +268,15 @@ class ChatSession:
                     return
             self._finish(active)  # this thread's own abandoned stream: commit it first
 
-    def _finish(self, turn: _Turn) -> None:
+    def _finish(self, turn: _Turn, by_its_stream: bool = False) -> None:
         """Commits a turn once, whether it ended normally, raised, or was abandoned."""
         with self._lock:
-            if self._active is not turn:
+            if self._active is not turn or turn.closed:
                 return
+            if turn.running and not by_its_stream:
+                raise CpullmError("this ChatSession's reply is being generated in another thread; use one session "
+                                  "per thread")
+            turn.closed = True
         try:
             if self._sequence is not None:  # None: the model was closed, nothing left to keep
                 resync(self._sequence, self._cached)
