@@ -422,7 +422,7 @@ def run_worker_process(python: str, engine: str, path: Path, threads: int, promp
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["peak_rss_mb"] = int(proc.stderr.strip().splitlines()[-1]) / 1024
+    result["peak_rss_mb"] = int(proc.stderr.strip().splitlines()[-1]) * 1024 / 1e6  # KiB -> MB (10^6), as weights
     result["wall_s"] = time.perf_counter() - start_rss
     return result
 

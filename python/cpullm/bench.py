@@ -42,9 +42,9 @@ def synthetic_prompt(vocab_size: int, n: int) -> np.ndarray:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    # ru_maxrss is in KiB on Linux, bytes on macOS; MB here are 10^6 bytes, as weights_mb's.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return (rss if sys.platform == "darwin" else rss * 1024) / 1e6
 
 
 def run_bench(model_path: str, *, dtype: str | None, threads: int | None, prompt_tokens: int, gen_tokens: int,
