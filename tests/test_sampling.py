@@ -288,9 +288,9 @@ def test_generation_stops_at_the_context_limit(make_llama: Any) -> None:
     stats = GenerationStats()
     tokens = list(model.generate_tokens(list(range(30)), None, stop_token_ids=(), temperature=1.0, seed=0,
                                         stats=stats))
-    # 30 prompt tokens + 10 generated fill the 40 positions; an 11th is sampled from the last position's
-    # logits and needs no position of its own.
-    assert len(tokens) == 11 and stats.finish_reason == "context"
+    # 30 prompt tokens + 10 generated fill the 40 positions, as transformers' max_length counts them (an
+    # 11th could be sampled from the last position's logits, but would have no position of its own).
+    assert len(tokens) == 10 and stats.finish_reason == "context"
     assert stats.prompt_tokens == stats.processed_tokens == 30
 
 

