@@ -121,9 +121,7 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
     n_threads = resolve_threads(threads)
     group = check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
     if group_size is not None and dtype is None:
-        dtype = "int8"  # a group size only means something for int8 weights
-    if group_size is not None and dtype != "int8":
-        raise ValueError(f"group_size applies to int8 weights, not dtype={dtype!r}")
+        dtype = "int8"  # a group size only means something for int8 weights (with another dtype it is unused)
     if not str(path):
         raise ModelNotFoundError("cpullm.load: the path is empty")
     # A known model name -> its cached int8 conversion, fetched on first use (or the GGUF it came from).
