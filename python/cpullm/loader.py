@@ -120,28 +120,28 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     n_threads = resolve_threads(threads)
     group = check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
-    if group_size is not None and dtype is None:
-        dtype = "int8"  # a group size only means something for int8 weights (with another dtype it is unused)
     if not str(path):
         raise ModelNotFoundError("cpullm.load: the path is empty")
+    # A group size given without a dtype asks for int8 where weights are quantized at load.
+    quantizing_default = "int8" if group_size is not None else DEFAULT_DTYPE
     # A known model name -> its cached int8 conversion, fetched on first use (or the GGUF it came from).
-    requantize = dtype not in (None, "int8") or group not in (None, DEFAULT_GROUP_SIZE)
+    requantize = dtype not in (None, "int8") or group != DEFAULT_GROUP_SIZE
     source = Path(resolve_name(path, requantize=requantize))
     if not source.exists():
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():
         if is_converted(source):
             model = _load_converted(source, dtype, n_threads, context_length)
-            if group_size is not None and group_size != model.spec.group_size:
+            if group_size is not None and model.dtype == "int8" and group_size != model.spec.group_size:
                 model.close()
                 raise ValueError(f"{source} was converted with group_size {model.spec.group_size}; a converted model "
                                  f"keeps its own (convert the source again with --group-size {group_size})")
             return model
         if (source / "config.json").exists():
-            return _load_hf_directory(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
+            return _load_hf_directory(source, dtype or quantizing_default, n_threads, context_length, group)
         raise ModelFormatError(f"{source}: not a model directory (no config.json)")
     if source.suffix.lower() == ".gguf" or is_gguf(source):
         from .gguf_io import load_gguf
 
-        return load_gguf(source, dtype or DEFAULT_DTYPE, n_threads, context_length, group)
+        return load_gguf(source, dtype or quantizing_default, n_threads, context_length, group)
     raise ModelFormatError(f"{source}: not a model directory or a known model file")

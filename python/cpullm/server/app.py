@@ -139,16 +139,27 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
 
+    def check_text_fits(text: str, param: str) -> None:
+        # A token never decodes to more than max_token_chars characters, so text longer than the context
+        # times that cannot fit: refused before the tokenizer spends seconds on it (it holds the GIL, and
+        # every other request waits meanwhile).
+        if len(text) > context * max_token_chars:
+            raise RequestError(f"the prompt is {len(text)} characters, more than this model's context of {context} "
+                               "tokens can hold; shorten the prompt", param=param, code="context_length_exceeded")
+
     def chat_prompt(messages: list[dict[str, str]]) -> list[int]:
         if model.tokenizer.chat_template is None:
             raise RequestError("this model has no chat template; use /v1/completions with a plain prompt")
         try:
-            return model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = model.tokenizer.render_chat(messages, add_generation_prompt=True)
         except ChatTemplateError as e:
             raise RequestError(f"the model's chat template refused the messages: {e}", param="messages") from None
+        check_text_fits(text, "messages")  # the rendered text: what a template drops does not count
+        return model.tokenizer.encode(text, add_special_tokens=False)  # as apply_chat_template does
 
     def completion_prompt(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            check_text_fits(prompt, "prompt")
             ids = model.tokenizer.encode(prompt)
             if not ids:
                 raise RequestError("'prompt' encodes to no tokens", param="prompt")
@@ -206,27 +217,15 @@ def create_app(model: Any, *, model_name: str, api_key: str | None = None, max_c
                              "model": model_name, "system_fingerprint": _FINGERPRINT, "choices": [choice],
                              "usage": _usage(final)})
 
-    def check_text_fits(texts: list[str], param: str) -> None:
-        # A token never decodes to more than max_token_chars characters, so text longer than the context
-        # times that cannot fit: refused before the template and tokenizer spend seconds on it (they hold
-        # the GIL, and every other request waits meanwhile).
-        chars = sum(len(t) for t in texts)
-        if chars > context * max_token_chars:
-            raise RequestError(f"the prompt is {chars} characters, more than this model's context of {context} "
-                               "tokens can hold; shorten the prompt", param=param, code="context_length_exceeded")
-
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req = parse_chat(await read_json(request))
-        check_text_fits([m["content"] for m in req.messages], "messages")
         prompt_ids = await run_in_threadpool(chat_prompt, req.messages)
         return await run(request, req, prompt_ids, chat=True)
 
     async def completions(request: Request) -> Response:
         authorize(request)
         req = parse_completion(await read_json(request))
-        if isinstance(req.prompt, str):
-            check_text_fits([req.prompt], "prompt")
         prompt_ids = await run_in_threadpool(completion_prompt, req.prompt)
         return await run(request, req, prompt_ids, chat=False)
 

@@ -167,7 +167,7 @@ def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
         value = body.get(key)
         if value is None or (key == "seed" and value == -1):  # llama.cpp's clients send -1 for "random"
             continue
-        if key == "top_p" and value == 0:  # OpenAI allows 0: the most likely token alone
+        if key == "top_p" and value == 0 and not isinstance(value, bool):  # OpenAI allows 0: the top token alone
             value = _TOP_P_ONE_TOKEN
         integer = key in ("top_k", "seed")
         if integer and isinstance(value, float) and value.is_integer():
