@@ -277,6 +277,8 @@ BAD = [
     (CHAT, {"messages": QUESTION, "stream_options": []}, "stream_options"),
     (CHAT, {"messages": QUESTION, "stream_options": {"include_usage": True}}, "only allowed when 'stream' is true"),
     (CHAT, {"messages": QUESTION, "user": 5}, "'user' must be a string"),
+    (CHAT, {"messages": QUESTION, "guided_json": {"type": "object"}}, "no constrained decoding"),
+    (COMPLETIONS, {"prompt": "hi", "grammar": "root ::= \"a\""}, "no constrained decoding"),
     (CHAT, {"messages": QUESTION, "model": 7}, "model"),
     (CHAT, {"messages": QUESTION, "logprobs": True}, "logprobs"),
     (CHAT, {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

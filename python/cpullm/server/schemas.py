@@ -157,6 +157,9 @@ def _refuse_unless(body: Mapping[str, Any], key: str, ok: Any, what: str) -> Non
         raise RequestError(f"'{key}' is not supported by this server ({what})", param=key)
 
 
+# llama.cpp's and vLLM's request fields for constrained output.
+_CONSTRAINED_DECODING_KEYS = ("grammar", "json_schema", "guided_json", "guided_regex", "guided_choice",
+                              "guided_grammar", "guided_decoding_backend", "structured_outputs")
 # top_p so small that only the most likely token is kept (its probability alone exceeds it).
 _TOP_P_ONE_TOKEN = 1e-9
 
@@ -221,6 +224,10 @@ def _common(body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]) -> dict[s
             raise RequestError(f"'{key}' must be a number, got {_json_type(value)}", param=key)
         _refuse_unless(body, key, lambda v: v == 0, "only 0; use repetition_penalty")
     _refuse_unless(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "only an empty object")
+    for key in _CONSTRAINED_DECODING_KEYS:
+        # Other servers' constrained output: ignoring it would hand back unconstrained text as if it obeyed.
+        if body.get(key) not in (None, "", {}, []):
+            raise RequestError(f"'{key}' is not supported by this server (no constrained decoding)", param=key)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError(f"'user' must be a string (it is accepted and ignored), got {_json_type(user)}", param="user")
