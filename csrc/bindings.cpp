@@ -110,7 +110,7 @@ struct PySequence {
 using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // Token ids from Python as int32, checked: an integer array (floats are refused rather than cast), 1-D,
-// every id representable (an id past 2^31 would otherwise wrap into the vocabulary). `what` names the
+// at most INT_MAX of them, every id representable (an id past 2^31 would otherwise wrap into the vocabulary). `what` names the
 // call in errors; the range against the vocabulary is Sequence::forward's to check.
 TokenArray token_ids(const py::object& given, const char* what) {
   // A list or tuple of ids becomes an array first (ints give int64, floats float64: refused below).
@@ -121,6 +121,8 @@ TokenArray token_ids(const py::object& given, const char* what) {
     throw std::invalid_argument(std::string(what) + ": token ids must be integers, got dtype " +
                                 std::string(py::str(tokens.dtype())));
   if (tokens.ndim() != 1) throw std::invalid_argument(std::string(what) + ": token ids must be a 1-D array");
+  if (tokens.shape(0) > std::numeric_limits<int>::max())
+    throw std::invalid_argument(std::string(what) + ": too many tokens");
   if (py::isinstance<TokenArray>(tokens)) return py::reinterpret_borrow<TokenArray>(tokens);
   const auto wide = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(tokens);
   if (!wide) throw std::invalid_argument(std::string(what) + ": token ids must be 64-bit integers or narrower");
@@ -136,17 +138,9 @@ TokenArray token_ids(const py::object& given, const char* what) {
   return ids;
 }
 
-// The number of token ids in a 1-D array, checked to fit an int (`what` names the call in errors).
-int token_count(const TokenArray& tokens, const char* what) {
-  if (tokens.ndim() != 1) throw std::invalid_argument(std::string(what) + ": token ids must be a 1-D array");
-  const int n = static_cast<int>(tokens.shape(0));
-  if (tokens.shape(0) != n) throw std::invalid_argument(std::string(what) + ": too many tokens");
-  return n;
-}
-
 py::array_t<float> forward(PySequence& ps, const py::object& token_array, bool all_logits, int n_threads) {
   const TokenArray tokens = token_ids(token_array, "forward");
-  const int n = token_count(tokens, "forward");
+  const int n = static_cast<int>(tokens.shape(0));
   const int vocab = ps.owner->model->spec().vocab_size;
   const py::ssize_t rows = all_logits ? n : 1;
   py::array_t<float> logits({rows, static_cast<py::ssize_t>(vocab)});
@@ -489,7 +483,7 @@ PYBIND11_MODULE(_C, m) {
            "Runs new tokens after the cached ones; returns logits [T or 1, vocab].")
       .def("feed", [](PySequence& ps, const py::object& token_array, int n_threads) {
              const TokenArray tokens = token_ids(token_array, "feed");
-             const int n = token_count(tokens, "feed");
+             const int n = static_cast<int>(tokens.shape(0));
              const int32_t* ids = tokens.data();
              py::gil_scoped_release release;
              ps.seq->forward(ids, n, nullptr, false, n_threads);

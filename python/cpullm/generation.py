@@ -103,15 +103,15 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
     if max_tokens == 0:
         stats.finish_reason = "length"
         return
+    if sequence.n_past >= max_context:  # the prompt filled the context: no position for a reply
+        stats.finish_reason = "context"
+        return
     while True:
         start = time.perf_counter()
         token = sampler(logits)
         stats.generation_seconds += time.perf_counter() - start
         if token in stop_ids:
             stats.finish_reason = "stop"
-            return
-        if sequence.n_past >= max_context:  # the prompt filled the context: no position for a reply
-            stats.finish_reason = "context"
             return
         sampler.accept(token)
         produced += 1

@@ -502,7 +502,9 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         raise UnsupportedModelError(f"{gguf.path}: key length {head_dim} != value length {value_dim} is not supported")
     rotary = _meta_int(gguf, f"{a}.rope.dimension_count", required=False)
     if rotary is not None and head_dim and rotary != head_dim:
-        if arch_spec.model_type != "phi3":
+        from .spec import PARTIAL_ROTARY_FAMILIES
+
+        if arch_spec.model_type not in PARTIAL_ROTARY_FAMILIES:
             # llama.cpp would rotate only those dims; transformers' classes for these families rotate
             # every one. No such file is known: refused rather than following either.
             raise UnsupportedModelError(f"{gguf.path}: rope over {rotary} of {head_dim} head dims is not supported "

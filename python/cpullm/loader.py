@@ -39,13 +39,17 @@ def _load_hf_directory(directory: Path, dtype: str, threads: int, context_length
     return _assemble(directory, config, spec, tensors, dtype, threads)
 
 
-def _load_converted(directory: Path, dtype: str | None, threads: int, context_length: int | None) -> Model:
+def _load_converted(directory: Path, dtype: str | None, threads: int, context_length: int | None,
+                    group_size: int | None) -> Model:
     marker, spec, stored_dtype, tensors = read_converted(directory)
     if dtype is not None and dtype != stored_dtype:
         raise ValueError(
             f"{directory} was converted to {stored_dtype}; load it with dtype={stored_dtype!r} (or None), "
             f"or convert the source again with --dtype {dtype}"
         )
+    if group_size is not None and stored_dtype == "int8" and group_size != spec.group_size:
+        raise ValueError(f"{directory} was converted with group_size {spec.group_size}; a converted model keeps its "
+                         f"own (convert the source again with --group-size {group_size})")
     try:
         config = read_json(directory / "config.json")
     except FileNotFoundError:
@@ -131,12 +135,7 @@ def _load(path: str | Path, dtype: str | None, threads: int | None, context_leng
         raise ModelNotFoundError(f"{source}: no such file or directory")
     if source.is_dir():
         if is_converted(source):
-            model = _load_converted(source, dtype, n_threads, context_length)
-            if group_size is not None and model.dtype == "int8" and group_size != model.spec.group_size:
-                model.close()
-                raise ValueError(f"{source} was converted with group_size {model.spec.group_size}; a converted model "
-                                 f"keeps its own (convert the source again with --group-size {group_size})")
-            return model
+            return _load_converted(source, dtype, n_threads, context_length, group_size)
         if (source / "config.json").exists():
             return _load_hf_directory(source, dtype or quantizing_default, n_threads, context_length, group)
         raise ModelFormatError(f"{source}: not a model directory (no config.json)")

@@ -92,7 +92,7 @@ _BIAS_FLAGS = {"llama"}
 _SLIDING_WINDOW = {"mistral", "mixtral", "phi3", "qwen2"}
 # Families whose transformers class rotates partial_rotary_factor of each head (the others rotate the
 # whole head with the default rope, whatever the key says).
-_PARTIAL_ROTARY = {"phi3"}
+PARTIAL_ROTARY_FAMILIES = {"phi3"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILY_DEFAULTS))
 
 
@@ -200,9 +200,9 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
         raise ModelFormatError(f"config: 'rms_norm_eps' must be a finite number >= 0, got {eps!r}")
 
     params = rope_parameters(cfg)
-    if model_type not in _PARTIAL_ROTARY:
+    if model_type not in PARTIAL_ROTARY_FAMILIES:
         partial = params.pop("partial_rotary_factor", None)
-        if partial not in (None, 1, 1.0) and params["rope_type"] != "default":
+        if partial not in (None, 1) and params["rope_type"] != "default":
             # transformers' scaled tables would then cover part of a head its attention rotates whole
             # (it fails on the shapes): nothing to follow.
             raise UnsupportedModelError(f"config: partial_rotary_factor {partial!r} with rope type "
@@ -245,9 +245,9 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
 def _layer_windows(model_type: str, config: Mapping[str, Any], cfg: Mapping[str, Any], n_layers: int) -> tuple[int, ...]:
     """Sliding windows per layer as transformers applies them (0 = full attention), () if none.
 
-    Mistral, Mixtral and Phi-3 apply ``sliding_window`` (null = none) to every layer, Llama never. Qwen2 applies it
-    only with ``use_sliding_window: true``, and then to the layers ``layer_types`` marks
-    "sliding_attention" (by default those from ``max_window_layers`` on)."""
+    Mistral, Mixtral and Phi-3 apply ``sliding_window`` (null = none) to every layer, Llama never.
+    Qwen2 applies it only with ``use_sliding_window: true``, and then to the layers ``layer_types``
+    marks "sliding_attention" (by default those from ``max_window_layers`` on)."""
     # An explicit null means "no window", so read the raw config rather than the defaults-merged one.
     window = config["sliding_window"] if "sliding_window" in config else _FAMILY_DEFAULTS[model_type].get("sliding_window")
     if model_type not in _SLIDING_WINDOW or (model_type == "qwen2" and not cfg.get("use_sliding_window")):

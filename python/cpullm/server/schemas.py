@@ -226,8 +226,7 @@ def _common(body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]) -> dict[s
     _refuse_unless(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "only an empty object")
     for key in _CONSTRAINED_DECODING_KEYS:
         # Other servers' constrained output: ignoring it would hand back unconstrained text as if it obeyed.
-        if body.get(key) not in (None, "", {}, []):
-            raise RequestError(f"'{key}' is not supported by this server (no constrained decoding)", param=key)
+        _refuse_unless(body, key, lambda v: v in ("", {}, []), "no constrained decoding")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError(f"'user' must be a string (it is accepted and ignored), got {_json_type(user)}", param="user")
