@@ -374,14 +374,20 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, py::arg("bits"), "f16 bits back to f32 (exact)");
   m.def("attend", [](const F32Array& q, const F32Array& k, const F32Array& v, float scale, int64_t first,
-                     const std::string& kv_dtype) {
-    // q: [hd] for one head or [n_q, hd] for several heads of one KV group.
+                     const std::string& kv_dtype, int64_t per_token) {
+    // q: [hd] for one head or [n_q, hd] for several heads of one KV group; with per_token, the heads of
+    // n_q / per_token consecutive tokens, the last of which sees every position.
     if ((q.ndim() != 1 && q.ndim() != 2) || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(q.ndim() - 1) ||
         v.shape(1) != k.shape(1) || k.shape(0) != v.shape(0) || k.shape(0) < 1)
       throw std::invalid_argument("attend: expected q [hd] or [n_q, hd], k [n, hd], v [n, hd] with n >= 1");
     const int64_t n = k.shape(0), hd = k.shape(1), n_q = q.ndim() == 2 ? q.shape(0) : 1;
     if (n_q < 1) throw std::invalid_argument("attend: no query heads");
-    if (first < 0 || first >= n) throw std::invalid_argument("attend: first must be in [0, n)");
+    if (per_token == 0) per_token = n_q;
+    if (per_token < 1 || n_q % per_token != 0) throw std::invalid_argument("attend: per_token must divide n_q");
+    const int64_t last = n - n_q / per_token;  // the first token's
+    if (first < 0 || first > last) throw std::invalid_argument("attend: first must be in [0, n - tokens]");
+    if (last / kAttendChunk != (n - 1) / kAttendChunk)
+      throw std::invalid_argument("attend: the tokens' last positions must lie in one chunk of positions");
     // The cache's layout: keys transposed in blocks of kKeyBlock positions (the tail block padded with
     // NaN, which must not reach the result), values as given.
     const int64_t blocks = (n + kKeyBlock - 1) / kKeyBlock;
@@ -396,16 +402,19 @@ PYBIND11_MODULE(_C, m) {
       std::vector<Half> kh(kt.size()), vh(size_t(n * hd));
       for (size_t i = 0; i < kt.size(); ++i) kh[i] = float_to_half(kt[i]);
       for (size_t i = 0; i < vh.size(); ++i) vh[i] = float_to_half(v.data()[i]);
-      attend_chunked(kernels(), q.data(), n_q, kh.data(), vh.data(), first, n - 1, hd, scale, scores.data(),
-                     part.data(), out.mutable_data());
+      attend_chunked(kernels(), q.data(), n_q, kh.data(), vh.data(), first, last, per_token, hd, scale,
+                     scores.data(), part.data(), out.mutable_data());
     } else {
-      attend_chunked(kernels(), q.data(), n_q, kt.data(), v.data(), first, n - 1, hd, scale, scores.data(),
+      attend_chunked(kernels(), q.data(), n_q, kt.data(), v.data(), first, last, per_token, hd, scale, scores.data(),
                      part.data(), out.mutable_data());
     }
     return out;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0, py::arg("kv_dtype") = "f32",
+     py::arg("per_token") = 0,
      "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q (in chunks of positions, as the "
-     "model does), over a cache of kv_dtype (\"f16\": k and v rounded to f16 first)");
+     "model does), over a cache of kv_dtype (\"f16\": k and v rounded to f16 first). per_token > 0: q's rows are "
+     "the heads of consecutive tokens, per_token each, causally masked: the last token sees every position, each "
+     "one before it one fewer");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {
     if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw std::invalid_argument("axpy: expected two 1-D arrays of one length");
     kernels().axpy_f32(alpha, x.data(), y.mutable_data(), x.shape(0));

@@ -486,6 +486,45 @@ def test_attend_several_heads_of_a_group_matches_numpy(isa: str, n_q: int, n: in
         np.testing.assert_array_equal(C.attend(q[h], k, v, scale, first), got[h])
 
 
+@pytest.mark.parametrize("group,tokens,n,hd,first,kv", [
+    (3, 4, 37, 64, 0, "f16"), (4, 3, 300, 64, 0, "f16"), (1, 6, 20, 128, 0, "f32"), (2, 6, 70, 40, 5, "f32"),
+    (5, 2, 50, 80, 3, "f16"), (3, 4, 260, 64, 0, "f32"), (6, 2, 17, 24, 0, "f16"), (7, 1, 40, 64, 2, "f32"),
+    (3, 4, 4, 64, 0, "f16"), (4, 3, 530, 128, 100, "f16")])
+def test_attend_over_a_tile_of_tokens_matches_numpy(isa: str, group: int, tokens: int, n: int, hd: int, first: int,
+                                                    kv: str) -> None:
+    # A prefill's consecutive tokens attend together: their query heads (group each) are batched as
+    # rows that share every key and value row loaded, the causal mask giving each token one position
+    # more than the one before it. Batches of rows mix tokens (6 rows, groups of 4 or 5), head sizes
+    # take the register-split value path (80, 128 on 16 lanes) and the general one (40, 24), ranges
+    # cross a 256-position chunk (260, 530, the tokens' ends all in the last one). Each token's rows
+    # must give its own attention, bit for bit what the token alone gives (decode, or a cut tile).
+    rng = np.random.default_rng(group * 1000 + tokens * 100 + n + hd)
+    q = rng.standard_normal((tokens * group, hd)).astype(np.float32)
+    k = (rng.standard_normal((n, hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((n, hd)).astype(np.float32)
+    kr, vr = ((a.astype(np.float16) if kv == "f16" else a).astype(np.float64) for a in (k, v))
+    scale = 1.0 / np.sqrt(hd)
+    got = C.attend(q, k, v, scale, first, kv, group)
+    assert got.shape == (tokens * group, hd)
+    bound = 64 * np.finfo(np.float32).eps * (np.sqrt(hd) + np.sqrt(n)) * np.abs(v).max()
+    for i in range(tokens):
+        end = n - tokens + i + 1  # token i sees positions [first, end)
+        rows = slice(i * group, (i + 1) * group)
+        s = q[rows].astype(np.float64) @ kr[first:end].T * scale
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        expected = (p / p.sum(axis=1, keepdims=True)) @ vr[first:end]
+        assert np.max(np.abs(got[rows] - expected)) <= bound, i
+        np.testing.assert_array_equal(C.attend(q[rows], k[:end], v[:end], scale, first, kv), got[rows])
+    if n > 256 and tokens > 1:  # tokens whose ends straddle a chunk are cut into two tiles by the model
+        with pytest.raises(ValueError, match="one chunk"):
+            C.attend(q, k[:257 + tokens - 2], v[:257 + tokens - 2], scale, first, kv, group)
+    with pytest.raises(ValueError, match="per_token"):
+        C.attend(q, k, v, scale, first, kv, -1)
+    if group > 1:
+        with pytest.raises(ValueError, match="per_token"):
+            C.attend(np.concatenate([q, q[:1]]), k, v, scale, first, kv, group)
+
+
 def test_a_forced_kernel_path_the_cpu_cannot_run_is_reported() -> None:
     import os
     import subprocess

@@ -23,8 +23,9 @@ constexpr int kQ8Rows = 16;
 // blocks follow each other. So q . k for a block's 16 positions is hd vector multiply-adds of a
 // broadcast q[d] with one contiguous row, with no horizontal sums, and a head's keys are one stream.
 constexpr int kKeyBlock = 16;
-// Query heads Kernels::attend handles at once (more are taken in batches of this many).
-constexpr int kAttendHeads = 4;
+// Query rows Kernels::attend handles at once (more are taken in batches of this many): each key and
+// value row loaded serves them all.
+constexpr int kAttendHeads = 6;
 // Attention over a long range of positions goes in chunks aligned to multiples of kAttendChunk
 // positions, whose results are folded in order (attend_fold): by one thread walking a query's chunks
 // (attend_chunked), or by several threads each taking chunks of one query (decode over a long cache,
@@ -151,17 +152,20 @@ struct Kernels {
   void (*axpy_f32)(float alpha, const float* x, float* y, int64_t n);
   // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may equal gate or lie before it.
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
-  // Attention of n_q query heads of one KV head over its cached positions [first, last]:
-  // out[h][hd] = sum_p softmax_p(scale * q[h] . k_p) * v_p. q and out: n_q rows of hd floats. k: that KV
-  // head's keys in kKeyBlock-position blocks (see kKeyBlock), from position 0; v: its values, [positions,
-  // hd] from position 0. scores: scratch of min(n_q, kAttendHeads) * (last / kKeyBlock - first / kKeyBlock
-  // + 1) * kKeyBlock floats. stats, when not null: per head {max_p scale * q . k_p, sum_p exp(that - max)},
-  // what attend_fold needs to join the results of several position ranges.
-  void (*attend)(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last, int64_t hd,
-                 float scale, float* scores, float* out, float* stats);
+  // Attention of n_q query rows of one KV head over its cached positions: row r over [first, last + r /
+  // per_token] (the heads of one token share a range; a tile of consecutive tokens' heads, per_token
+  // rows each, sees one position more per token), out[r][hd] = sum_p softmax_p(scale * q[r] . k_p) * v_p.
+  // q and out: n_q rows of hd floats. k: that KV head's keys in kKeyBlock-position blocks (see
+  // kKeyBlock), from position 0; v: its values, [positions, hd] from position 0. scores: scratch of
+  // min(n_q, kAttendHeads) * (last_r / kKeyBlock - first / kKeyBlock + 1) * kKeyBlock floats, last_r the
+  // last row's end. stats, when not null: per row {max_p scale * q . k_p, sum_p exp(that - max)}, what
+  // attend_fold needs to join the results of several position ranges. A row's result does not depend
+  // on the rows it is computed with.
+  void (*attend)(const float* q, int64_t n_q, const float* k, const float* v, int64_t first, int64_t last,
+                 int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats);
   // The same over an f16 cache (same layouts); every product and sum is still f32.
   void (*attend_f16)(const float* q, int64_t n_q, const Half* k, const Half* v, int64_t first, int64_t last,
-                     int64_t hd, float scale, float* scores, float* out, float* stats);
+                     int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats);
 };
 
 static inline auto attend_kernel(const Kernels& k, const float*) { return k.attend; }
@@ -172,13 +176,14 @@ static inline auto attend_kernel(const Kernels& k, const Half*) { return k.atten
 // over both ranges.
 void attend_fold(float* o, float* running, const float* oc, const float* chunk_stats, int64_t hd);
 
-// Kernels::attend of n_q query heads over [first, last], kAttendChunk-aligned chunk by chunk, folded in
-// order into out [n_q][hd]. scores: as Kernels::attend needs for one chunk (kAttendHeads * (kAttendChunk
-// + 2 * kKeyBlock) floats); part: n_q * (hd + 4) floats of scratch.
+// Kernels::attend of n_q query rows (row r over [first, last + r / per_token]), kAttendChunk-aligned
+// chunk by chunk, folded in order into out [n_q][hd]. Every row's range ends in the chunk `last` lies
+// in. scores: as Kernels::attend needs for one chunk (kAttendHeads * (kAttendChunk + 2 * kKeyBlock)
+// floats); part: n_q * (hd + 4) floats of scratch.
 void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const float* kc, const float* vc, int64_t first,
-                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out);
+                    int64_t last, int64_t per_token, int64_t hd, float scale, float* scores, float* part, float* out);
 void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Half* kc, const Half* vc, int64_t first,
-                    int64_t last, int64_t hd, float scale, float* scores, float* part, float* out);
+                    int64_t last, int64_t per_token, int64_t hd, float scale, float* scores, float* part, float* out);
 
 const Kernels& kernels_scalar();
 #if defined(CPULLM_HAVE_X86_KERNELS)

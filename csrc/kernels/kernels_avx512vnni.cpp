@@ -148,12 +148,14 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
 }
 
 // Tiles of kTokens tokens x 2 blocks over rows with two digits (kLo) or one. Two digits: 2 x 2 tiles,
-// 8 accumulators, and per quad 2 weight loads and 4 activation broadcasts for 8 vpdpbusd. Measured on
-// Zen 4 (128- and 512-token prompts, SmolLM2's w13 and w2): ~20 % faster than 4 x 2, and 2 x 3 or 3 x 3
-// no better; wider tiles spend more on broadcasts and register moves than they save in weight loads,
-// which come from L2 anyway. One digit (Q8Acts::one_digit_rows): half the accumulators per token, so
-// 4 x 2 tiles keep the 8 accumulators and the loads per vpdpbusd (faster than 4 x 3, 4 x 4, 3 x 2,
-// 3 x 3, 2 x 3 and 2 x 4 there; docs/performance.md).
+// 8 accumulators, and per quad 2 weight loads and 4 activation broadcasts for 8 vpdpbusd. One digit
+// (Q8Acts::one_digit_rows): half the accumulators per token, so 4 x 2 tiles keep the 8 accumulators and
+// the loads per vpdpbusd. Measured on Zen 4 (tools/kernel_bench.py, both models' shapes): once GCC no
+// longer shuffled the accumulators (CMakeLists.txt, -fno-tree-pre), 4 x 2, 3 x 2 and 2 x 3 two-digit
+// tiles were within noise of 2 x 2 (~82 % of the two-digit ceiling), and 4 x 3 or 4 x 4 one-digit tiles
+// 3-10 % slower than 4 x 2 (~72 % of the peak). Both are bound by the epilogue: per 16 rows, token and
+// 32-input group, 8 (one digit) or 16 vpdpbusd against a float multiply and multiply-add on the same
+// pipes, and the int32 joins and conversion beside them.
 template <int kTokensPerTile, bool kLo>
 struct VnniTiles {
   static constexpr int kTokens = kTokensPerTile;

@@ -261,10 +261,17 @@ struct KernelsImpl {
       for (int j = 0; j < NV; ++j) V::store(out + h * hd + j * W, acc[h][j]);
   }
 
+  // head_mix over rows too wide for the registers: a few vectors of every row at a time while that
+  // keeps at least two per row (each vector's sums are its own, so the split changes no bits), else
+  // one row at a time.
   template <int NV, int NQ, class KT>
   static inline void mix_whole(const float* w, int64_t ld, const KT* v, int64_t n, int64_t hd, float* out) {
+    constexpr int P = kAccRegs / NQ;  // vectors per row that fit
     if constexpr (NV * NQ <= kAccRegs) {
       head_mix<NV, NQ>(w, ld, v, n, hd, out);
+    } else if constexpr (P >= 2) {
+      head_mix<P, NQ>(w, ld, v, n, hd, out);
+      mix_whole<NV - P, NQ>(w, ld, v + P * W, n, hd, out + P * W);
     } else {
       for (int h = 0; h < NQ; ++h) head_mix<NV, 1>(w + h * ld, ld, v, n, hd, out + h * hd);
     }
@@ -302,53 +309,66 @@ struct KernelsImpl {
     for (const float inv_s = 1.f / sum; p < n; ++p) scores[p] *= inv_s;
   }
 
-  // NQ query heads of one KV group over the cached positions [first, last].
+  // NQ query rows of one KV group: row h over the cached positions [first, lasts[h]] (lasts
+  // nondecreasing: the rows of a tile of consecutive tokens, or one token's heads, all alike).
   template <int NQ, class KT>
-  static void attend_heads(const float* q, const KT* k, const KT* v, int64_t first, int64_t last, int64_t hd,
-                           float scale, float* all_scores, float* out, float* stats) {
-    const int64_t b_first = first / kKeyBlock, b_last = last / kKeyBlock;
-    const int64_t ld = (b_last - b_first + 1) * kKeyBlock;  // one head's row of scores
+  static void attend_heads(const float* q, const KT* k, const KT* v, int64_t first, const int64_t* lasts,
+                           int64_t hd, float scale, float* all_scores, float* out, float* stats) {
+    const int64_t b_first = first / kKeyBlock, b_last = lasts[NQ - 1] / kKeyBlock;
+    const int64_t ld = (b_last - b_first + 1) * kKeyBlock;  // one row of scores
     for (int64_t b = b_first; b <= b_last; ++b)
       batch_scores<NQ>(q, hd, k + b * hd * kKeyBlock, scale, all_scores + (b - b_first) * kKeyBlock, ld);
-    // The blocks' positions outside [first, last] were scored too (from whatever the cache holds there)
+    // The blocks' positions outside a row's range were scored too (from whatever the cache holds there)
     // and are left out from here on.
     float* scores = all_scores + (first - b_first * kKeyBlock);
-    const int64_t n = last - first + 1;
-    for (int h = 0; h < NQ; ++h) softmax(scores + h * ld, n, stats ? stats + 2 * h : nullptr);
+    for (int h = 0; h < NQ; ++h) softmax(scores + h * ld, lasts[h] - first + 1, stats ? stats + 2 * h : nullptr);
     v += first * hd;
+    const int64_t shared = lasts[0] - first + 1;  // positions every row sees
+    bool tails = true;  // rows that see more positions go on from the shared ones below
     switch (hd % W == 0 ? hd / W : 0) {  // whole vectors per head, or 0 for the general path
-      case 1: mix_whole<1, NQ>(scores, ld, v, n, hd, out); break;
-      case 2: mix_whole<2, NQ>(scores, ld, v, n, hd, out); break;
-      case 3: mix_whole<3, NQ>(scores, ld, v, n, hd, out); break;
-      case 4: mix_whole<4, NQ>(scores, ld, v, n, hd, out); break;
-      case 5: mix_whole<5, NQ>(scores, ld, v, n, hd, out); break;
-      case 6: mix_whole<6, NQ>(scores, ld, v, n, hd, out); break;
-      case 8: mix_whole<8, NQ>(scores, ld, v, n, hd, out); break;
+      case 1: mix_whole<1, NQ>(scores, ld, v, shared, hd, out); break;
+      case 2: mix_whole<2, NQ>(scores, ld, v, shared, hd, out); break;
+      case 3: mix_whole<3, NQ>(scores, ld, v, shared, hd, out); break;
+      case 4: mix_whole<4, NQ>(scores, ld, v, shared, hd, out); break;
+      case 5: mix_whole<5, NQ>(scores, ld, v, shared, hd, out); break;
+      case 6: mix_whole<6, NQ>(scores, ld, v, shared, hd, out); break;
+      case 8: mix_whole<8, NQ>(scores, ld, v, shared, hd, out); break;
       default:
+        tails = false;
         for (int h = 0; h < NQ; ++h) {
           float* o = out + h * hd;
           for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
-          for (int64_t j = 0; j < n; ++j) axpy_kv(scores[h * ld + j], v + j * hd, o, hd);
+          for (int64_t j = 0; j <= lasts[h] - first; ++j) axpy_kv(scores[h * ld + j], v + j * hd, o, hd);
         }
     }
+    // The same fused multiply-adds, in the same order, as a row whose every position went through
+    // head_mix: a row's bits do not depend on the rows it was batched with.
+    if (tails)
+      for (int h = 0; h < NQ; ++h)
+        for (int64_t j = shared; j <= lasts[h] - first; ++j) axpy_kv(scores[h * ld + j], v + j * hd, out + h * hd, hd);
   }
 
-  // n_q query heads of one KV group (see Kernels::attend for the layouts), kAttendHeads at a time.
+  // n_q query rows of one KV group (see Kernels::attend for the layouts), kAttendHeads at a time; row r
+  // sees [first, last + r / per_token].
   template <class KT>
   static void attend(const float* q, int64_t n_q, const KT* k, const KT* v, int64_t first, int64_t last,
-                     int64_t hd, float scale, float* scores, float* out, float* stats) {
+                     int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats) {
     static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
-    static_assert(kAttendHeads == 4, "the batches below go up to 4 heads");
+    static_assert(kAttendHeads == 6, "the batches below go up to 6 rows");
     for (int64_t h = 0; h < n_q;) {
       const int64_t batch = n_q - h < kAttendHeads ? n_q - h : kAttendHeads;
       const float* qh = q + h * hd;
       float* oh = out + h * hd;
       float* sh = stats ? stats + 2 * h : nullptr;
+      int64_t lasts[kAttendHeads];
+      for (int64_t r = 0; r < batch; ++r) lasts[r] = last + (h + r) / per_token;
       switch (batch) {
-        case 4: attend_heads<4>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
-        case 3: attend_heads<3>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
-        case 2: attend_heads<2>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
-        default: attend_heads<1>(qh, k, v, first, last, hd, scale, scores, oh, sh); break;
+        case 6: attend_heads<6>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
+        case 5: attend_heads<5>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
+        case 4: attend_heads<4>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
+        case 3: attend_heads<3>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
+        case 2: attend_heads<2>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
+        default: attend_heads<1>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
       }
       h += batch;
     }

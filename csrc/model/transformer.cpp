@@ -29,8 +29,17 @@ constexpr int kMaxThreads = 1024;
 // Attention scores a thread needs: Kernels::attend scores up to kAttendHeads query heads at once, over
 // one chunk, which covers up to one more key block than its positions.
 constexpr size_t kScoreStride = size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock);
-// attend_chunked's scratch per thread, for up to all of a model's query heads.
-size_t attend_part_floats(const ModelSpec& s) { return size_t(s.n_heads) * size_t(s.head_dim + 4); }
+// Consecutive tokens whose query heads of one KV group attend together in a prefill (see
+// Sequence::attention): enough for two of Kernels::attend's batches of rows, at most kTileTokens.
+constexpr int64_t kTileTokens = 6;
+int64_t tile_tokens(const ModelSpec& s) {
+  return std::clamp<int64_t>(2 * kAttendHeads / (s.n_heads / s.n_kv_heads), 1, kTileTokens);
+}
+// A thread's attention scratch: attend_chunked's for a tile's rows, then the tile's query and output rows.
+size_t attend_part_floats(const ModelSpec& s) {
+  const size_t rows = size_t(tile_tokens(s) * (s.n_heads / s.n_kv_heads));
+  return rows * size_t(s.head_dim + 4) + 2 * rows * size_t(s.head_dim);
+}
 // Refuse dimensions whose products could overflow the 64-bit index arithmetic below or that no real
 // model has: a hostile config must fail here, not in an allocation or a pointer offset.
 constexpr int64_t kMaxDim = int64_t(1) << 24;
@@ -663,24 +672,48 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
 
   // Causal grouped-query attention: query t sees cached positions [first, n_past + t], where first is
   // 0, or with a sliding window W the oldest position > n_past + t - W. The cache keeps every position.
-  // With enough tokens, or one thread, a unit of work is one token's whole KV group (its query heads
-  // then share each key and value row loaded), which walks its positions chunk by chunk. With few
-  // tokens (decode) on several threads, each chunk of a token's positions is a unit of its own and the
-  // chunks are folded afterwards, in the same order: whole KV groups where that makes enough units,
-  // else single heads (a short cache, cheap to read again).
+  // With enough tokens, or one thread, a unit of work is a tile of consecutive tokens' whole KV group
+  // (all their query heads then share each key and value row loaded), which walks its positions chunk
+  // by chunk. With few tokens (decode) on several threads, each chunk of a token's positions is a unit
+  // of its own and the chunks are folded afterwards, in the same order: whole KV groups where that
+  // makes enough units, else single heads (a short cache, cheap to read again). Every query's result
+  // is the same however it was grouped.
   const int64_t window = L.window;
   const auto range = [&](int64_t t) {
     const int64_t last = n_past_ + t;
     return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
   };
   if (!split) {
-    parallel_for<Schedule::kDynamic>(n_threads, true, T * KVH, [&](int64_t u, int thread) {
-      const int64_t t = u / KVH, kvh = u % KVH, h = kvh * group;
-      const auto [first, last] = range(t);
-      const size_t tid = size_t(thread);
-      attend_chunked(k, qkv + t * qkv_dim + h * hd, group, kc + kvh * cap * hd, vc + kvh * cap * hd, first, last,
-                     hd, s.attn_scale, scores_.data() + tid * kScoreStride, part_.data() + tid * part_stride,
-                     attn + t * q_dim + h * hd);
+    // A tile's tokens share their first position (none has reached a sliding window's end) and the
+    // chunk their last lies in (a tile is cut there). Tiles go latest first: those see the most
+    // positions, and the dynamic schedule then ends on short ones.
+    const int64_t NT = window > 0 && n_past_ + T > window ? 1 : tile_tokens(s);
+    const int64_t n_tiles = (T + NT - 1) / NT;
+    parallel_for<Schedule::kDynamic>(n_threads, true, n_tiles * KVH, [&](int64_t u, int thread) {
+      const int64_t tile = n_tiles - 1 - u / KVH, kvh = u % KVH, h = kvh * group;
+      float* scores = scores_.data() + size_t(thread) * kScoreStride;
+      float* part = part_.data() + size_t(thread) * part_stride;
+      float* tile_q = part + NT * group * (hd + 4);
+      float* tile_out = tile_q + NT * group * hd;
+      const KT* keys = kc + kvh * cap * hd;
+      const KT* values = vc + kvh * cap * hd;
+      for (int64_t t0 = tile * NT, t_end = std::min(T, t0 + NT); t0 < t_end;) {
+        const auto [first, last] = range(t0);
+        const int64_t t1 = std::min(t_end, t0 + kAttendChunk - last % kAttendChunk);
+        if (t1 - t0 == 1) {
+          attend_chunked(k, qkv + t0 * qkv_dim + h * hd, group, keys, values, first, last, group, hd, s.attn_scale,
+                         scores, part, attn + t0 * q_dim + h * hd);
+        } else {
+          const size_t row_bytes = sizeof(float) * size_t(group * hd);
+          for (int64_t t = t0; t < t1; ++t)
+            std::memcpy(tile_q + (t - t0) * group * hd, qkv + t * qkv_dim + h * hd, row_bytes);
+          attend_chunked(k, tile_q, (t1 - t0) * group, keys, values, first, last, group, hd, s.attn_scale, scores,
+                         part, tile_out);
+          for (int64_t t = t0; t < t1; ++t)
+            std::memcpy(attn + t * q_dim + h * hd, tile_out + (t - t0) * group * hd, row_bytes);
+        }
+        t0 = t1;
+      }
     });
   } else {
     const int64_t units_per_token = H / split_heads;
@@ -692,9 +725,9 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
       if (c > last / kAttendChunk) return;
       const int64_t a = std::max(first, c * kAttendChunk), b = std::min(last, c * kAttendChunk + kAttendChunk - 1);
       const size_t slot = size_t((t * split_chunks + j) * H + h);
-      attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, hd,
-               s.attn_scale, scores_.data() + size_t(thread) * kScoreStride, split_out_.data() + slot * hd,
-               split_stats_.data() + slot * 2);
+      attend(qkv + t * qkv_dim + h * hd, split_heads, kc + kvh * cap * hd, vc + kvh * cap * hd, a, b, split_heads, hd,
+             s.attn_scale, scores_.data() + size_t(thread) * kScoreStride, split_out_.data() + slot * hd,
+             split_stats_.data() + slot * 2);
     });
     for (int64_t t = 0; t < T; ++t) {
       const auto [first, last] = range(t);
