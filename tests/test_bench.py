@@ -35,3 +35,25 @@ def test_bench_json_and_table(make_llama: Any) -> None:
     too_long = subprocess.run([*cmd[:5], "--prompt-tokens", "300", "--gen-tokens", "1"], capture_output=True,
                               text=True, env=env, timeout=120)
     assert too_long.returncode == 2 and "exceed the context length" in too_long.stderr
+
+
+def test_bench_peers_pairs_ratios_within_rounds() -> None:
+    # tools/bench_peers.py's paired ratios: each round's cpullm figure over the same round's peer figure,
+    # not a ratio of medians (which mixes rounds the machine ran at different speeds).
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_peers.py"
+    spec = importlib.util.spec_from_file_location("bench_peers", path)
+    bench_peers = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = bench_peers  # its dataclasses look their module up
+    spec.loader.exec_module(bench_peers)
+    ours = [{"prefill_tok_s": p, "decode_tok_s": 100.0} for p in (100.0, 300.0, 200.0)]
+    peer = [{"prefill_tok_s": p, "decode_tok_s": 50.0} for p in (50.0, 300.0, 400.0)]
+    runs = {("cpullm-int8", 1): ours, ("ctranslate2-int8", 1): peer, ("cpullm-bf16", 1): ours}
+    lines = bench_peers.paired_ratios(runs, ["cpullm-int8", "cpullm-bf16", "ctranslate2-int8"], 1)
+    assert [(line["ours"], line["peer"], line["metric"]) for line in lines] == [
+        ("cpullm-int8", "ctranslate2-int8", "prefill"), ("cpullm-int8", "ctranslate2-int8", "decode")]
+    # (the ratio of the medians would be 200 / 300)
+    assert lines[0]["per_round"] == [2.0, 1.0, 0.5] and lines[0]["median"] == 1.0
+    assert lines[1]["per_round"] == [2.0, 2.0, 2.0] and lines[1]["median"] == 2.0

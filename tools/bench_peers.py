@@ -25,6 +25,9 @@ Both then get a CTranslate2 int8 directory and cpullm's converted int8/bf16/f32 
 is built once into --work (an interrupted build is redone) and reused. The 1B files take 18 GiB and
 about 5 minutes to build on 2 cores.
 
+Also printed: "paired" ratios, cpullm int8's and its fast prefill's speed over each peer's taken round by
+round (the median and every round's), which leave out the drift between rounds that the medians keep.
+
 Ceilings (tools/probe.py, measured at the start of the run): an engine's decode ceiling is the read
 bandwidth / the bytes it reads per decoded token (its weight bytes, int8 scales included, plus the KV cache
 at the middle of decoding); the prefill ceiling is the int8 multiply-add rate / the operations per prompt
@@ -458,6 +461,23 @@ def compare_with_reference(run: dict[str, Any], reference: dict[str, Any]) -> di
             "top_logits_common": len(common), "top_logits_max_abs_diff": error}
 
 
+def paired_ratios(runs: dict[tuple[str, int], list[dict[str, Any]]], engines: list[str],
+                  threads: int) -> list[dict[str, Any]]:
+    """cpullm int8's (and its fast prefill's) speed over each peer's, round by round: the engines of one
+    round run minutes apart, so a ratio taken within a round leaves out most of the machine's drift
+    between rounds, which a ratio of medians keeps. Median and every round's ratio."""
+    lines = []
+    for ours in ("cpullm-int8", "cpullm-int8-fast"):
+        for peer in engines:
+            if ours not in engines or peer.startswith("cpullm"):
+                continue
+            for metric in ("prefill_tok_s", "decode_tok_s"):
+                per_round = [a[metric] / b[metric] for a, b in zip(runs[(ours, threads)], runs[(peer, threads)])]
+                lines.append({"ours": ours, "peer": peer, "metric": metric.removesuffix("_tok_s"),
+                              "median": statistics.median(per_round), "per_round": per_round})
+    return lines
+
+
 def _format_error(error: float | None) -> str:
     return "-" if error is None else f"{error:.3f}"
 
@@ -543,6 +563,11 @@ def main() -> None:
                   f"{ratios} {decode_ceiling:>8.1f} {row['decode_fraction']:>8.2f} {row['prefill_fraction']:>8.2f} "
                   f"{row['peak_rss_mb']:>7.0f} {check['top_logits_common']:>3}/{TOP_LOGITS:<2} "
                   f"{_format_error(check['top_logits_max_abs_diff']):>9}  {check['tokens_verdict']}")
+        paired = paired_ratios(runs, args.engines, threads)
+        report.setdefault("paired_ratios", {})[threads] = paired
+        for line in paired:
+            print(f"paired, {line['metric']}: {line['ours']} / {line['peer']} {line['median']:.2f} "
+                  f"[{min(line['per_round']):.2f}-{max(line['per_round']):.2f}]")
         print(f"top{TOP_LOGITS}: the prompt's {TOP_LOGITS} most likely next tokens shared with {REFERENCE}; "
               f"logit err: the largest logit difference among them; same tokens: the first {CHECK_TOKENS} greedy "
               f"tokens, or where they first differ (near-tie: {REFERENCE}'s top two logits there are closer than "
