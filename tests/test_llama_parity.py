@@ -86,6 +86,21 @@ def test_cache_growth_keeps_every_position(make_llama: Any, config: str) -> None
     assert rel_err(full[-50:], hf_logits(hf_model, ids)[-50:]) < F32_TOL
 
 
+@pytest.mark.parametrize("config", ["gqa3-hd24", "mha-hd64-tied", "gqa4-hd40-llama3"])
+def test_prefill_attention_tiles_cut_at_a_chunk_give_one_pass_bits(make_llama: Any, config: str) -> None:
+    # A prefill's consecutive tokens attend in tiles (4 tokens of a group of 3, 6 of a group of 1, 3 of
+    # a group of 4), cut where their last positions cross a 256-position chunk: a piece starting at 250
+    # makes tiles straddle 256 that a pass from 0 does not, and must give that pass's bits.
+    directory, _ = make_llama(seed=17, **CONFIGS[config], max_position_embeddings=1024)
+    model = cpullm.load(directory, threads=1)
+    ids = _ids(model.spec.vocab_size, 300, seed=6).astype(np.int32)
+    for kv in ("f32", "f16"):
+        whole = cpullm._C.Sequence(model._model(), kv).forward(ids, True, 1)
+        sequence = cpullm._C.Sequence(model._model(), kv)
+        pieces = [sequence.forward(ids[a:b], True, 1) for a, b in ((0, 250), (250, 261), (261, 300))]
+        np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
+
 def test_reserve_sizes_the_cache_ahead_and_changes_no_result(make_llama: Any) -> None:
     # generate() reserves prompt + max_tokens positions before the prompt runs, so that the cache does
     # not grow (a copy of every cached position) in the middle of decoding.

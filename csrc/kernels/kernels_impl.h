@@ -262,18 +262,19 @@ struct KernelsImpl {
   }
 
   // head_mix over rows too wide for the registers: a few vectors of every row at a time while that
-  // keeps at least two per row (each vector's sums are its own, so the split changes no bits), else
-  // one row at a time.
+  // keeps at least two per row, else half the rows at a time, down to one row in pieces of
+  // kAccRegs vectors (each vector's and row's sums are their own, so no split changes a bit).
   template <int NV, int NQ, class KT>
   static inline void mix_whole(const float* w, int64_t ld, const KT* v, int64_t n, int64_t hd, float* out) {
     constexpr int P = kAccRegs / NQ;  // vectors per row that fit
     if constexpr (NV * NQ <= kAccRegs) {
       head_mix<NV, NQ>(w, ld, v, n, hd, out);
-    } else if constexpr (P >= 2) {
+    } else if constexpr (P >= 2 || NQ == 1) {
       head_mix<P, NQ>(w, ld, v, n, hd, out);
       mix_whole<NV - P, NQ>(w, ld, v + P * W, n, hd, out + P * W);
     } else {
-      for (int h = 0; h < NQ; ++h) head_mix<NV, 1>(w + h * ld, ld, v, n, hd, out + h * hd);
+      mix_whole<NV, NQ / 2>(w, ld, v, n, hd, out);
+      mix_whole<NV, NQ - NQ / 2>(w + NQ / 2 * ld, ld, v, n, hd, out + NQ / 2 * hd);
     }
   }
 
@@ -333,6 +334,8 @@ struct KernelsImpl {
       case 5: mix_whole<5, NQ>(scores, ld, v, shared, hd, out); break;
       case 6: mix_whole<6, NQ>(scores, ld, v, shared, hd, out); break;
       case 8: mix_whole<8, NQ>(scores, ld, v, shared, hd, out); break;
+      case 16: mix_whole<16, NQ>(scores, ld, v, shared, hd, out); break;  // 128 on 8 lanes, 64 on 4
+      case 32: mix_whole<32, NQ>(scores, ld, v, shared, hd, out); break;  // 128 on 4 lanes
       default:
         tails = false;
         for (int h = 0; h < NQ; ++h) {

@@ -29,8 +29,9 @@ constexpr int kMaxThreads = 1024;
 // Attention scores a thread needs: Kernels::attend scores up to kAttendHeads query heads at once, over
 // one chunk, which covers up to one more key block than its positions.
 constexpr size_t kScoreStride = size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock);
-// Consecutive tokens whose query heads of one KV group attend together in a prefill (see
-// Sequence::attention): enough for two of Kernels::attend's batches of rows, at most kTileTokens.
+// The most consecutive tokens whose query heads of one KV group attend together in a prefill (see
+// Sequence::attention): about two of Kernels::attend's batches of rows (12 rows for groups of 2, 3, 4
+// and 6; one token for groups of 7 and more, already a batch of their own), at most kTileTokens.
 constexpr int64_t kTileTokens = 6;
 int64_t tile_tokens(const ModelSpec& s) {
   return std::clamp<int64_t>(2 * kAttendHeads / (s.n_heads / s.n_kv_heads), 1, kTileTokens);
@@ -684,10 +685,11 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
     return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
   };
   if (!split) {
-    // A tile's tokens share their first position (none has reached a sliding window's end) and the
-    // chunk their last lies in (a tile is cut there). Tiles go latest first: those see the most
-    // positions, and the dynamic schedule then ends on short ones.
-    const int64_t NT = window > 0 && n_past_ + T > window ? 1 : tile_tokens(s);
+    // A tile's tokens share their first position (tokens a sliding window has moved go one at a time)
+    // and the chunk their last lies in (a tile is cut there). Tiles are made smaller where they would
+    // leave fewer than about 4 units per thread, and go latest first: those see the most positions,
+    // and the dynamic schedule then ends on short ones.
+    const int64_t NT = std::clamp<int64_t>(T * KVH / (4 * int64_t(n_threads)), 1, tile_tokens(s));
     const int64_t n_tiles = (T + NT - 1) / NT;
     parallel_for<Schedule::kDynamic>(n_threads, true, n_tiles * KVH, [&](int64_t u, int thread) {
       const int64_t tile = n_tiles - 1 - u / KVH, kvh = u % KVH, h = kvh * group;
@@ -699,7 +701,8 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
       const KT* values = vc + kvh * cap * hd;
       for (int64_t t0 = tile * NT, t_end = std::min(T, t0 + NT); t0 < t_end;) {
         const auto [first, last] = range(t0);
-        const int64_t t1 = std::min(t_end, t0 + kAttendChunk - last % kAttendChunk);
+        int64_t t1 = std::min(t_end, t0 + kAttendChunk - last % kAttendChunk);
+        if (window > 0 && n_past_ + t1 > window) t1 = t0 + 1;  // the window starts past 0 there
         if (t1 - t0 == 1) {
           attend_chunked(k, qkv + t0 * qkv_dim + h * hd, group, keys, values, first, last, group, hd, s.attn_scale,
                          scores, part, attn + t0 * q_dim + h * hd);
