@@ -182,8 +182,7 @@ struct Q8Problem {
     sums.resize(size_t(T * G));
     for (int64_t t = 0; t < T; ++t) {
       kernels().quantize_q8(x + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
-                            sums.data() + t * G);
-      if (t < one_digit_rows) drop_lo_digits(xq.data() + 2 * t * stride, K, group, stride, sums.data() + t * G);
+                            sums.data() + t * G, t < one_digit_rows);
     }
     acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
     acts.one_digit_rows = one_digit_rows;
@@ -248,8 +247,7 @@ PYBIND11_MODULE(_C, m) {
     std::vector<int8_t> row(static_cast<size_t>(2 * stride));
     for (int64_t t = 0; t < T; ++t) {
       kernels().quantize_q8(x.data() + t * K, K, group, stride, row.data(), scales.mutable_data() + t * G,
-                            sums.mutable_data() + t * G);
-      if (one_digit) drop_lo_digits(row.data(), K, group, stride, sums.mutable_data() + t * G);
+                            sums.mutable_data() + t * G, one_digit);
       std::memcpy(q.mutable_data() + 2 * t * K, row.data(), size_t(K));
       std::memcpy(q.mutable_data() + 2 * t * K + K, row.data() + stride, size_t(K));
     }

@@ -110,7 +110,7 @@ struct Q8Acts {
   const float* scales = nullptr;   // [T, n_groups]
   const int32_t* sums = nullptr;   // [T, n_groups]: 128 * (127 * sum(hi) + sum(lo)) over the group
   int64_t T = 0, stride = 0;
-  // Rows [0, one_digit_rows) carry one digit: their lo digits are zero (drop_lo_digits), so their sums
+  // Rows [0, one_digit_rows) carry one digit: their lo digits are zero (quantize_row_q8's one_digit), so their sums
   // are 128 * 127 * sum(hi), which a kernel may use to skip them. Skipping changes no result: the
   // integer sums are the same either way.
   int64_t one_digit_rows = 0;
@@ -143,7 +143,7 @@ struct Kernels {
   void (*matmul_q8)(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy);
   // quantize_row_q8 (below), vectorised for the ISA; results are bit-identical on every path.
   void (*quantize_q8)(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
-                      int32_t* sums);
+                      int32_t* sums, bool one_digit);
   // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
   int64_t (*q8_peak_loop)(int64_t iterations);
   // sum_i a[i] * b[i]
@@ -212,11 +212,9 @@ const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs wit
 // the weights' own rounding, while every product is still an int8 dot product. q: [2 * stride] (see
 // Q8Acts; padding digits are zeroed); sums: per group 128 * (127 * sum(hi) + sum(lo)), which a kernel
 // reading the weights as unsigned (w + 128) subtracts. A group whose s / 127 is not a normal float (all
-// zero, NaN, or max|x| below ~1.9e-34) gets zero digits.
+// zero, NaN, or max|x| below ~1.9e-34) gets zero digits. one_digit (fast prefill's rows): the same hi
+// digits and scales, the lo digits all zero, so sums[g] = 128 * 127 * sum(hi).
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
-                     int32_t* sums);
-// Turns one row quantized by quantize_row_q8 into its one-digit form, x ~= (s / 127) * 127 * hi: the lo
-// digits zeroed and sums[g] = 128 * 127 * sum(hi) over each group (the hi digits and scales stay).
-void drop_lo_digits(int8_t* q, int64_t K, int64_t group, int64_t stride, int32_t* sums);
+                     int32_t* sums, bool one_digit);
 
 }  // namespace cpullm

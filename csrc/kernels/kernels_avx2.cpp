@@ -57,10 +57,12 @@ struct Avx2V {
 // quantize_row_q8 eight lanes at a time, with the same operations in the same order as the portable
 // version (the product with the reciprocal, the clamp, round-half-even, the remainder as a separate
 // multiply and subtract), so the digits are bit-identical; a group's tail goes through masked loads.
-void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums) {
+void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums,
+                 bool one_digit) {
   int8_t* hi = q;
   int8_t* lo = q + stride;
   for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
+  if (one_digit) std::memset(lo, 0, size_t(K));
   const __m256 lim = _mm256_set1_ps(127.f), neg_lim = _mm256_set1_ps(-127.f);
   const __m256 sign = _mm256_set1_ps(-0.f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -101,15 +103,17 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
       const int n = end - k < 8 ? static_cast<int>(end - k) : 8;
       const __m256 xv = n == 8 ? _mm256_loadu_ps(x + k) : _mm256_maskload_ps(x + k, mask256(n));
       const __m256 h = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv, vinv), neg_lim), lim), kRound);
-      const __m256 rest = _mm256_sub_ps(xv, _mm256_mul_ps(h, vs));
-      const __m256 l = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(rest, vinv_fine), neg_lim), lim), kRound);
-      const __m256i hi32 = _mm256_cvtps_epi32(h), lo32 = _mm256_cvtps_epi32(l);
+      const __m256i hi32 = _mm256_cvtps_epi32(h);
       narrow(hi32, hi + k, n);
-      narrow(lo32, lo + k, n);
       // Masked-off lanes are left out: loaded as 0 they give 0 digits, except with an infinite scale,
       // where 0 - 0 * inf is NaN and its lo digit -127.
       const __m256i in_group = mask256(n);
       sum_hi = _mm256_add_epi32(sum_hi, _mm256_and_si256(hi32, in_group));
+      if (one_digit) continue;
+      const __m256 rest = _mm256_sub_ps(xv, _mm256_mul_ps(h, vs));
+      const __m256 l = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(rest, vinv_fine), neg_lim), lim), kRound);
+      const __m256i lo32 = _mm256_cvtps_epi32(l);
+      narrow(lo32, lo + k, n);
       sum_lo = _mm256_add_epi32(sum_lo, _mm256_and_si256(lo32, in_group));
     }
     const __m128i sh = _mm_add_epi32(_mm256_castsi256_si128(sum_hi), _mm256_extracti128_si256(sum_hi, 1));

@@ -44,10 +44,12 @@ struct Avx512V {
 // quantize_row_q8 sixteen lanes at a time, with the same operations in the same order (the product with
 // the reciprocal, the clamp, round-half-even, then the remainder as a separate multiply and subtract),
 // so the digits are bit-identical to the portable version's.
-void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums) {
+void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums,
+                 bool one_digit) {
   int8_t* hi = q;
   int8_t* lo = q + stride;
   for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
+  if (one_digit) std::memset(lo, 0, size_t(K));
   const __m512 lim = _mm512_set1_ps(127.f), neg_lim = _mm512_set1_ps(-127.f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const int64_t G = (K + group - 1) / group;
@@ -92,14 +94,16 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
       const __mmask16 m = Avx512V::lane_mask(n);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
       const __m512 h = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(xv, vinv), neg_lim), lim), kRound);
-      const __m512 rest = _mm512_sub_ps(xv, _mm512_mul_ps(h, vs));
-      const __m512 l = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(rest, vinv_fine), neg_lim), lim), kRound);
-      const __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
+      const __m512i hi32 = _mm512_cvtps_epi32(h);
       _mm512_mask_cvtepi32_storeu_epi8(hi + k, m, hi32);
-      _mm512_mask_cvtepi32_storeu_epi8(lo + k, m, lo32);
       // Masked-off lanes are left out: loaded as 0 they give 0 digits, except with an infinite scale,
       // where 0 - 0 * inf is NaN and its lo digit -127.
       sum_hi = _mm512_mask_add_epi32(sum_hi, m, sum_hi, hi32);
+      if (one_digit) continue;
+      const __m512 rest = _mm512_sub_ps(xv, _mm512_mul_ps(h, vs));
+      const __m512 l = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(rest, vinv_fine), neg_lim), lim), kRound);
+      const __m512i lo32 = _mm512_cvtps_epi32(l);
+      _mm512_mask_cvtepi32_storeu_epi8(lo + k, m, lo32);
       sum_lo = _mm512_mask_add_epi32(sum_lo, m, sum_lo, lo32);
     }
     sums[g] = 128 * (127 * _mm512_reduce_add_epi32(sum_hi) + _mm512_reduce_add_epi32(sum_lo));

@@ -32,16 +32,6 @@ inline int64_t group_len(const Q8Weights& w, int64_t g) {
 
 int64_t q8_act_stride(int64_t K) { return (K + 3) / 4 * 4; }
 
-void drop_lo_digits(int8_t* q, int64_t K, int64_t group, int64_t stride, int32_t* sums) {
-  std::memset(q + stride, 0, size_t(stride));
-  for (int64_t g = 0, begin = 0; begin < K; ++g, begin += group) {
-    const int64_t end = begin + group < K ? begin + group : K;
-    int32_t sum = 0;
-    for (int64_t k = begin; k < end; ++k) sum += q[k];
-    sums[g] = 128 * 127 * sum;
-  }
-}
-
 Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K) {
   Q8Acts a;
   a.q = q;
@@ -104,10 +94,11 @@ void q8_row(const Q8Weights& w, int64_t row, float* out) {
 }
 
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
-                     int32_t* sums) {
+                     int32_t* sums, bool one_digit) {
   int8_t* hi = q;
   int8_t* lo = q + stride;
   for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
+  if (one_digit) std::memset(lo, 0, size_t(K));
   for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
     const int64_t end = begin + group < K ? begin + group : K;
     float amax = 0.f;
@@ -129,14 +120,22 @@ void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, i
     // forms cheap; the digits stay within half a step plus an ulp.
     const float inv = 1.f / scale, inv_fine = 1.f / fine;
     int32_t sum_hi = 0, sum_lo = 0;
-    for (int64_t k = begin; k < end; ++k) {
-      const float h = round_even(clamp127(x[k] * inv));
-      const float rest = x[k] - h * scale;
-      const float l = round_even(clamp127(rest * inv_fine));
-      hi[k] = static_cast<int8_t>(h);
-      lo[k] = static_cast<int8_t>(l);
-      sum_hi += static_cast<int32_t>(h);
-      sum_lo += static_cast<int32_t>(l);
+    if (one_digit) {
+      for (int64_t k = begin; k < end; ++k) {
+        const float h = round_even(clamp127(x[k] * inv));
+        hi[k] = static_cast<int8_t>(h);
+        sum_hi += static_cast<int32_t>(h);
+      }
+    } else {
+      for (int64_t k = begin; k < end; ++k) {
+        const float h = round_even(clamp127(x[k] * inv));
+        const float rest = x[k] - h * scale;
+        const float l = round_even(clamp127(rest * inv_fine));
+        hi[k] = static_cast<int8_t>(h);
+        lo[k] = static_cast<int8_t>(l);
+        sum_hi += static_cast<int32_t>(h);
+        sum_lo += static_cast<int32_t>(l);
+      }
     }
     sums[g] = 128 * (127 * sum_hi + sum_lo);
   }
