@@ -115,6 +115,21 @@ def test_generate_sampling_flags_and_stdin(word_model: Path) -> None:
     assert stopped.stdout == expected[: expected.index(stop)] + "\n"
 
 
+def test_generate_into_a_closed_pipe_ends_quietly(word_model: Path) -> None:
+    # `cpullm generate ... | head -c1`: the reader is gone before the reply is written (here before the
+    # command starts, so the first write already fails): exit 0 with nothing on stderr, no traceback
+    # and no "Exception ignored" from the interpreter's last flush.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "cpullm", "generate", str(word_model), "-p", "the capital of",
+                                 "-n", "8", "--threads", "1"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_chat_reads_lines_from_a_pipe(word_model: Path) -> None:
     model = cpullm.load(word_model, threads=1)
     session = model.chat(system="Be brief.", max_tokens=6, temperature=0.7, seed=1)

@@ -110,8 +110,8 @@ struct Q8Acts {
   const float* scales = nullptr;   // [T, n_groups]
   const int32_t* sums = nullptr;   // [T, n_groups]: 128 * (127 * sum(hi) + sum(lo)) over the group
   int64_t T = 0, stride = 0;
-  // Rows [0, one_digit_rows) carry one digit: their lo digits are zero (quantize_row_q8's one_digit), so their sums
-  // are 128 * 127 * sum(hi), which a kernel may use to skip them. Skipping changes no result: the
+  // Rows [0, one_digit_rows) carry one digit: their lo digits are zero (quantize_row_q8's one_digit), so
+  // their sums are 128 * 127 * sum(hi), which a kernel may use to skip them. Skipping changes no result: the
   // integer sums are the same either way.
   int64_t one_digit_rows = 0;
 };

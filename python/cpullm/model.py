@@ -13,7 +13,7 @@ from . import _C
 from .dtypes import check_fast_prefill, check_kv_cache_dtype, default_kv_cache_dtype
 from .errors import ContextOverflowError, CpullmError, ModelFormatError
 from .generation import GenerationStats, check_max_tokens, decode, prefill
-from .sampling import Sampler, SamplingParams, resolve_sampling
+from .sampling import Sampler, SamplingParams, is_integer, resolve_sampling
 from .spec import ModelSpec
 from .streaming import TextStream, normalize_stop
 from .tokenizer import Tokenizer
@@ -163,13 +163,13 @@ class Model:
     def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> frozenset[int]:
         if stop_token_ids is None:
             return frozenset(self.eos_token_ids)
-        if isinstance(stop_token_ids, (int, np.integer)) and not isinstance(stop_token_ids, bool):
+        if is_integer(stop_token_ids):
             stop_token_ids = [stop_token_ids]  # one id, as transformers' eos_token_id may be
         try:
             ids = list(stop_token_ids)
         except TypeError:
             raise ValueError(f"stop_token_ids must be token ids (a list of integers), got {stop_token_ids!r}") from None
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+        if not all(is_integer(t) for t in ids):
             raise ValueError(f"stop_token_ids must be integers, got {ids!r}")
         return frozenset(int(t) for t in ids)
 

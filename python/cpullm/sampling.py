@@ -46,7 +46,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _is_integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int or a NumPy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -66,7 +67,7 @@ class SamplingParams:
         t = self.temperature
         if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= _F32_MAX:
             raise ValueError(f"temperature must be a finite number >= 0 and <= {_F32_MAX:.3g} (0 means greedy), got {t!r}")
-        if not _is_integer(self.top_k) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}")
         p = self.top_p
         if not _is_number(p) or not (0.0 < p <= 1.0):
@@ -78,7 +79,7 @@ class SamplingParams:
         if not _is_number(r) or not math.isfinite(r) or not _PENALTY_RANGE[0] <= r <= _PENALTY_RANGE[1]:
             raise ValueError(f"repetition_penalty must be a number in [{_PENALTY_RANGE[0]:g}, {_PENALTY_RANGE[1]:g}] "
                              f"(1 switches it off), got {r!r}")
-        if self.seed is not None and (not _is_integer(self.seed) or self.seed < 0):
+        if self.seed is not None and (not is_integer(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
         # Store plain Python numbers whatever the caller passed (NumPy scalars, ints for floats).
         object.__setattr__(self, "temperature", float(t))

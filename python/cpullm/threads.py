@@ -1,5 +1,6 @@
 """The default thread count: physical cores available to this process (hyperthreads do not help a
-memory-bound decode loop); on Apple silicon its performance cores."""
+memory-bound decode loop), on Apple silicon its performance cores, capped by OMP_NUM_THREADS and by a
+cgroup CPU quota (a container's share of the machine)."""
 
 from __future__ import annotations
 

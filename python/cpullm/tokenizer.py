@@ -79,12 +79,10 @@ def _compile_template(source: str) -> jinja2.Template:
         raise ChatTemplateError(f"the chat template does not compile: {e}") from e
 
 
-def _alias_reasoning(message: Mapping[str, Any]) -> Any:
+def _alias_reasoning(message: Mapping[str, Any]) -> dict[str, Any]:
     # transformers drops the keys whose value is None (OpenAI-style content=None beside tool_calls would
     # otherwise render as "None"), and fills ``reasoning_content`` (and ``thinking``) from whichever
     # reasoning name a message uses.
-    if not isinstance(message, Mapping):
-        return message
     message = {key: value for key, value in message.items() if value is not None}
     reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
     if reasoning is not None:

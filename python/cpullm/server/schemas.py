@@ -293,7 +293,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     """A ``POST /v1/completions`` body, checked. ``prompt``: a string, token ids, or a one-element
     array of either (one prompt per request)."""
     common = _common(body, ("max_tokens",))
-    if body.get("max_tokens") is None:
+    if common["max_tokens"] is None:
         common["max_tokens"] = COMPLETION_DEFAULT_MAX_TOKENS
     if "prompt" not in body or body["prompt"] is None:
         raise RequestError("'prompt' is required: a string or an array of token ids", param="prompt")
