@@ -210,6 +210,9 @@ constexpr size_t kHugePage = size_t(2) << 20;
 }
 
 int64_t matmul_chunk(WType type, int64_t units, int n_threads) {
+  // One thread takes the whole matrix as one claim: the Q8 driver then requests each chunk's successor
+  // while it works on the chunk (q8_impl.h), which it does only within a claim.
+  if (n_threads < 2) return std::max<int64_t>(units, 1);
   const int64_t min_chunk = type == WType::Q8 ? 2 : 32;
   const int64_t chunk = (units + int64_t(n_threads) * 4 - 1) / (int64_t(n_threads) * 4);
   return std::max<int64_t>(min_chunk, (chunk + min_chunk - 1) / min_chunk * min_chunk);
