@@ -29,14 +29,20 @@ struct Digits8 {
   int32x4_t h[2], l[2];
 };
 
+// kLo false (one-digit rows): the lo digits are left zero, not computed.
+template <bool kLo>
 inline Digits8 digits8(const float* x, float32x4_t vs, float32x4_t vinv, float32x4_t vinv_fine) {
   Digits8 d;
   for (int i = 0; i < 2; ++i) {
     const float32x4_t xv = vld1q_f32(x + 4 * i);
     const float32x4_t h = vrndnq_f32(clamp127(vmulq_f32(xv, vinv)));
-    const float32x4_t rest = vsubq_f32(xv, vmulq_f32(h, vs));
     d.h[i] = vcvtq_s32_f32(h);
-    d.l[i] = vcvtq_s32_f32(vrndnq_f32(clamp127(vmulq_f32(rest, vinv_fine))));
+    if constexpr (kLo) {
+      const float32x4_t rest = vsubq_f32(xv, vmulq_f32(h, vs));
+      d.l[i] = vcvtq_s32_f32(vrndnq_f32(clamp127(vmulq_f32(rest, vinv_fine))));
+    } else {
+      d.l[i] = vdupq_n_s32(0);
+    }
   }
   d.hi = vmovn_s16(vcombine_s16(vmovn_s32(d.h[0]), vmovn_s32(d.h[1])));
   d.lo = vmovn_s16(vcombine_s16(vmovn_s32(d.l[0]), vmovn_s32(d.l[1])));
@@ -49,7 +55,6 @@ inline int32x4_t lanes_below(int n, int first) {
   return vreinterpretq_s32_u32(vcltq_s32(vaddq_s32(vld1q_s32(lanes), vdupq_n_s32(first)), vdupq_n_s32(n)));
 }
 
-// one_digit: the lo digits are still computed here (not stored): fast prefill on Arm was not timed.
 void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums,
                  bool one_digit) {
   int8_t* hi = q;
@@ -89,7 +94,7 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
         std::memcpy(padded, src, n * sizeof(float));
         src = padded;
       }
-      const Digits8 d = digits8(src, vs, vinv, vinv_fine);
+      const Digits8 d = one_digit ? digits8<false>(src, vs, vinv, vinv_fine) : digits8<true>(src, vs, vinv, vinv_fine);
       if (n == 8) {
         vst1_s8(hi + k, d.hi);
         if (!one_digit) vst1_s8(lo + k, d.lo);
