@@ -60,7 +60,8 @@ import numpy as np
 ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
            "ctranslate2-int8-avx512", "transformers-f32"]
 # CTranslate2 picks its AVX2 kernels on AMD CPUs with AVX-512; forced to its AVX-512 ones (its own
-# CT2_FORCE_CPU_ISA setting) it pre-filled SmolLM2 ~17 % faster on a Zen 4 core, so both are peers.
+# CT2_FORCE_CPU_ISA setting) it pre-filled 8-16 % faster on a Zen 4 core (docs/performance.md), so both
+# are peers.
 CT2_FORCED_ISA = {"ctranslate2-int8-avx512": "AVX512"}
 MODELS = ["smollm2", "llama-1b-shape"]
 REFERENCE = "cpullm-f32"  # whose greedy tokens and logits the others are compared with

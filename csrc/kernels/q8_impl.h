@@ -59,8 +59,9 @@ struct Q8Driver {
     }
   }
 
-  // Tile calls of `tokens` over n_blocks blocks: its token tiles (the remainder one more) times the
-  // block tiles of each.
+  // Tile calls of `tokens` over n_blocks blocks, counting a remainder of tokens as one token tile of
+  // whole block tiles (its tiles may be narrower, so this is at most the count: the requests then end
+  // early, never late).
   template <class Family>
   static constexpr int64_t tile_calls(int64_t n_tokens, int64_t n_blocks) {
     constexpr int TT = Family::kTokens;
@@ -93,13 +94,13 @@ struct Q8Driver {
     for (int64_t cb = b0; cb < b1; cb += chunk) {
       const int64_t ce = cb + chunk < b1 ? cb + chunk : b1;
       NextChunk next;
-      const int64_t calls = tile_calls<OneDigitTiles>(split, ce - cb) + tile_calls<Tiles>(x.T - split, ce - cb);
       // Only where the chunk has token tiles to spare: one token's pass reads its blocks from memory
       // as a single stream already (decode), and then the requests would only compete with it.
       if (x.T >= kPrefetchMinTokens && ce < b1) {
         next.base = w.data;
         next.pos = ce * w.block_bytes;
         next.end = std::min(b1, ce + chunk) * w.block_bytes;
+        const int64_t calls = tile_calls<OneDigitTiles>(split, ce - cb) + tile_calls<Tiles>(x.T - split, ce - cb);
         next.per_tile = ((next.end - next.pos) / 64 + calls - 1) / calls;
       }
       if (split > 0) tokens<OneDigitTiles>(x, 0, split, w, cb, ce, y, ldy, next);

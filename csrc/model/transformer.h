@@ -58,7 +58,8 @@ struct Matrix {
 };
 
 // The units (output rows for f32 / bf16, 16-row blocks for Q8, in whole tiles) of one claim when n_threads
-// share a matmul's `units` dynamically: about four claims per thread, so a slow thread is caught up.
+// share a matmul's `units` dynamically: about four claims per thread, so a slow thread is caught up; one
+// thread takes them all as one claim.
 int64_t matmul_chunk(WType type, int64_t units, int n_threads);
 
 // Whether the system grants transparent huge pages to memory that asks for them (Linux, THP not "never").
