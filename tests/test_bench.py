@@ -8,6 +8,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 
 def test_bench_json_and_table(make_llama: Any) -> None:
     directory, _ = make_llama(seed=31)
@@ -57,3 +59,32 @@ def test_bench_peers_pairs_ratios_within_rounds() -> None:
     # (the ratio of the medians would be 200 / 300)
     assert lines[0]["per_round"] == [2.0, 1.0, 0.5] and lines[0]["median"] == 1.0
     assert lines[1]["per_round"] == [2.0, 2.0, 2.0] and lines[1]["median"] == 2.0
+
+
+def test_peer_accuracy_scores_cpullm_against_transformers(make_llama: Any) -> None:
+    # tools/peer_accuracy.py's workers: cpullm f32 through Model.logits and transformers f32 on the same
+    # windows give the same top-1 tokens and log-likelihoods (to f32 summation order), each window's
+    # last position left out (it predicts nothing in the text).
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        spec = importlib.util.spec_from_file_location("peer_accuracy", tools / "peer_accuracy.py")
+        peer_accuracy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peer_accuracy)
+    finally:
+        sys.path.remove(str(tools))
+    directory, _ = make_llama(seed=37)
+    rng = np.random.default_rng(2)
+    chunks = [rng.integers(0, 256, size=n).tolist() for n in (40, 17)]  # the tiny model's vocabulary is 256
+    reference = peer_accuracy.worker("transformers-f32", str(directory), 1, chunks)
+    ours = peer_accuracy.worker("cpullm-f32", str(directory), 1, chunks)
+    assert len(reference["top1"]) == len(ours["top1"]) == 39 + 16
+    assert ours["top1"] == reference["top1"]
+    np.testing.assert_allclose(ours["loglik"], reference["loglik"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown engine"):
+        peer_accuracy.worker("onnx-f32", str(directory), 1, chunks)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """cpullm against its peers on the same model, prompt, token counts and threads, in one run.
 
-Engines: cpullm (int8, bf16, f32), llama.cpp through llama-cpp-python (Q8_0 and F16 GGUF), CTranslate2
+Engines: cpullm (int8, with and without fast prefill, as converted by default and with 64-wide weight
+groups; bf16; f32), llama.cpp through llama-cpp-python (Q8_0 and F16 GGUF), CTranslate2
 (int8; as it chooses its kernels, and ctranslate2-int8-avx512 forced to its AVX-512 ones, which it does not
 pick on AMD CPUs) and transformers (f32). Each measurement runs in its own process (clean thread settings, its own
 peak RSS); the engines are taken in turn, round after round, and each figure is the median over rounds,
@@ -26,7 +27,7 @@ Both then get a CTranslate2 int8 directory and cpullm's converted int8/bf16/f32 
 is built once into --work (an interrupted build is redone) and reused. The 1B files take 18 GiB and
 about 5 minutes to build on 2 cores.
 
-Also printed: "paired" ratios, cpullm int8's and its fast prefill's speed over each peer's taken round by
+Also printed: "paired" ratios, each cpullm int8 engine's speed over each peer's taken round by
 round (the median and every round's), which leave out the drift between rounds that the medians keep.
 
 Ceilings (tools/probe.py, measured at the start of the run): an engine's decode ceiling is the read
@@ -57,7 +58,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
+ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-int8-g64", "cpullm-int8-g64-fast", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
            "ctranslate2-int8-avx512", "transformers-f32"]
 # CTranslate2 picks its AVX2 kernels on AMD CPUs with AVX-512; forced to its AVX-512 ones (its own
 # CT2_FORCE_CPU_ISA setting) it pre-filled 8-16 % faster on a Zen 4 core (docs/performance.md), so both
@@ -69,7 +70,11 @@ CHECK_TOKENS = 8
 TOP_LOGITS = 16  # the prompt's most likely next tokens, compared with the reference's
 # Bytes per cached key / value element, by engine (or its family): each engine's default cache.
 # llama.cpp's is f16; cpullm's f16 next to int8 and bf16 weights; the others keep f32.
-KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-int8": 2, "cpullm-int8-fast": 2, "cpullm-bf16": 2}
+KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-int8": 2, "cpullm-int8-fast": 2, "cpullm-int8-g64": 2,
+                          "cpullm-int8-g64-fast": 2, "cpullm-bf16": 2}
+# cpullm's int8 engines: -fast with fast prefill (one-digit activations for the prompt's rows), -g64
+# converted with 64 inputs per weight scale (`cpullm convert --group-size 64`) instead of 32.
+INT8_ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-int8-g64", "cpullm-int8-g64-fast"]
 
 
 # --- workers: one measurement each, run in a fresh process --------------------------------------------
@@ -104,7 +109,6 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
     if engine.startswith("cpullm"):
         import cpullm
 
-        # cpullm-int8-fast: the int8 model with fast prefill (one-digit activations for the prompt's rows)
         model = cpullm.load(path, threads=threads, fast_prefill=engine.endswith("-fast"))
         seq = model._new_sequence()
         seq.reserve(len(prompt) + gen_tokens)  # as generate() does; the peers size their caches untimed too
@@ -341,6 +345,10 @@ def prepare(work: Path, engines: list[str], model: str) -> dict[str, Path]:
             _build_once(out, "cpullm.json",
                         lambda target, d=dtype: convert(hf, target, dtype=d, force=True, progress=False))
     paths["cpullm-int8-fast"] = paths["cpullm-int8"]
+    g64 = paths["cpullm-int8-g64"] = paths["cpullm-int8-g64-fast"] = work / f"{source.prefix}cpullm-int8-g64"
+    if any(engine.startswith("cpullm-int8-g64") for engine in engines):
+        _build_once(g64, "cpullm.json",
+                    lambda target: convert(hf, target, dtype="int8", group_size=64, force=True, progress=False))
     for qtype in ("Q8_0", "F16"):
         out = paths[f"llama.cpp-{qtype}"] = work / source.gguf_name.format(qtype=qtype)
         if f"llama.cpp-{qtype}" in engines:
@@ -472,11 +480,11 @@ def compare_with_reference(run: dict[str, Any], reference: dict[str, Any]) -> di
 
 def paired_ratios(runs: dict[tuple[str, int], list[dict[str, Any]]], engines: list[str],
                   threads: int) -> list[dict[str, Any]]:
-    """cpullm int8's (and its fast prefill's) speed over each peer's, round by round: the engines of one
+    """Each cpullm int8 engine's speed over each peer's, round by round: the engines of one
     round run minutes apart, so a ratio taken within a round leaves out most of the machine's drift
     between rounds, which a ratio of medians keeps. Median and every round's ratio."""
     lines = []
-    for ours in ("cpullm-int8", "cpullm-int8-fast"):
+    for ours in INT8_ENGINES:
         for peer in engines:
             if ours not in engines or peer.startswith("cpullm"):
                 continue
@@ -550,7 +558,7 @@ def main() -> None:
               f"of {args.rounds}\nceilings: read bandwidth {ceilings.read_gb_s:.1f} GB/s -> decode tok/s = bandwidth / "
               f"(weight bytes + KV cache at position {ceilings.kv_positions:g}){int8_line}; int8 "
               f"{ceilings.int8_gop_s:.0f} GOP/s -> prefill {ceilings.prefill_tok_s:.0f} tok/s (all engines)")
-        print(f"{'engine':<18} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'int8/this dec':>13} "
+        print(f"{'engine':<20} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'int8/this dec':>13} "
               f"{'int8/this pre':>13} {'dec ceil':>8} {'dec/ceil':>8} {'pre/ceil':>8} {'RSS MB':>7} "
               f"{'top' + str(TOP_LOGITS):>6} {'logit err':>9}  same tokens")
         for engine in args.engines:
@@ -568,7 +576,7 @@ def main() -> None:
             report["results"].append(row)
             ratios = (f"{ref / row['decode_tok_s']:>13.2f} {ref_prefill / row['prefill_tok_s']:>13.2f}"
                       if ref and ref_prefill else f"{'-':>13} {'-':>13}")
-            print(f"{engine:<18} {row['prefill_tok_s']:>13.1f} {row['ttft_ms']:>8.1f} {row['decode_tok_s']:>12.2f} "
+            print(f"{engine:<20} {row['prefill_tok_s']:>13.1f} {row['ttft_ms']:>8.1f} {row['decode_tok_s']:>12.2f} "
                   f"{ratios} {decode_ceiling:>8.1f} {row['decode_fraction']:>8.2f} {row['prefill_fraction']:>8.2f} "
                   f"{row['peak_rss_mb']:>7.0f} {check['top_logits_common']:>3}/{TOP_LOGITS:<2} "
                   f"{_format_error(check['top_logits_max_abs_diff']):>9}  {check['tokens_verdict']}")

@@ -26,9 +26,12 @@ import json
 import math
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-import cpullm
+if TYPE_CHECKING:
+    import cpullm
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
@@ -69,6 +72,8 @@ def evaluate_generated(model: cpullm.Model, chunks: list[list[int]], step: int) 
 
 
 def main() -> None:
+    import cpullm  # here, so that tools/peer_accuracy.py's workers can import the helpers above without it
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
