@@ -81,10 +81,17 @@ def test_peer_accuracy_scores_cpullm_against_transformers(make_llama: Any) -> No
     directory, _ = make_llama(seed=37)
     rng = np.random.default_rng(2)
     chunks = [rng.integers(0, 256, size=n).tolist() for n in (40, 17)]  # the tiny model's vocabulary is 256
-    reference = peer_accuracy.worker("transformers-f32", str(directory), 1, chunks)
-    ours = peer_accuracy.worker("cpullm-f32", str(directory), 1, chunks)
+    reference = peer_accuracy.worker("transformers-f32", str(directory), 1, chunks, 8)
+    ours = peer_accuracy.worker("cpullm-f32", str(directory), 1, chunks, 8)
     assert len(reference["top1"]) == len(ours["top1"]) == 39 + 16
     assert ours["top1"] == reference["top1"]
     np.testing.assert_allclose(ours["loglik"], reference["loglik"], rtol=1e-4, atol=1e-4)
+    # A -fast engine runs int8_accuracy's generation protocol; on f32 weights fast prefill changes nothing,
+    # so it must give the one-pass logits at generated_positions.
+    fast = peer_accuracy.worker("cpullm-int8-fast", str(directory), 1, chunks, 8)
+    positions = peer_accuracy.generated_positions(chunks, 8)
+    assert len(positions) == 3 * 8 + 8 and fast["generated_only"]
+    assert fast["top1"] == [ours["top1"][i] for i in positions]
+    np.testing.assert_allclose(fast["loglik"], np.asarray(ours["loglik"])[positions], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="unknown engine"):
-        peer_accuracy.worker("onnx-f32", str(directory), 1, chunks)
+        peer_accuracy.worker("onnx-f32", str(directory), 1, chunks, 8)
