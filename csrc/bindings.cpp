@@ -363,7 +363,9 @@ PYBIND11_MODULE(_C, m) {
     py::array_t<uint16_t> out(x.request().shape);
     const float* src = x.data();
     uint16_t* dst = out.mutable_data();
-    for (py::ssize_t i = 0; i < x.size(); ++i) dst[i] = float_to_half(src[i]).bits;
+    std::vector<Half> halves(static_cast<size_t>(x.size()));
+    kernels().to_f16(src, halves.data(), x.size());
+    for (py::ssize_t i = 0; i < x.size(); ++i) dst[i] = halves[size_t(i)].bits;
     return out;
   }, py::arg("x"), "The f16 bits a half-precision KV cache stores for each value (nearest even, saturating)");
   m.def("from_f16", [](const py::array_t<uint16_t, py::array::c_style | py::array::forcecast>& bits) {

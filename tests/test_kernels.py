@@ -416,10 +416,11 @@ def test_attend_matches_numpy(isa: str, n: int, hd: int, first: int) -> None:
     assert np.max(np.abs(C.attend(q, k, v, scale, first) - expected)) <= bound
 
 
-def test_f16_rounding_matches_numpy() -> None:
+def test_f16_rounding_matches_numpy(isa: str) -> None:
     # The f16 KV cache's conversion, against NumPy's float16 (round to nearest even): every magnitude
     # from subnormals to the top of the range, exact ties, signed zeros, infinities and NaN. Beyond the
-    # largest f16 the cache saturates at +-65504 where NumPy gives infinities.
+    # largest f16 the cache saturates at +-65504 where NumPy gives infinities. On every path (the vector
+    # ones convert whole vectors and leave a tail to the portable code), so the cache holds the same bits.
     rng = np.random.default_rng(16)
     x = np.concatenate([
         rng.standard_normal(20000) * np.exp2(rng.uniform(-30, 17, 20000)),
@@ -435,6 +436,20 @@ def test_f16_rounding_matches_numpy() -> None:
     np.testing.assert_array_equal(C.from_f16(C.to_f16(big))[:5], [65504.0, 65504.0, 65504.0, -65504.0, -65504.0])
     assert C.from_f16(C.to_f16(big))[5] == 65504.0 and C.from_f16(C.to_f16(big))[6] == -65504.0
     assert np.isnan(C.from_f16(C.to_f16(big))[7])
+    # Every NaN is the one NaN the portable code writes (sign kept), in and past the vector lanes, as
+    # are the saturated values; odd lengths leave tails of every size.
+    odd = np.array([np.nan, -np.nan, 1.5, 65520.0, -np.inf, 2.0**-25, -0.0, 65519.0] * 5, np.float32)
+    odd[9] = np.frombuffer(np.uint32(0x7F800001).tobytes(), np.float32)[0]  # a signalling NaN payload
+    odd[20] = np.frombuffer(np.uint32(0xFFC12345).tobytes(), np.float32)[0]
+    previous = C.get_isa()
+    C.set_isa("scalar")
+    try:
+        portable = [C.to_f16(odd[:n]) for n in range(len(odd) + 1)]
+    finally:
+        C.set_isa(previous)
+    for n in range(len(odd) + 1):
+        np.testing.assert_array_equal(C.to_f16(odd[:n]), portable[n])
+    assert C.to_f16(odd[:1])[0] == 0x7E00 and C.to_f16(odd[20:21])[0] == 0xFE00
     # Back to f32: exact for every one of the 65,536 bit patterns.
     bits = np.arange(1 << 16, dtype=np.uint16)
     back, expected = C.from_f16(bits), bits.view(np.float16).astype(np.float32)

@@ -166,6 +166,8 @@ struct Kernels {
   // The same over an f16 cache (same layouts); every product and sum is still f32.
   void (*attend_f16)(const float* q, int64_t n_q, const Half* k, const Half* v, int64_t first, int64_t last,
                      int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats);
+  // out[i] = float_to_half(x[i]): what an f16 KV cache stores, the same bits on every path.
+  void (*to_f16)(const float* x, Half* out, int64_t n);
 };
 
 static inline auto attend_kernel(const Kernels& k, const float*) { return k.attend; }

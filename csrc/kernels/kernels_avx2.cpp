@@ -31,6 +31,17 @@ struct Avx2V {
   static inline Vec load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  // As Avx512V::store_f16: F16C's nearest even after float_to_half's saturation, and its one NaN.
+  static inline void store_f16(uint16_t* p, Vec v) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(65504.f)), _mm256_set1_ps(-65504.f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i nan32 = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7e00));
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m128i nan = _mm_packus_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+    const __m128i mask = _mm_packs_epi32(_mm256_castsi256_si128(is_nan), _mm256_extracti128_si256(is_nan, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_blendv_epi8(h, nan, mask));
+  }
   static inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
   static inline void store_partial(float* p, Vec a, int n) { _mm256_maskstore_ps(p, lane_mask(n), a); }
   static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }

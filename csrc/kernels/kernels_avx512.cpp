@@ -26,6 +26,17 @@ struct Avx512V {
   static inline Vec load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  // float_to_half's bits: F16C's nearest even, after its saturation at +-65504 (F16C would round past
+  // it to infinity), and its one NaN for every NaN.
+  static inline void store_f16(uint16_t* p, Vec v) {
+    const __m512 top = _mm512_set1_ps(65504.f), bottom = _mm512_set1_ps(-65504.f);
+    const __m256i h = _mm512_cvtps_ph(_mm512_max_ps(_mm512_min_ps(v, top), bottom),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000));
+    const __m256i nan = _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7e00)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm256_mask_blend_epi16(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), h, nan));
+  }
   static inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
   static inline void store_partial(float* p, Vec a, int n) { _mm512_mask_storeu_ps(p, lane_mask(n), a); }
   static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }

@@ -3,6 +3,7 @@
 //   V::zero(), V::load(p), V::load_partial(p, n), V::store(p, v), V::store_partial(p, v, n)
 //   V::load_bf16(p), V::load_bf16_partial(p, n)      (bf16 bits widened to f32 lanes)
 //   V::load_f16(p)                                    (W IEEE binary16 values converted to f32 lanes, exactly)
+//   V::store_f16(p, v)                                (float_to_half of each lane, to W binary16 values)
 //   V::set1(a), V::fmadd(a, b, c) = a * b + c, V::reduce(v) = sum of lanes
 //   V::add, V::sub, V::mul, V::div, V::min, V::max, V::exp(v) (within a few ulp of expf; the x86
 //   vocabularies build it from exp_approx below with V::round_nearest and V::scale_pow2)
@@ -148,6 +149,12 @@ struct KernelsImpl {
       const int rem = static_cast<int>(n - i);
       V::store_partial(y + i, V::fmadd(av, V::load_partial(x + i, rem), V::load_partial(y + i, rem)), rem);
     }
+  }
+
+  static void to_f16(const float* x, Half* out, int64_t n) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) V::store_f16(&out[i].bits, V::load(x + i));
+    for (; i < n; ++i) out[i] = float_to_half(x[i]);
   }
 
   // out[i] = silu(gate[i]) * up[i]. out may be gate itself, or lie before it (see transformer.cpp).
@@ -387,6 +394,7 @@ struct KernelsImpl {
     k.silu_mul = &silu_mul;
     k.attend = &attend<float>;
     k.attend_f16 = &attend<Half>;
+    k.to_f16 = &to_f16;
     return k;
   }
 };

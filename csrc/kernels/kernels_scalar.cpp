@@ -58,6 +58,9 @@ struct ScalarV {
   static inline void store(float* p, Vec a) {
     for (int i = 0; i < W; ++i) p[i] = a.v[i];
   }
+  static inline void store_f16(uint16_t* p, Vec a) {
+    for (int i = 0; i < W; ++i) p[i] = float_to_half(a.v[i]).bits;
+  }
   static inline void store_partial(float* p, Vec a, int n) {
     for (int i = 0; i < n; ++i) p[i] = a.v[i];
   }

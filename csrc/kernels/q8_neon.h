@@ -52,6 +52,11 @@ struct NeonV {
     vst1q_f32(p, v.a);
     vst1q_f32(p + 4, v.b);
   }
+  static inline void store_f16(uint16_t* p, Vec v) {  // float_to_half's saturation and NaN: one at a time
+    float lanes[W];
+    store(lanes, v);
+    for (int i = 0; i < W; ++i) p[i] = float_to_half(lanes[i]).bits;
+  }
   static inline void store_partial(float* p, Vec v, int n) {
     float lanes[W];
     store(lanes, v);
