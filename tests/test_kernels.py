@@ -438,7 +438,8 @@ def test_f16_rounding_matches_numpy(isa: str) -> None:
     assert np.isnan(C.from_f16(C.to_f16(big))[7])
     # Every NaN is the one NaN the portable code writes (sign kept), in and past the vector lanes, as
     # are the saturated values; odd lengths leave tails of every size.
-    odd = np.array([np.nan, -np.nan, 1.5, 65520.0, -np.inf, 2.0**-25, -0.0, 65519.0] * 5, np.float32)
+    odd = np.array([np.nan, -np.nan, 1.5, 65520.0, -np.inf, 2.0**-25, -0.0, 65519.0, -65520.0, -1e6, 70000.0,
+                    1e-40, -3e-39, 2.0**-24 * 1.5, -(2.0**-24) * 2.5, 65504.0] * 3, np.float32)
     odd[9] = np.frombuffer(np.uint32(0x7F800001).tobytes(), np.float32)[0]  # a signalling NaN payload
     odd[20] = np.frombuffer(np.uint32(0xFFC12345).tobytes(), np.float32)[0]
     previous = C.get_isa()

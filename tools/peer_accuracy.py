@@ -12,9 +12,10 @@ every position's logits (cpullm's `Model.logits`, llama.cpp with `logits_all`, C
 rows whose logits are not read, so the -fast engines are scored as `tools/int8_accuracy.py --generated N`
 scores generation: each window cut at prompt lengths N + 1, 2N + 1, ..., the prompt one pass (its last row
 predicts the first generated token), the next N - 1 tokens fed in one pass with every logit read. Every
-other engine computes each row's logits independently of which other rows it was given with (each row's
-activations are quantized alike), so its teacher-forced logits at those positions are what that protocol
-would give it: the second column scores every engine on those positions (--generated, default 32). Each engine runs in its own process; llama-cpp-python
+other engine quantizes each row's activations alike whichever rows it was given with, so its
+teacher-forced logits at those positions are what that protocol would give it, up to summation order
+where a kernel's choice depends on the batch size: the second column scores every engine on those
+positions (--generated, default 32). Each engine runs in its own process; llama-cpp-python
 may live in another virtual environment (--peers-python). The default text is the GNU GPL v3 as Debian ships
 it, as for tools/int8_accuracy.py.
 """
@@ -98,7 +99,7 @@ def window_logits(engine: str, path: str, threads: int, window: int):
 def worker(engine: str, path: str, threads: int, chunks: list[list[int]], step: int) -> dict[str, Any]:
     """Per position of every window but its last: the top-1 id and the log-likelihood of the next token;
     for the -fast engines only at generated_positions(chunks, step)."""
-    if engine.endswith("-fast"):
+    if engine.startswith("cpullm") and engine.endswith("-fast"):
         import cpullm
         from int8_accuracy import evaluate_generated
 
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--chunks", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generated < 1 or args.window < 2 * args.generated + 1:
+        parser.error("--window must hold at least one generation: 2 * --generated + 1 tokens")
 
     if args.worker:
         chunks = json.loads(args.chunks.read_text())

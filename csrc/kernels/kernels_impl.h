@@ -151,9 +151,10 @@ struct KernelsImpl {
     }
   }
 
+  static_assert(sizeof(Half) == sizeof(uint16_t), "an array of Half is an array of its bits");
   static void to_f16(const float* x, Half* out, int64_t n) {
     int64_t i = 0;
-    for (; i + W <= n; i += W) V::store_f16(&out[i].bits, V::load(x + i));
+    for (; i + W <= n; i += W) V::store_f16(reinterpret_cast<uint16_t*>(out + i), V::load(x + i));
     for (; i < n; ++i) out[i] = float_to_half(x[i]);
   }
 
@@ -185,14 +186,14 @@ struct KernelsImpl {
 
   // Elements of the KV cache, f32 or f16, as f32 lanes; the attention below is written once for both.
   static inline Vec loadkv(const float* p) { return V::load(p); }
-  static inline Vec loadkv(const Half* p) { return V::load_f16(&p->bits); }
+  static inline Vec loadkv(const Half* p) { return V::load_f16(reinterpret_cast<const uint16_t*>(p)); }
   static inline void axpy_kv(float a, const float* x, float* y, int64_t n) { axpy_f32(a, x, y, n); }
   // The same fused multiply-adds as axpy_f32 on the converted values (it was a scalar multiply and add,
   // for head sizes that are no whole number of vectors).
   static inline void axpy_kv(float a, const Half* x, float* y, int64_t n) {
     const Vec av = V::set1(a);
     int64_t i = 0;
-    for (; i + W <= n; i += W) V::store(y + i, V::fmadd(av, V::load_f16(&x[i].bits), V::load(y + i)));
+    for (; i + W <= n; i += W) V::store(y + i, V::fmadd(av, V::load_f16(reinterpret_cast<const uint16_t*>(x + i)), V::load(y + i)));
     if (i < n) {
       const int rem = static_cast<int>(n - i);
       float tail[W];
