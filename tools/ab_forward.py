@@ -4,11 +4,13 @@ around it), for A/B runs of kernel changes: each ``--so`` is a separately built 
 scratch CMake build of a variant), loaded in turn by path in a fresh process, round after round, so a
 drift of the machine hits every variant alike. Without ``--so`` the installed extension is timed.
 
-    python tools/ab_forward.py MODEL [--so A.so B.so ...] [--threads 2] [--rounds 3]
+    python tools/ab_forward.py MODEL [--so A.so B.so ...] [--threads 2] [--rounds 3] [--passes 3]
                                [--prompt-tokens 128] [--gen-tokens 48] [--steady] [--kv-cache-dtype f16]
                                [--prefill exact fast]
 
-Prints, per variant, the best prefill and decode tok/s of each round (best of 3 passes within a round).
+Prints, per variant, the best prefill and decode tok/s of each round (best of --passes passes within a
+round). For `perf record`, one worker alone: ``--worker [--so X.so] --passes N`` after a delay (``-D``)
+that skips the load.
 With ``--steady`` each pass first sizes the KV cache for the whole run (a pass over prompt + generated
 tokens, then truncated to nothing), so that no growth of the cache falls inside the timed window.
 """
@@ -40,7 +42,8 @@ def use_extension(so: str | None) -> Any:
 
 
 def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, gen_tokens: int,
-            steady: bool = False, kv_cache_dtype: str | None = None, fast_prefill: bool = False) -> dict[str, float]:
+            steady: bool = False, kv_cache_dtype: str | None = None, fast_prefill: bool = False,
+            passes: int = 3) -> dict[str, float]:
     import numpy as np
 
     import cpullm
@@ -51,7 +54,7 @@ def measure(model_path: str, so: str | None, threads: int, prompt_tokens: int, g
     prompt = synthetic_prompt(model.spec.vocab_size, prompt_tokens)
     one = np.empty(1, np.int32)
     best_prefill = best_decode = 0.0
-    for _ in range(3):
+    for _ in range(passes):
         # (extensions built before the f16 cache take no second argument; None: the model's default)
         kv = kv_cache_dtype or model.kv_cache_dtype
         sequence = native.Sequence(model._model(), *([kv] if kv != "f32" else []))
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--so", nargs="*", default=[None])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=3, help="passes per round, the best one counted")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--steady", action="store_true", help="size the KV cache before timing")
@@ -89,13 +93,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(args.model, args.so[0], args.threads, args.prompt_tokens, args.gen_tokens, args.steady,
-                                 args.kv_cache_dtype, args.prefill == ["fast"])))
+                                 args.kv_cache_dtype, args.prefill == ["fast"], args.passes)))
         return
     for r in range(args.rounds):
         for so, mode in [(so, mode) for so in args.so for mode in args.prefill]:
             cmd = [sys.executable, __file__, args.model, "--worker", "--threads", str(args.threads),
                    "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-                   "--prefill", mode]
+                   "--prefill", mode, "--passes", str(args.passes)]
             if args.steady:
                 cmd.append("--steady")
             if args.kv_cache_dtype:

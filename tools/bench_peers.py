@@ -58,7 +58,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-int8-g64", "cpullm-int8-g64-fast", "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
+# cpullm's int8 engines: -fast with fast prefill (one-digit activations for the prompt's rows), -g64
+# converted with 64 inputs per weight scale (`cpullm convert --group-size 64`) instead of 32.
+INT8_ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-int8-g64", "cpullm-int8-g64-fast"]
+ENGINES = [*INT8_ENGINES, "cpullm-bf16", "cpullm-f32", "llama.cpp-Q8_0", "llama.cpp-F16", "ctranslate2-int8",
            "ctranslate2-int8-avx512", "transformers-f32"]
 # CTranslate2 picks its AVX2 kernels on AMD CPUs with AVX-512; forced to its AVX-512 ones (its own
 # CT2_FORCE_CPU_ISA setting) it pre-filled 8-16 % faster on a Zen 4 core (docs/performance.md), so both
@@ -70,11 +73,7 @@ CHECK_TOKENS = 8
 TOP_LOGITS = 16  # the prompt's most likely next tokens, compared with the reference's
 # Bytes per cached key / value element, by engine (or its family): each engine's default cache.
 # llama.cpp's is f16; cpullm's f16 next to int8 and bf16 weights; the others keep f32.
-KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-int8": 2, "cpullm-int8-fast": 2, "cpullm-int8-g64": 2,
-                          "cpullm-int8-g64-fast": 2, "cpullm-bf16": 2}
-# cpullm's int8 engines: -fast with fast prefill (one-digit activations for the prompt's rows), -g64
-# converted with 64 inputs per weight scale (`cpullm convert --group-size 64`) instead of 32.
-INT8_ENGINES = ["cpullm-int8", "cpullm-int8-fast", "cpullm-int8-g64", "cpullm-int8-g64-fast"]
+KV_CACHE_ELEMENT_BYTES = {"llama.cpp": 2, "cpullm-bf16": 2, **{engine: 2 for engine in INT8_ENGINES}}
 
 
 # --- workers: one measurement each, run in a fresh process --------------------------------------------
@@ -102,6 +101,22 @@ def _timed_generation(prefill: Callable[[list[int]], int], step: Callable[[int],
     decode = time.perf_counter() - start
     return {"prefill_tok_s": len(prompt) / ttft, "ttft_ms": 1000 * ttft, "decode_tok_s": gen_tokens / decode,
             "first_tokens": tokens[:CHECK_TOKENS], "top_logits": _top_logits(prefill_logits())}
+
+
+def ct2_generator(engine: str, path: str, threads: int) -> tuple[Any, Any]:
+    """CTranslate2's int8 Generator for ENGINE (its kernels as it chooses them, or those CT2_FORCED_ISA
+    names) and the tokenizer its token strings come from. Call once per process: the library reads the
+    ISA setting when it loads."""
+    if engine in CT2_FORCED_ISA:
+        os.environ["CT2_FORCE_CPU_ISA"] = CT2_FORCED_ISA[engine]
+    else:
+        os.environ.pop("CT2_FORCE_CPU_ISA", None)  # the library's own choice
+    import ctranslate2
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    generator = ctranslate2.Generator(path, device="cpu", compute_type="int8", intra_threads=threads, inter_threads=1)
+    return generator, tok
 
 
 def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: int) -> dict[str, Any]:
@@ -159,16 +174,7 @@ def worker(engine: str, path: str, threads: int, prompt: list[int], gen_tokens: 
         return _timed_generation(prefill, step, prompt, gen_tokens, lambda: kept["logits"])
 
     if engine.startswith("ctranslate2"):
-        if engine in CT2_FORCED_ISA:
-            os.environ["CT2_FORCE_CPU_ISA"] = CT2_FORCED_ISA[engine]  # read when the library loads
-        else:
-            os.environ.pop("CT2_FORCE_CPU_ISA", None)  # the library's own choice
-        import ctranslate2
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-        generator = ctranslate2.Generator(path, device="cpu", compute_type="int8", intra_threads=threads,
-                                          inter_threads=1)
+        generator, tok = ct2_generator(engine, path, threads)
         words = [tok.id_to_token(i) for i in prompt]
         generator.generate_batch([words[:16]], max_length=2, sampling_topk=1)
         start = time.perf_counter()

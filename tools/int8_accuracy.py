@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peers import CT2_FORCED_ISA, ENGINES, MODELS, prepare  # noqa: E402
+from bench_peers import ENGINES, MODELS, ct2_generator, prepare  # noqa: E402
 from int8_accuracy import DEFAULT_TEXT, log_softmax, windows  # noqa: E402
 
 REFERENCE = "transformers-f32"
@@ -71,15 +71,7 @@ def window_logits(engine: str, path: str, threads: int, window: int):
 
         return run
     if engine.startswith("ctranslate2"):
-        if engine in CT2_FORCED_ISA:
-            os.environ["CT2_FORCE_CPU_ISA"] = CT2_FORCED_ISA[engine]  # read when the library loads
-        else:
-            os.environ.pop("CT2_FORCE_CPU_ISA", None)
-        import ctranslate2
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-        generator = ctranslate2.Generator(path, device="cpu", compute_type="int8", intra_threads=threads)
+        generator, tok = ct2_generator(engine, path, threads)
         return lambda ids: np.asarray(generator.forward_batch([[tok.id_to_token(i) for i in ids]]))[0]
     if engine.startswith("transformers"):
         import torch

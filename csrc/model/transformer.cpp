@@ -638,8 +638,8 @@ void Sequence::store_kv(int l, int64_t t) {
     KT* kt = kc + (h * cap + pos / kKeyBlock * kKeyBlock) * hd + pos % kKeyBlock;  // every kKeyBlock-th
     KT* vt = vc + (h * cap + pos) * hd;
     if constexpr (std::is_same_v<KT, Half>) {
-      // Converted as vectors (one at a time, the conversion was ~2 % of a prefill), the keys through a
-      // small buffer since they are stored kKeyBlock apart.
+      // Converted as vectors (one at a time, storing the cache was 1.6 % of a 512-token fast prefill in
+      // `perf record`, 0.5 % so), the keys through a small buffer since they are stored kKeyBlock apart.
       const Kernels& k = kernels();
       k.to_f16(value, vt, hd);
       Half buffer[64];
