@@ -208,7 +208,9 @@ PYBIND11_MODULE(_C, m) {
     d["avx512vl"] = f.avx512vl;
     d["avx512dq"] = f.avx512dq;
     d["avx512vnni"] = f.avx512vnni;
+    d["avx512bf16"] = f.avx512bf16;
     d["avxvnni"] = f.avxvnni;
+    d["bf16_attention"] = kernels().attend_bf16 != nullptr;  // of the path in use (fast prefill's attention)
     d["neon"] = f.neon;
     d["neon_dotprod"] = f.neon_dotprod;
     d["neon_i8mm"] = f.neon_i8mm;
@@ -222,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "What the CPU offers, which kernel paths can run here, and the one in use.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Switch the kernel path (scalar, neon, neondot, neoni8mm, avx2, avxvnni, vnni256, avx512, avx512vnni; see available_isas).");
+        "Switch the kernel path (scalar, neon, neondot, neoni8mm, avx2, avxvnni, vnni256, avx512, avx512vnni, avx512bf16; see available_isas).");
   m.def("get_isa", []() { return std::string(kernels().name); });
 
   // Kernels bound one by one, for tests against NumPy.
@@ -391,14 +393,27 @@ PYBIND11_MODULE(_C, m) {
     // The cache's layout: keys transposed in blocks of kKeyBlock positions (the tail block padded with
     // NaN, which must not reach the result), values as given.
     const int64_t blocks = (n + kKeyBlock - 1) / kKeyBlock;
-    if (kv_dtype != "f32" && kv_dtype != "f16") throw std::invalid_argument("attend: kv_dtype must be \"f32\" or \"f16\"");
+    if (kv_dtype != "f32" && kv_dtype != "f16" && kv_dtype != "bf16")
+      throw std::invalid_argument("attend: kv_dtype must be \"f32\", \"f16\" or \"bf16\"");
+    if (kv_dtype == "bf16" && !kernels().attend_bf16)
+      throw std::invalid_argument(std::string("attend: kv_dtype \"bf16\" needs a kernel path with a bf16 dot product, "
+                                              "not ") + kernels().name);
+    if (kv_dtype == "bf16" && (hd % 16 != 0 || hd > kBf16MaxHeadDim))
+      throw std::invalid_argument("attend: kv_dtype \"bf16\" takes heads of a multiple of 16 up to " +
+                                  std::to_string(kBf16MaxHeadDim));
     std::vector<float> kt(size_t(blocks * kKeyBlock * hd), std::numeric_limits<float>::quiet_NaN());
     for (int64_t p = 0; p < n; ++p)
       for (int64_t d = 0; d < hd; ++d) kt[(p / kKeyBlock * hd + d) * kKeyBlock + p % kKeyBlock] = k.data()[p * hd + d];
     std::vector<float> scores(size_t(kAttendHeads) * (kAttendChunk + 2 * kKeyBlock));
     std::vector<float> part(size_t(n_q * (hd + 4)));
     F32Array out(q.ndim() == 2 ? std::vector<py::ssize_t>{n_q, hd} : std::vector<py::ssize_t>{hd});
-    if (kv_dtype == "f16") {  // the cache's f16 form of the same layout (NaN padding stays NaN)
+    if (kv_dtype == "bf16") {  // fast prefill's bf16 copies, made from an f32 cache as the model makes them
+      std::vector<Bf16> kb(kt.size()), vb(size_t((n + 1) / 2 * 2 * hd));
+      kernels().pair_bf16(kt.data(), kKeyBlock, kKeyBlock, blocks * hd, kb.data());
+      kernels().pair_bf16(v.data(), hd, hd, n, vb.data());
+      attend_chunked(kernels(), q.data(), n_q, kb.data(), vb.data(), first, last, per_token, hd, scale, scores.data(),
+                     part.data(), out.mutable_data());
+    } else if (kv_dtype == "f16") {  // the cache's f16 form of the same layout (NaN padding stays NaN)
       std::vector<Half> kh(kt.size()), vh(size_t(n * hd));
       for (size_t i = 0; i < kt.size(); ++i) kh[i] = float_to_half(kt[i]);
       for (size_t i = 0; i < vh.size(); ++i) vh[i] = float_to_half(v.data()[i]);
@@ -412,7 +427,8 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("first") = 0, py::arg("kv_dtype") = "f32",
      py::arg("per_token") = 0,
      "softmax(scale * k[first:] @ q) @ v[first:] for one head, or for each row of q (in chunks of positions, as the "
-     "model does), over a cache of kv_dtype (\"f16\": k and v rounded to f16 first). per_token > 0: q's rows are "
+     "model does), over a cache of kv_dtype (\"f16\": k and v rounded to f16 first; \"bf16\": fast prefill's attention, over bf16 copies, "
+     "on kernel paths that have it). per_token > 0: q's rows are "
      "the heads of consecutive tokens, per_token each, causally masked: the last token sees every position, each "
      "one before it one fewer");
   m.def("axpy_f32", [](float alpha, const F32Array& x, F32Array y) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -151,14 +152,54 @@ def smollm2_gguf(cpullm_home: Path) -> Path:
             raise
 
 
+def uses_bf16_attention(head_dim: int) -> bool:
+    """Whether fast prefill's one-digit rows attend over bf16 copies of the cache on the kernel path in
+    use (Kernels::attend_bf16: paths with a bf16 dot product, heads of a multiple of 16 up to 256)."""
+    return bool(C.cpu_features()["bf16_attention"]) and head_dim % 16 == 0 and head_dim <= 256
+
+
+def use_bf16_attention_rows(hf_model: Any, rows: int) -> None:
+    """Makes hf_model's attention state fast prefill's bf16 attention for query rows [0, rows) of a
+    pass over the whole sequence: q, k and v rounded to bf16, the f32 softmax's weights rounded to bf16
+    for the value sums (one softmax over the range: cpullm's rounds per 256-position chunk, the same for
+    the tests' prompts); the other rows plain f32. Sets hf_model.config's attention implementation."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    def bf16(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).to(torch.float32)
+
+    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = (a.repeat_interleave(groups, dim=1) for a in (key, value))
+        chosen = (torch.arange(query.shape[2]) < rows)[:, None]
+        scores = torch.where(chosen, bf16(query) @ bf16(key).transpose(2, 3), query @ key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        out = torch.where(chosen, bf16(weights) @ bf16(value), weights @ value)
+        return out.transpose(1, 2).contiguous(), weights
+
+    AttentionInterface.register("cpullm_bf16_rows", attention)
+    AttentionMaskInterface.register("cpullm_bf16_rows", eager_mask)
+    hf_model.config._attn_implementation = "cpullm_bf16_rows"
+
+
 def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group: int = 32,
-                     keep: Callable[[str], bool] = lambda name: False) -> np.ndarray:
+                     keep: Callable[[str], bool] = lambda name: False, bf16_attention: bool = False) -> np.ndarray:
     """transformers' logits with every linear layer's input quantized per group as cpullm's int8 matmul
     does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
     (then rint of the remainder in steps of s / 127), in float32; layers whose qualified name `keep`
-    accepts are left alone. Give it dequantized int8 weights, and it states fast prefill (and exact
+    accepts are left alone; with bf16_attention, the one-digit rows' attention in bf16 too
+    (use_bf16_attention_rows). Give it dequantized int8 weights, and it states fast prefill (and exact
     prefill, one_digit_rows = 0) independently of the kernels. Modifies hf_model."""
     import torch
+
+    if bf16_attention and one_digit_rows > 0:
+        use_bf16_attention_rows(hf_model, one_digit_rows)
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
         K = x.shape[-1]
@@ -201,7 +242,7 @@ def dequantized_copy(hf_model: Any, group_size: int = 32) -> Any:
         return torch.from_numpy(np.stack([dequantize_q8(*quantize_q8(m, group_size), group_size) for m in mats])
                                 .reshape(v.shape))
 
-    copy = type(hf_model)(hf_model.config).eval()
+    copy = type(hf_model)(copy_module.deepcopy(hf_model.config)).eval()  # its own config: see use_bf16_attention_rows
     copy.load_state_dict({k: rounded(k, v) for k, v in hf_model.state_dict().items()})
     return copy
 
@@ -214,7 +255,8 @@ def fast_prefill_case(model: Any, hf_model: Any, ids: np.ndarray, prompt: int, t
     sequence = model._new_sequence()
     got = np.concatenate([sequence.forward(ids[:prompt], False, threads)] +
                          [sequence.forward(ids[i:i + 1], False, threads) for i in range(prompt, len(ids))])
-    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=keep)[prompt - 1:]
+    bf16 = model.fast_prefill and model.dtype == "int8" and uses_bf16_attention(model.spec.head_dim)
+    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=keep, bf16_attention=bf16)[prompt - 1:]
     exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, 0, keep=keep)[prompt - 1:]
     return got, fast_ref, exact_ref
 

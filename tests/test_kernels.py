@@ -92,8 +92,10 @@ def test_cpu_features_report_and_forcing() -> None:
     assert available[0] == "scalar"
     assert features["isa"] in available
     # Paths come in order of preference, each only where the CPU has what it needs.
-    order = ["scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"]
+    order = ["scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni",
+             "avx512bf16"]
     assert available == [name for name in order if name in available]
+    assert "avx512bf16" not in available or ("avx512vnni" in available and features["avx512bf16"])
     assert ("neon" in available) == features["neon"]  # AArch64 builds; sdot only where the CPU has it
     assert "neondot" not in available or (features["neon"] and features["neon_dotprod"])  # (compilers that know it)
     assert "neoni8mm" not in available or (features["neon"] and features["neon_i8mm"])
@@ -483,7 +485,7 @@ def test_attend_over_an_f16_cache_matches_numpy(isa: str, n_q: int, n: int, hd: 
     k16, v16 = (a.astype(np.float16).astype(np.float32) for a in (k, v))
     np.testing.assert_array_equal(got, C.attend(q, k16, v16, scale, first))
     with pytest.raises(ValueError, match="kv_dtype"):
-        C.attend(q, k, v, scale, first, "bf16")
+        C.attend(q, k, v, scale, first, "f8")
 
 
 @pytest.mark.parametrize("n_q,n,hd,first", [(2, 37, 64, 0), (3, 100, 64, 21), (4, 17, 128, 0), (5, 50, 40, 3),
@@ -544,6 +546,72 @@ def test_attend_over_a_tile_of_tokens_matches_numpy(isa: str, group: int, tokens
     if group > 1:
         with pytest.raises(ValueError, match="per_token"):
             C.attend(np.concatenate([q, q[:1]]), k, v, scale, first, kv, group)
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """f32 -> bf16 (the upper half of the f32, rounded to nearest even), back as f32: finite values."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
+def _bf16_attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, first: int,
+                              end: int) -> tuple[np.ndarray, float]:
+    """Fast prefill's bf16 attention stated in NumPy (float64 apart from the roundings it promises): q, k
+    and v rounded to bf16, each 256-position chunk's softmax weights rounded to bf16 for its value sums,
+    the chunks folded by their f32 statistics; and the largest weight, for the bound."""
+    qr, kr, vr = (_round_bf16(a).astype(np.float64) for a in (q, k, v))
+    outs, maxima, sums, largest = [], [], [], 0.0
+    for a in range(first, end):
+        if a != first and a % 256:
+            continue
+        b = min(end, (a // 256 + 1) * 256)
+        s = qr @ kr[a:b].T * scale
+        m = s.max(axis=1, keepdims=True)
+        e = np.exp(s - m)
+        p = e / e.sum(axis=1, keepdims=True)
+        largest = max(largest, float(p.max()))
+        outs.append(_round_bf16(p.astype(np.float32)).astype(np.float64) @ vr[a:b])
+        maxima.append(m)
+        sums.append(e.sum(axis=1, keepdims=True))
+    top = np.max(maxima, axis=0)
+    weights = [z * np.exp(m - top) for z, m in zip(sums, maxima)]
+    return sum(w * o for w, o in zip(weights, outs)) / sum(weights), largest
+
+
+@pytest.mark.parametrize("group,tokens,n,hd,first", [
+    (1, 1, 37, 64, 0), (6, 1, 100, 64, 3), (4, 1, 17, 128, 0), (3, 4, 40, 64, 0), (2, 6, 9, 16, 1),
+    (3, 2, 300, 64, 21), (5, 1, 530, 128, 100), (3, 3, 50, 80, 5), (2, 1, 20, 256, 0), (4, 3, 260, 96, 0),
+    (7, 1, 33, 32, 0), (6, 2, 600, 64, 301)])
+def test_bf16_attention_matches_numpy(isa: str, group: int, tokens: int, n: int, hd: int, first: int) -> None:
+    """Fast prefill's one-digit rows attend over bf16 copies of the cache where the path has a bf16 dot
+    product (the avx512bf16 path): against NumPy with the same roundings (q, k, v and each chunk's
+    softmax weights to bf16), within the f32 bound of the other attention tests plus one bf16 step of
+    the largest weight (which the kernel's f32 softmax may round the other way than NumPy's); each
+    token's rows bit for bit what the token alone gives. Heads of 16 to 256 (whole and split register
+    rows, 80 and 96 one vector at a time), odd position counts (a zero pair past the last value, NaN past
+    the last key), windows that start on odd positions and in later chunks."""
+    rng = np.random.default_rng(group * 1000 + tokens * 100 + n + hd)
+    q = rng.standard_normal((tokens * group, hd)).astype(np.float32)
+    k = (rng.standard_normal((n, hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((n, hd)).astype(np.float32)
+    scale = 1.0 / np.sqrt(hd)
+    if isa != "avx512bf16":
+        with pytest.raises(ValueError, match="bf16 dot product"):
+            C.attend(q, k, v, scale, first, "bf16", group)
+        return
+    got = C.attend(q, k, v, scale, first, "bf16", group)
+    assert got.shape == (tokens * group, hd)
+    bound = 64 * np.finfo(np.float32).eps * (np.sqrt(hd) + np.sqrt(n)) * np.abs(v).max()
+    for i in range(tokens):
+        end = n - tokens + i + 1
+        rows = slice(i * group, (i + 1) * group)
+        expected, largest = _bf16_attention_reference(q[rows], k[:end], v[:end], scale, first, end)
+        assert np.max(np.abs(got[rows] - expected)) <= bound + 2.0**-7 * largest * np.abs(v).max(), i
+        np.testing.assert_array_equal(C.attend(q[rows], k[:end], v[:end], scale, first, "bf16"), got[rows])
+    # The roundings are really applied: about 2^-9 of the values' magnitude from the f32 attention.
+    assert np.max(np.abs(got - C.attend(q, k, v, scale, first, "f32", group))) > 1e-4 * np.abs(v).max()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        C.attend(q[:, :hd - 8], k[:, :hd - 8], v[:, :hd - 8], scale, first, "bf16", group)
 
 
 def test_a_forced_kernel_path_the_cpu_cannot_run_is_reported() -> None:

@@ -392,8 +392,14 @@ def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: s
                                   model_exact._new_sequence().forward(ids[:1], False, 2))
 
 
-def test_fast_prefill_switch(make_llama: Any) -> None:
-    directory, _ = make_llama(seed=3, **CONFIGS["gqa3-hd24"])
+# Heads of 24 attend in f32 on every path; heads of 32 (a multiple of 16) over fast prefill's bf16
+# copies where the path has a bf16 dot product (conftest.uses_bf16_attention).
+FAST_PREFILL_SHAPES = [CONFIGS["gqa3-hd24"], dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2)]
+
+
+@pytest.mark.parametrize("shape", FAST_PREFILL_SHAPES, ids=["hd24", "gqa4-hd32"])
+def test_fast_prefill_switch(make_llama: Any, shape: dict[str, Any]) -> None:
+    directory, _ = make_llama(seed=3, **shape)
     model = cpullm.load(directory, dtype="int8", threads=1)
     assert model.fast_prefill is False and model._new_sequence().fast_prefill is False
     model.fast_prefill = True
@@ -402,19 +408,21 @@ def test_fast_prefill_switch(make_llama: Any) -> None:
         model.fast_prefill = "yes"
     with pytest.raises(ValueError, match="fast_prefill"):
         cpullm.load(directory, fast_prefill=1)
-    # f32 weights have no int8 activations: the switch changes nothing there.
+    # f32 weights have no int8 activations: the switch changes nothing there (nor the attention).
     f32 = cpullm.load(directory, threads=1, fast_prefill=True)
     ids = _ids(f32.spec.vocab_size, 30, seed=2).astype(np.int32)
     plain = cpullm.load(directory, threads=1)
     np.testing.assert_array_equal(f32._new_sequence().forward(ids, False, 1), plain._new_sequence().forward(ids, False, 1))
 
 
+@pytest.mark.parametrize("shape", FAST_PREFILL_SHAPES, ids=["hd24", "gqa4-hd32"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_feed_fills_the_cache_as_one_call_would(make_llama: Any, fast: bool) -> None:
+def test_feed_fills_the_cache_as_one_call_would(make_llama: Any, fast: bool, shape: dict[str, Any]) -> None:
     # Sequence.feed runs tokens into the cache without logits (no LM head; under fast prefill no row
-    # keeps two digits), so a prompt fed in parts and finished with forward gives the bits of one call
-    # (1 thread: one summation order), with the default and with fast prefill alike.
-    directory, _ = make_llama(seed=5, **CONFIGS["gqa3-hd24"])
+    # keeps two digits, and with bf16 attention every row attends in bf16), so a prompt fed in parts and
+    # finished with forward gives the bits of one call (1 thread: one summation order), with the default
+    # and with fast prefill alike.
+    directory, _ = make_llama(seed=5, **shape)
     model = cpullm.load(directory, dtype="int8", threads=1, fast_prefill=fast)
     ids = _ids(model.spec.vocab_size, 90, seed=4).astype(np.int32)
     whole = model._new_sequence().forward(ids, False, 1)

@@ -33,6 +33,11 @@ const Kernels* table_for(const std::string& name) {
     return &kernels_avx512();
   if (name == "avx512vnni" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.avx512vnni)
     return &kernels_avx512vnni();
+#if defined(CPULLM_HAVE_AVX512BF16_KERNELS)
+  if (name == "avx512bf16" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.avx512vnni &&
+      f.avx512bf16)
+    return &kernels_avx512bf16();
+#endif
 #endif
   (void)f;
   return nullptr;
@@ -58,7 +63,8 @@ const Kernels& kernels() { return *current().load(std::memory_order_acquire); }
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   // In order of preference: the last one available is the default.
-  for (const char* name : {"scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni"})
+  for (const char* name : {"scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni",
+                           "avx512bf16"})
     if (table_for(name)) names.emplace_back(name);
   return names;
 }

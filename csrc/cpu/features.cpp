@@ -52,6 +52,7 @@ CpuFeatures detect() {
   if (max_subleaf >= 1) {
     __cpuid_count(7, 1, eax, ebx, ecx, edx);
     f.avxvnni = (eax >> 4) & 1;
+    f.avx512bf16 = os_zmm && ((eax >> 5) & 1);
   }
   return f;
 }

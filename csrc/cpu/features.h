@@ -14,6 +14,7 @@ struct CpuFeatures {
   bool avx512vl = false;
   bool avx512dq = false;
   bool avx512vnni = false;
+  bool avx512bf16 = false;  // AVX512_BF16: vdpbf16ps, bf16 conversions
   bool avxvnni = false;  // AVX-VNNI: vpdpbusd on ymm without AVX-512 (VEX encoding)
   bool neon = false;
   bool neon_dotprod = false;  // Armv8.2 DotProd (sdot / udot)

@@ -53,4 +53,9 @@ void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Half* k
   chunked(k, q, n_q, kc, vc, first, last, per_token, hd, scale, scores, part, out);
 }
 
+void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Bf16* kc, const Bf16* vc, int64_t first,
+                    int64_t last, int64_t per_token, int64_t hd, float scale, float* scores, float* part, float* out) {
+  chunked(k, q, n_q, kc, vc, first, last, per_token, hd, scale, scores, part, out);
+}
+
 }  // namespace cpullm

@@ -32,6 +32,8 @@ constexpr int kAttendHeads = 6;
 // where a query's KV group alone would leave threads idle or make each read the cache again). Both fold
 // the same way, so results do not depend on the thread count.
 constexpr int kAttendChunk = 256;
+// The largest head Kernels::attend_bf16 takes.
+constexpr int64_t kBf16MaxHeadDim = 256;
 
 // An element of a half-precision KV cache: the bits of an IEEE binary16 value. A type of its own, so
 // that kernels over f32 and f16 caches are overloads (bf16 weights are plain uint16_t).
@@ -84,6 +86,17 @@ static inline Half float_to_half(float f) {
   const uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
   return Half{uint16_t(sign | (q + (rem > halfway || (rem == halfway && (q & 1u)))))};
 }
+
+// An element of fast prefill's bf16 copy of one layer's KV cache (Kernels::attend_bf16): the upper
+// half of an f32, rounded to nearest even. The copy pairs its elements for a bf16 dot product, which
+// sums two products per f32 lane:
+//   keys: kKeyBlock-position blocks as in the cache, with each two consecutive components interleaved:
+//     block b is [hd / 2][kKeyBlock][2], element (d, j) at ((d / 2) * kKeyBlock + j) * 2 + d % 2;
+//   values: each two consecutive positions interleaved, [positions / 2][hd][2], element (p, d) at
+//     ((p / 2) * hd + d) * 2 + p % 2, the pair past an odd count of positions padded with zeros.
+struct Bf16 {
+  uint16_t bits;
+};
 
 // Int8 weights in the layout the kernels read, made once at load time by pack_q8 from the row-major
 // form (q [rows, cols] int8, scales [rows, n_groups]). Rows come in blocks of kQ8Rows; a block holds,
@@ -168,10 +181,26 @@ struct Kernels {
                      int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats);
   // out[i] = float_to_half(x[i]): what an f16 KV cache stores, the same bits on every path.
   void (*to_f16)(const float* x, Half* out, int64_t n);
+  // Kernels::attend over bf16 copies of a KV head's keys and values (see Bf16 for their layouts), for
+  // fast prefill's rows, whose activations are rounded to one int8 digit (~8 bits) already: q is
+  // rounded to bf16, the softmax is f32 and its weights are rounded to bf16 for the values' sums, and
+  // every pair of products is summed into f32 by the bf16 dot product, twice the multiply-adds per
+  // instruction of f32. hd % 16 == 0, hd <= kBf16MaxHeadDim. scores: as Kernels::attend's. Null on paths without a bf16 dot
+  // product (then pair_bf16 and pair_bf16_f16 are null too).
+  void (*attend_bf16)(const float* q, int64_t n_q, const Bf16* k, const Bf16* v, int64_t first, int64_t last,
+                      int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats) = nullptr;
+  // Consecutive rows interleaved in pairs, rounded to bf16: out[(r * n + i) * 2 + j] = x[(2 r + j) * ld + i]
+  // for r < ceil(rows / 2), i < n, j < 2 (zeros past the last row), from an f32 or f16 cache. A KV head's
+  // key blocks are rows of kKeyBlock (ld = n = kKeyBlock, rows = blocks * hd), its values rows of hd.
+  void (*pair_bf16)(const float* x, int64_t ld, int64_t n, int64_t rows, Bf16* out) = nullptr;
+  void (*pair_bf16_f16)(const Half* x, int64_t ld, int64_t n, int64_t rows, Bf16* out) = nullptr;
 };
 
 static inline auto attend_kernel(const Kernels& k, const float*) { return k.attend; }
 static inline auto attend_kernel(const Kernels& k, const Half*) { return k.attend_f16; }
+static inline auto attend_kernel(const Kernels& k, const Bf16*) { return k.attend_bf16; }
+static inline auto pair_kernel(const Kernels& k, const float*) { return k.pair_bf16; }
+static inline auto pair_kernel(const Kernels& k, const Half*) { return k.pair_bf16_f16; }
 
 // Folds a chunk's attention output oc [hd] (its stats {max, sum} from Kernels::attend) into the
 // output o [hd] of the positions before it, whose stats `running` is updated: o becomes the attention
@@ -186,6 +215,9 @@ void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const float* 
                     int64_t last, int64_t per_token, int64_t hd, float scale, float* scores, float* part, float* out);
 void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Half* kc, const Half* vc, int64_t first,
                     int64_t last, int64_t per_token, int64_t hd, float scale, float* scores, float* part, float* out);
+// The same with Kernels::attend_bf16 over bf16 copies (k.attend_bf16 must not be null).
+void attend_chunked(const Kernels& k, const float* q, int64_t n_q, const Bf16* kc, const Bf16* vc, int64_t first,
+                    int64_t last, int64_t per_token, int64_t hd, float scale, float* scores, float* part, float* out);
 
 const Kernels& kernels_scalar();
 #if defined(CPULLM_HAVE_X86_KERNELS)
@@ -193,6 +225,9 @@ const Kernels& kernels_avx2();
 const Kernels& kernels_vnni256();  // the AVX2 path with 256-bit VNNI for int8 (EVEX: AVX512-VNNI + VL)
 const Kernels& kernels_avx512();
 const Kernels& kernels_avx512vnni();
+#endif
+#if defined(CPULLM_HAVE_AVX512BF16_KERNELS)
+const Kernels& kernels_avx512bf16();  // the AVX512-VNNI path with bf16 attention for fast prefill
 #endif
 #if defined(CPULLM_HAVE_NEON_KERNELS)
 const Kernels& kernels_neon();     // AArch64 Advanced SIMD

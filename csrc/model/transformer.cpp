@@ -694,6 +694,34 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
     const int64_t last = n_past_ + t;
     return std::make_pair(window > 0 ? std::max<int64_t>(0, last - window + 1) : 0, last);
   };
+  // Fast prefill's one-digit rows, where the kernel path has a bf16 dot product, attend over bf16
+  // copies of the layer's keys and values (Kernels::attend_bf16: twice the multiply-adds per
+  // instruction), made here from the first position any row sees: about kv_dim / (T * n_heads * hd) of
+  // the attention's own work. The rows whose logits are returned keep the cache's f32 arithmetic, and
+  // so does every row of f32 or bf16 weights (fast prefill changes nothing there).
+  const bool bf16 = !split && one_digit_rows_ > 0 && L.wqkv.type == WType::Q8 && k.attend_bf16 && hd % 16 == 0 &&
+                    hd <= kBf16MaxHeadDim;
+  if (bf16) {
+    const size_t layer_elements = size_t(KVH * cap * hd);
+    if (k_bf16_.size() < layer_elements) {
+      k_bf16_.resize(layer_elements);
+      v_bf16_.resize(layer_elements);
+    }
+    const int64_t from = range(0).first, positions = n_past_ + T;
+    const int64_t block0 = from / kKeyBlock, blocks = (positions + kKeyBlock - 1) / kKeyBlock - block0;
+    const int64_t pair0 = from / 2 * 2;
+    const auto pair = pair_kernel(k, static_cast<const KT*>(nullptr));
+    parallel_for(n_threads, true, 2 * KVH, [&](int64_t u) {
+      const int64_t head = (u / 2) * cap * hd;
+      if (u % 2 == 0) {
+        const int64_t at = head + block0 * kKeyBlock * hd;
+        pair(kc + at, kKeyBlock, kKeyBlock, blocks * hd, k_bf16_.data() + at);
+      } else {
+        const int64_t at = head + pair0 * hd;
+        pair(vc + at, hd, hd, positions - pair0, v_bf16_.data() + at);
+      }
+    });
+  }
   if (!split) {
     // A tile's tokens share their first position (tokens a sliding window has moved go one at a time)
     // and the chunk their last lies in (a tile is cut there). Tiles are made smaller where they would
@@ -709,19 +737,27 @@ void Sequence::attention(int l, int64_t T, int n_threads) {
       float* tile_out = tile_q + NT * group * hd;
       const KT* keys = kc + kvh * cap * hd;
       const KT* values = vc + kvh * cap * hd;
+      // The tokens [t0, t1) of the tile, whose rows q are all one-digit or not.
+      const auto attend_tokens = [&](const float* q, int64_t t0, int64_t t1, int64_t first, int64_t last, float* out) {
+        if (bf16 && t1 <= one_digit_rows_)
+          attend_chunked(k, q, (t1 - t0) * group, k_bf16_.data() + kvh * cap * hd, v_bf16_.data() + kvh * cap * hd,
+                         first, last, group, hd, s.attn_scale, scores, part, out);
+        else
+          attend_chunked(k, q, (t1 - t0) * group, keys, values, first, last, group, hd, s.attn_scale, scores, part,
+                         out);
+      };
       for (int64_t t0 = tile * NT, t_end = std::min(T, t0 + NT); t0 < t_end;) {
         const auto [first, last] = range(t0);
         int64_t t1 = std::min(t_end, t0 + kAttendChunk - last % kAttendChunk);
         if (window > 0 && n_past_ + t1 > window) t1 = t0 + 1;  // the window starts past 0 there
+        if (bf16 && t0 < one_digit_rows_) t1 = std::min<int64_t>(t1, one_digit_rows_);  // no tile mixes the two
         if (t1 - t0 == 1) {
-          attend_chunked(k, qkv + t0 * qkv_dim + h * hd, group, keys, values, first, last, group, hd, s.attn_scale,
-                         scores, part, attn + t0 * q_dim + h * hd);
+          attend_tokens(qkv + t0 * qkv_dim + h * hd, t0, t1, first, last, attn + t0 * q_dim + h * hd);
         } else {
           const size_t row_bytes = sizeof(float) * size_t(group * hd);
           for (int64_t t = t0; t < t1; ++t)
             std::memcpy(tile_q + (t - t0) * group * hd, qkv + t * qkv_dim + h * hd, row_bytes);
-          attend_chunked(k, tile_q, (t1 - t0) * group, keys, values, first, last, group, hd, s.attn_scale, scores,
-                         part, tile_out);
+          attend_tokens(tile_q, t0, t1, first, last, tile_out);
           for (int64_t t = t0; t < t1; ++t)
             std::memcpy(attn + t * q_dim + h * hd, tile_out + (t - t0) * group * hd, row_bytes);
         }

@@ -228,6 +228,9 @@ class Sequence {
   // Attention: per thread, scores of one chunk and attend_chunked's scratch; the chunks' outputs and
   // stats when threads split a query's chunks ([T][chunks][n_heads] x head_dim or 2).
   std::vector<float> scores_, part_, split_out_, split_stats_;
+  // Fast prefill's bf16 copy of one layer's keys and values, for its one-digit rows' attention where the
+  // kernel path has a bf16 dot product (see Sequence::attention), laid out as the cache is per KV head.
+  std::vector<Bf16> k_bf16_, v_bf16_;
   std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul (see Q8Acts)
   std::vector<float> xq_scales_;
   std::vector<int32_t> xq_sums_;
