@@ -366,6 +366,24 @@ def test_int8_decode_with_cache_equals_full_pass(llama: tuple[Any, Any]) -> None
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("fast_prefill", [False, True], ids=["two-digit", "fast-prefill"])
+def test_int8_prompts_give_the_same_bits_on_any_thread_count(llama: tuple[Any, Any], fast_prefill: bool,
+                                                             isa: str) -> None:
+    # From 32 tokens on, 2+ threads split a prompt's int8 matmuls by tokens as well as by weight rows
+    # (Sequence::matmul: two parts, each the rows its threads quantized). Every output element is the
+    # same sum however the rows are split, so each thread count must give the same bits: around the
+    # threshold, with odd part sizes, and with fast prefill's one-digit rows on both sides of a part's
+    # edge (only the last row's logits come back there, which every earlier row reaches through the
+    # cache).
+    f32_model, _ = llama
+    model = cpullm.load(f32_model.source, dtype="int8", threads=2, fast_prefill=fast_prefill)
+    for n_tokens in (31, 32, 33, 66, 101):
+        ids = _ids(model.spec.vocab_size, n_tokens, seed=n_tokens).astype(np.int32)
+        outputs = [model._new_sequence().forward(ids, not fast_prefill, threads) for threads in (1, 2, 3)]
+        np.testing.assert_array_equal(outputs[1], outputs[0], err_msg=f"{n_tokens} tokens, 2 threads")
+        np.testing.assert_array_equal(outputs[2], outputs[0], err_msg=f"{n_tokens} tokens, 3 threads")
+
+
 def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: str) -> None:
     # Fast prefill: a prompt's rows but the last take one-digit activations, the last row (whose
     # logits come back) and every decoded token two. Against transformers on the same int8 weights

@@ -150,26 +150,12 @@ void attend_heads(const float* q, const uint16_t* k, const uint16_t* v, int64_t 
 
 void attend(const float* q, int64_t n_q, const Bf16* k, const Bf16* v, int64_t first, int64_t last, int64_t per_token,
             int64_t hd, float scale, float* scores, float* out, float* stats) {
-  static_assert(kAttendHeads == 6, "the batches below go up to 6 rows");
   const uint16_t* kb = reinterpret_cast<const uint16_t*>(k);
   const uint16_t* vb = reinterpret_cast<const uint16_t*>(v);
-  for (int64_t h = 0; h < n_q;) {
-    const int64_t batch = n_q - h < kAttendHeads ? n_q - h : kAttendHeads;
-    const float* qh = q + h * hd;
-    float* oh = out + h * hd;
-    float* sh = stats ? stats + 2 * h : nullptr;
-    int64_t lasts[kAttendHeads];
-    for (int64_t r = 0; r < batch; ++r) lasts[r] = last + (h + r) / per_token;
-    switch (batch) {
-      case 6: attend_heads<6>(qh, kb, vb, first, lasts, hd, scale, scores, oh, sh); break;
-      case 5: attend_heads<5>(qh, kb, vb, first, lasts, hd, scale, scores, oh, sh); break;
-      case 4: attend_heads<4>(qh, kb, vb, first, lasts, hd, scale, scores, oh, sh); break;
-      case 3: attend_heads<3>(qh, kb, vb, first, lasts, hd, scale, scores, oh, sh); break;
-      case 2: attend_heads<2>(qh, kb, vb, first, lasts, hd, scale, scores, oh, sh); break;
-      default: attend_heads<1>(qh, kb, vb, first, lasts, hd, scale, scores, oh, sh); break;
-    }
-    h += batch;
-  }
+  attend_in_batches(n_q, last, per_token, [&](auto rows, int64_t h, const int64_t* lasts) {
+    attend_heads<decltype(rows)::value>(q + h * hd, kb, vb, first, lasts, hd, scale, scores, out + h * hd,
+                                        stats ? stats + 2 * h : nullptr);
+  });
 }
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }

@@ -38,6 +38,34 @@ inline typename V::Vec exp_approx(typename V::Vec x) {
   return V::scale_pow2(p, n);
 }
 
+// A batch size as a type, for attend_in_batches' callers (no std::integral_constant: see above).
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
+
+// Kernels::attend's batching, for every attention kernel alike: n_q rows in batches of up to
+// kAttendHeads, row r seeing positions up to last + r / per_token; batch(Rows<NQ>(), h, lasts) takes
+// the rows [h, h + NQ), whose ends are lasts[0, NQ).
+template <class Batch>
+inline void attend_in_batches(int64_t n_q, int64_t last, int64_t per_token, const Batch& batch) {
+  static_assert(kAttendHeads == 6, "the batches below go up to 6 rows");
+  for (int64_t h = 0; h < n_q;) {
+    const int64_t size = n_q - h < kAttendHeads ? n_q - h : kAttendHeads;
+    int64_t lasts[kAttendHeads];
+    for (int64_t r = 0; r < size; ++r) lasts[r] = last + (h + r) / per_token;
+    switch (size) {
+      case 6: batch(Rows<6>(), h, lasts); break;
+      case 5: batch(Rows<5>(), h, lasts); break;
+      case 4: batch(Rows<4>(), h, lasts); break;
+      case 3: batch(Rows<3>(), h, lasts); break;
+      case 2: batch(Rows<2>(), h, lasts); break;
+      default: batch(Rows<1>(), h, lasts); break;
+    }
+    h += size;
+  }
+}
+
 template <class V>
 struct KernelsImpl {
   using Vec = typename V::Vec;
@@ -365,24 +393,10 @@ struct KernelsImpl {
   static void attend(const float* q, int64_t n_q, const KT* k, const KT* v, int64_t first, int64_t last,
                      int64_t per_token, int64_t hd, float scale, float* scores, float* out, float* stats) {
     static_assert(kKeyBlock % W == 0, "a key block row is whole vectors");
-    static_assert(kAttendHeads == 6, "the batches below go up to 6 rows");
-    for (int64_t h = 0; h < n_q;) {
-      const int64_t batch = n_q - h < kAttendHeads ? n_q - h : kAttendHeads;
-      const float* qh = q + h * hd;
-      float* oh = out + h * hd;
-      float* sh = stats ? stats + 2 * h : nullptr;
-      int64_t lasts[kAttendHeads];
-      for (int64_t r = 0; r < batch; ++r) lasts[r] = last + (h + r) / per_token;
-      switch (batch) {
-        case 6: attend_heads<6>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
-        case 5: attend_heads<5>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
-        case 4: attend_heads<4>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
-        case 3: attend_heads<3>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
-        case 2: attend_heads<2>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
-        default: attend_heads<1>(qh, k, v, first, lasts, hd, scale, scores, oh, sh); break;
-      }
-      h += batch;
-    }
+    attend_in_batches(n_q, last, per_token, [&](auto rows, int64_t h, const int64_t* lasts) {
+      attend_heads<decltype(rows)::value>(q + h * hd, k, v, first, lasts, hd, scale, scores, out + h * hd,
+                                          stats ? stats + 2 * h : nullptr);
+    });
   }
 
   static Kernels table(const char* name) {

@@ -1,6 +1,7 @@
 #include "model/transformer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -170,6 +171,8 @@ void apply_rope(float* head, const float* cos, const float* sin, int half) {
 // The per-token steps between the matmuls are split across threads too once there are this many tokens
 // to pay for the fork (on 2 threads they were ~7 % of a 128-token prefill, run by one thread).
 constexpr int64_t kPerTokenParallel = 8;
+// Rows per part at least, for a prompt's int8 matmul to be split by tokens too (Sequence::matmul).
+constexpr int64_t kTokenSplit = 16;
 
 int thread_id() {
 #ifdef _OPENMP
@@ -485,15 +488,42 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
     acts.one_digit_rows = std::min(one_digit_rows_, T);
     units = w.q8.n_blocks;
   }
-  const int64_t chunk = matmul_chunk(w.type, units, n_threads);
+  // A prompt's int8 matmuls are also split by tokens, into `parts` groups of threads that each take
+  // the rows their threads quantized (the per-token loops' static split) and claim row blocks of the
+  // weights among themselves. Split by weight rows alone, every output row is written by every
+  // thread and the next step's quantizer writes digits every thread has read: on 2 threads of Zen 4 its
+  // share of a 128-token prefill went from 4.4 % (1 thread) to 10-14 %, and each thread reading all of
+  // the weights (they stream from L3 or memory either way) cost less than those transfers
+  // (docs/performance.md, tenth round). Capped at 2 parts: more would multiply the weights' reads and
+  // were never measured.
+  const int64_t parts = w.type == WType::Q8 ? std::clamp<int64_t>(T / kTokenSplit, 1, std::min(n_threads, 2)) : 1;
+  const int64_t chunk = matmul_chunk(w.type, units, static_cast<int>((n_threads + parts - 1) / parts));
   const int64_t n_chunks = (units + chunk - 1) / chunk;
-  parallel_for<Schedule::kDynamic>(n_threads, true, n_chunks, [&](int64_t c) {
+  const auto run_chunk = [&](const Q8Acts& part_acts, int64_t t0, int64_t c) {
     const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
     switch (w.type) {
       case WType::F32: k.matmul_f32(x, T, K, static_cast<const float*>(w.data), u0, u1, y, N); break;
       case WType::BF16: k.matmul_bf16(x, T, K, static_cast<const uint16_t*>(w.data), u0, u1, y, N); break;
-      case WType::Q8: k.matmul_q8(acts, w.q8, u0, u1, y, N); break;
+      case WType::Q8: k.matmul_q8(part_acts, w.q8, u0, u1, y + t0 * N, N); break;
     }
+  };
+  if (parts == 1) {
+    parallel_for<Schedule::kDynamic>(n_threads, true, n_chunks, [&](int64_t c) { run_chunk(acts, 0, c); });
+    return;
+  }
+  std::atomic<int64_t> next_chunk[2] = {0, 0};
+  parallel_for(n_threads, true, n_threads, [&](int64_t thread) {
+    const int64_t p = thread * parts / n_threads;
+    // Thread i's rows in the static split of T rows over n_threads, and the part's: its threads' rows.
+    const auto first_row = [&](int64_t i) { return i * (T / n_threads) + std::min<int64_t>(i, T % n_threads); };
+    const int64_t t0 = first_row((p * n_threads + parts - 1) / parts), t1 = first_row(((p + 1) * n_threads + parts - 1) / parts);
+    Q8Acts part_acts = acts;
+    part_acts.q += 2 * t0 * acts.stride;
+    part_acts.scales += t0 * w.q8.n_groups;
+    part_acts.sums += t0 * w.q8.n_groups;
+    part_acts.T = t1 - t0;
+    part_acts.one_digit_rows = std::clamp<int64_t>(acts.one_digit_rows - t0, 0, t1 - t0);
+    for (int64_t c = next_chunk[p]++; c < n_chunks; c = next_chunk[p]++) run_chunk(part_acts, t0, c);
   });
 }
 
