@@ -219,3 +219,23 @@ def test_a_group_size_means_int8(make_llama: Any, tmp_path: Path) -> None:
     assert cpullm.load(converted, group_size=32).spec.group_size == 32
     with pytest.raises(ValueError, match="converted with group_size 32"):
         cpullm.load(converted, group_size=64)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="malloc_trim is glibc's")
+def test_trim_heap_gives_freed_heap_pages_back() -> None:
+    # What cpullm.load calls last: blocks below glibc's mmap threshold live on the heap, and freeing
+    # all but the topmost leaves ~100 MB of free pages that free() itself never returns (it only trims
+    # the heap's top), as a tokenizer's parsed JSON does at load.
+    blocks = [np.ones(100_000 // 8) for _ in range(1000)]
+    top = blocks[-1]
+    del blocks
+    before = _rss_kib()
+    assert cpullm._C.trim_heap() is True
+    assert before - _rss_kib() > 50_000
+    assert top.sum() == top.size

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from . import _C
 from .dtypes import DEFAULT_GROUP_SIZE, WEIGHT_DTYPES, check_fast_prefill, check_group_size, check_kv_cache_dtype
 from .errors import ModelFormatError, ModelNotFoundError
 from .hf import Checkpoint, canonical_tensors, read_json, resolve_tied_head
@@ -109,6 +110,7 @@ def load(
         check_kv_cache_dtype(kv_cache_dtype)  # before any weight is read
     check_fast_prefill(fast_prefill)
     model = _load(path, dtype, threads, context_length, group_size)
+    _C.trim_heap()  # what loading freed (parsed JSON, conversion buffers) leaves the RSS
     if kv_cache_dtype is not None:
         model.kv_cache_dtype = kv_cache_dtype
     model.fast_prefill = fast_prefill

@@ -12,6 +12,7 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
+from . import _C
 from .errors import CpullmError, ModelFormatError
 
 
@@ -137,6 +138,9 @@ class Tokenizer:
         self.special_ids = frozenset(
             i for i, added in tokenizer.get_added_tokens_decoder().items() if getattr(added, "special", False)
         )
+        # Building the tokenizer (its JSON parsed, or a GGUF's vocabulary) freed as much heap again as it
+        # keeps (~45 MiB for a 128k-id vocabulary), which glibc would hold on to through the weights' load.
+        _C.trim_heap()
 
     @classmethod
     def from_directory(cls, directory: Path) -> "Tokenizer | None":
