@@ -229,7 +229,7 @@ def _rss_kib() -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
                     reason="malloc_trim is glibc's")
 def test_trim_heap_gives_freed_heap_pages_back() -> None:
-    # What cpullm.load calls last: blocks below glibc's mmap threshold live on the heap, and freeing
+    # What a Tokenizer's construction and cpullm.load call last: blocks below glibc's mmap threshold live on the heap, and freeing
     # all but the topmost leaves ~100 MB of free pages that free() itself never returns (it only trims
     # the heap's top), as a tokenizer's parsed JSON does at load.
     blocks = [np.ones(100_000 // 8) for _ in range(1000)]

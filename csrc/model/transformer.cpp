@@ -507,22 +507,23 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
       case WType::Q8: k.matmul_q8(part_acts, w.q8, u0, u1, y + t0 * N, N); break;
     }
   };
-  if (parts == 1) {
-    parallel_for<Schedule::kDynamic>(n_threads, true, n_chunks, [&](int64_t c) { run_chunk(acts, 0, c); });
-    return;
-  }
+  // One part (decode, short prompts, f32 / bf16 weights) is the plain split by weight rows: every thread
+  // claims from the one counter, as a dynamic schedule would.
   std::atomic<int64_t> next_chunk[2] = {0, 0};
   parallel_for(n_threads, true, n_threads, [&](int64_t thread) {
     const int64_t p = thread * parts / n_threads;
     // Thread i's rows in the static split of T rows over n_threads, and the part's: its threads' rows.
     const auto first_row = [&](int64_t i) { return i * (T / n_threads) + std::min<int64_t>(i, T % n_threads); };
-    const int64_t t0 = first_row((p * n_threads + parts - 1) / parts), t1 = first_row(((p + 1) * n_threads + parts - 1) / parts);
+    const int64_t t0 = first_row((p * n_threads + parts - 1) / parts);
+    const int64_t t1 = first_row(((p + 1) * n_threads + parts - 1) / parts);
     Q8Acts part_acts = acts;
-    part_acts.q += 2 * t0 * acts.stride;
-    part_acts.scales += t0 * w.q8.n_groups;
-    part_acts.sums += t0 * w.q8.n_groups;
-    part_acts.T = t1 - t0;
-    part_acts.one_digit_rows = std::clamp<int64_t>(acts.one_digit_rows - t0, 0, t1 - t0);
+    if (w.type == WType::Q8) {
+      part_acts.q += 2 * t0 * acts.stride;
+      part_acts.scales += t0 * w.q8.n_groups;
+      part_acts.sums += t0 * w.q8.n_groups;
+      part_acts.T = t1 - t0;
+      part_acts.one_digit_rows = std::clamp<int64_t>(acts.one_digit_rows - t0, 0, t1 - t0);
+    }
     for (int64_t c = next_chunk[p]++; c < n_chunks; c = next_chunk[p]++) run_chunk(part_acts, t0, c);
   });
 }
