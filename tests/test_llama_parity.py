@@ -110,7 +110,7 @@ def test_reserve_sizes_the_cache_ahead_and_changes_no_result(make_llama: Any) ->
     full = model.logits(ids)
     sequence = cpullm._C.Sequence(model._model())
     sequence.reserve(300)
-    assert sequence.capacity >= 300
+    assert 300 <= sequence.capacity < 300 + 16  # a first reservation is what was asked, in whole key blocks
     capacity = sequence.capacity
     stepped = np.concatenate([sequence.forward(ids[a:b], True, model.threads) for a, b in ((0, 7), (7, 290), (290, 300))])
     assert sequence.capacity == capacity
@@ -123,6 +123,13 @@ def test_reserve_sizes_the_cache_ahead_and_changes_no_result(make_llama: Any) ->
                                   model.logits(np.concatenate([ids, ids[:1]]))[-1])
     with pytest.raises(ValueError, match="reserve"):
         sequence.reserve(-1)
+    # A first reservation takes what it asks (whole key blocks of 16), not the on-demand minimum of 256:
+    # on huge pages the whole cache is resident from its first position. A later one grows as on demand.
+    small = cpullm._C.Sequence(model._model())
+    small.reserve(40)
+    assert small.capacity == 48
+    small.reserve(50)
+    assert small.capacity == 256
 
 
 def test_a_refused_reservation_changes_nothing(make_llama: Any) -> None:

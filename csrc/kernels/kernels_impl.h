@@ -186,7 +186,7 @@ struct KernelsImpl {
     for (; i < n; ++i) out[i] = float_to_half(x[i]);
   }
 
-  // out[i] = silu(gate[i]) * up[i]. out may be gate itself, or lie before it (see transformer.cpp).
+  // out[i] = silu(gate[i]) * up[i]. out may be gate itself (Sequence::swiglu writes over the gate).
   static void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
     const Vec one = V::set1(1.f), zero = V::zero();
     int64_t i = 0;

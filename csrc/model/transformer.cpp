@@ -335,6 +335,20 @@ Matrix Transformer::matrix(const std::map<std::string, TensorView>& tensors, con
   return m;
 }
 
+const float* Transformer::vector(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t n,
+                                 bool required, const std::function<void(const std::string&)>& release) {
+  // A copy rather than the file map in place: with large page-cache folios (Linux 6.x) one fault on a
+  // norm vector mapped the whole folio around it, ~3 MiB of neighbouring (already packed) scales each:
+  // 46 MiB of file pages resident after the 1B shape's first forward pass, for 264 KiB of norms.
+  const float* in_file = vector_f32(tensors, name, n, required);
+  if (!in_file) return nullptr;
+  const size_t bytes = sizeof(float) * size_t(n);
+  float* copy = reinterpret_cast<float*>(take_packed(bytes));
+  std::memcpy(copy, in_file, bytes);
+  if (release) release(name);
+  return copy;
+}
+
 Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>& tensors,
                          const std::function<void(const std::string&)>& release)
     : spec_(std::move(spec)) {
@@ -342,18 +356,18 @@ Transformer::Transformer(ModelSpec spec, const std::map<std::string, TensorView>
   const ModelSpec& s = spec_;
   const int64_t D = s.dim, F = s.ffn_dim, V = s.vocab_size;
   tok_embeddings_ = matrix(tensors, "tok_embeddings", V, D, true, release);
-  norm_ = vector_f32(tensors, "norm", D, true);
+  norm_ = vector(tensors, "norm", D, true, release);
   lm_head_ = matrix(tensors, "lm_head", V, D, false, release);
   if (lm_head_.rows == 0) lm_head_ = tok_embeddings_;  // tied embeddings
   layers_.resize(s.n_layers);
   for (int l = 0; l < s.n_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights& L = layers_[l];
-    L.attn_norm = vector_f32(tensors, p + "attn_norm", D, true);
+    L.attn_norm = vector(tensors, p + "attn_norm", D, true, release);
     L.wqkv = matrix(tensors, p + "wqkv", qkv_dim(), D, true, release);
-    L.bqkv = vector_f32(tensors, p + "bqkv", qkv_dim(), false);
+    L.bqkv = vector(tensors, p + "bqkv", qkv_dim(), false, release);
     L.wo = matrix(tensors, p + "wo", D, int64_t(s.n_heads) * s.head_dim, true, release);
-    L.ffn_norm = vector_f32(tensors, p + "ffn_norm", D, true);
+    L.ffn_norm = vector(tensors, p + "ffn_norm", D, true, release);
     L.window = s.layer_windows.empty() ? 0 : s.layer_windows[l];
     if (s.n_experts == 0) {
       L.w13 = matrix(tensors, p + "w13", 2 * F, D, true, release);
@@ -388,17 +402,21 @@ void Sequence::reserve(int positions) {
   const int n = std::min(positions, model_.spec().max_context);
   if (n <= capacity_) return;
   try {
-    grow(n);
+    // A first reservation takes exactly what was asked: backed by huge pages, a cache's memory is
+    // resident once its first position is written, and the on-demand rule's 256 positions (1B shape,
+    // f32: 16 MiB) were 4 MiB of a 128 + 64-token generation's peak for nothing. Later ones (a chat's
+    // next turn) keep the doubling, so that a conversation copies its cache a logarithmic number of times.
+    grow(n, capacity_ == 0);
   } catch (const std::bad_alloc&) {
     // A reservation is a hint: where the system refuses that much address space at once, the cache
     // keeps growing on demand (and a forward pass fails only if its own positions do not fit).
   }
 }
 
-void Sequence::grow(int positions) {
+void Sequence::grow(int positions, bool exact) {
   if (positions <= capacity_) return;
   const int max_ctx = model_.spec().max_context;
-  int cap = std::max(positions, std::min(max_ctx, std::max(2 * capacity_, 256)));
+  int cap = exact ? positions : std::max(positions, std::min(max_ctx, std::max(2 * capacity_, 256)));
   cap = (cap + kKeyBlock - 1) / kKeyBlock * kKeyBlock;  // whole key blocks
   const int64_t KVH = model_.spec().n_kv_heads, hd = model_.spec().head_dim;
   // Both caches are head-major (see transformer.h), so growing moves each head's positions to its new
@@ -435,7 +453,6 @@ void Sequence::ensure_scratch(int n_tokens, int n_threads) {
     qkv_.resize(T * model_.qkv_dim());
     attn_.resize(T * size_t(s.n_heads) * s.head_dim);
     ffn_.resize(T * 2 * size_t(s.ffn_dim));
-    act_.resize(T * size_t(s.ffn_dim));
     rope_cos_.resize(T * size_t(s.rotary_dim / 2 + 1));
     rope_sin_.resize(T * size_t(s.rotary_dim / 2 + 1));
     scratch_tokens_ = n_tokens;
@@ -460,16 +477,27 @@ void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
                         t < one_digit_rows_);
 }
 
-void Sequence::swiglu(int64_t T, const Matrix& next, int n_threads) {
+const float* Sequence::swiglu(int64_t T, const Matrix& next, int n_threads) {
   const Kernels& k = kernels();
   const int64_t F = model_.spec().ffn_dim;
-  const float* ffn = ffn_.data();
+  float* ffn = ffn_.data();
+  if (next.type == WType::Q8) {
+    // The products go over their gate in place, row by row, straight into the quantizer: a [T, F]
+    // buffer of their own was 4 MiB of a 128-token prefill's peak on the 1B shape (16 at 512 tokens).
+    prepare_acts(T, next);
+    parallel_for(n_threads, T >= kPerTokenParallel, T, [&](int64_t t) {
+      float* gate = ffn + t * 2 * F;
+      k.silu_mul(gate, gate + F, gate, F);
+      quantize_row(next, gate, t);
+    });
+    return nullptr;  // the next matmul reads the quantized rows
+  }
+  if (act_.size() < size_t(T * F)) act_.resize(size_t(T * F));
   float* act = act_.data();
-  prepare_acts(T, next);
   parallel_for(n_threads, T >= kPerTokenParallel, T, [&](int64_t t) {
     k.silu_mul(ffn + t * 2 * F, ffn + t * 2 * F + F, act + t * F, F);
-    quantize_row(next, act + t * F, t);
   });
+  return act;
 }
 
 void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads, Acts acts_state) {
@@ -572,7 +600,6 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   float* qkv = qkv_.data();
   float* attn = attn_.data();
   float* ffn = ffn_.data();
-  float* act = act_.data();
   const bool per_token_parallel = n_threads > 1 && T >= kPerTokenParallel;
   one_digit_rows_ = fast_prefill_ ? T - n_out_rows : 0;
   // The per-token steps between two matmuls run as one loop over tokens: a row's residual add, norm
@@ -634,8 +661,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
       continue;
     }
     matmul(xn, T, L.w13, ffn, n_threads, Acts::kReady);
-    swiglu(T, L.w2, n_threads);
-    matmul(act, T, L.w2, xn, n_threads, Acts::kReady);
+    matmul(swiglu(T, L.w2, n_threads), T, L.w2, xn, n_threads, Acts::kReady);
     pending = xn;
   }
 
@@ -884,8 +910,7 @@ void Sequence::moe(const LayerWeights& L, int64_t T, int n_threads) {
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(moe_in_.data() + r * D, xn + (expert_rows_[r] / K) * D, sizeof(float) * D);
     matmul(moe_in_.data(), n, L.expert_w13[e], ffn, n_threads);
-    swiglu(n, L.expert_w2[e], n_threads);
-    matmul(act_.data(), n, L.expert_w2[e], moe_out_.data(), n_threads, Acts::kReady);
+    matmul(swiglu(n, L.expert_w2[e], n_threads), n, L.expert_w2[e], moe_out_.data(), n_threads, Acts::kReady);
     for (int64_t r = 0; r < n; ++r) {
       const float w = route_w_[expert_rows_[r]];
       float* acc = moe_acc_.data() + (expert_rows_[r] / K) * D;

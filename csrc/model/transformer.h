@@ -135,6 +135,9 @@ class Transformer {
  private:
   Matrix matrix(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t rows,
                 int64_t cols, bool required, const std::function<void(const std::string&)>& release);
+  // An f32 vector of n >= 0 elements (a norm's weights, a bias), copied into the model's memory.
+  const float* vector(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t n,
+                      bool required, const std::function<void(const std::string&)>& release);
   // `bytes` of weight memory (64-byte aligned, on huge pages where granted) from the current chunk, or
   // from a new one.
   uint8_t* take_packed(size_t bytes);
@@ -194,16 +197,18 @@ class Sequence {
   // attn_ [T, n_heads * head_dim] = attention over the cache with their queries (in qkv_).
   template <class KT>
   void attention(int l, int64_t T, int n_threads);
-  // Grows the cache to hold `positions` (<= max_context), at least doubling it.
-  void grow(int positions);
+  // Grows the cache to hold `positions` (<= max_context): at least doubling it (to 256 positions at
+  // first) when it grows on demand, to `positions` alone (whole key blocks) when `exact`.
+  void grow(int positions, bool exact = false);
   void ensure_scratch(int n_tokens, int n_threads);
   // y [T, w.rows] = x [T, w.cols] @ w^T, rows split across threads. For Q8 weights x is quantized
   // first (kQuantize), or already was, row by row with quantize_row (kReady).
   enum class Acts { kQuantize, kReady };
   void matmul(const float* x, int64_t T, const Matrix& w, float* y, int n_threads, Acts acts = Acts::kQuantize);
-  // act_ [T, ffn_dim] = silu(gate) * up for each row of ffn_ [T, 2 * ffn_dim] (gate, then up), each row
-  // quantized for the matmul with `next` that follows (see quantize_row).
-  void swiglu(int64_t T, const Matrix& next, int n_threads);
+  // silu(gate) * up for each row of ffn_ [T, 2 * ffn_dim] (gate, then up): for int8 `next`, written over
+  // the gate and quantized for the matmul with `next` (see quantize_row), returning null; else into
+  // act_ [T, ffn_dim], returned as that matmul's input.
+  const float* swiglu(int64_t T, const Matrix& next, int n_threads);
   // Sizes the quantized-activation scratch for T rows of w's input (Q8 weights; else nothing).
   void prepare_acts(int64_t T, const Matrix& w);
   // Quantizes row t of w's input for the next matmul with w (Q8 weights; else nothing); threads
@@ -224,7 +229,7 @@ class Sequence {
   size_t kv_bytes_ = sizeof(float);          // bytes of one cached element
   std::vector<uint8_t*> k_cache_, v_cache_;  // per layer, elements of kv_type_
   // Scratch, grown on demand and then reused: no allocation on the decode path.
-  std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_;  // act_: SwiGLU out [T, ffn_dim]
+  std::vector<float> x_, xn_, qkv_, attn_, ffn_, act_, rope_cos_, rope_sin_;  // act_: SwiGLU out, f32 / bf16 w2
   // Attention: per thread, scores of one chunk and attend_chunked's scratch; the chunks' outputs and
   // stats when threads split a query's chunks ([T][chunks][n_heads] x head_dim or 2).
   std::vector<float> scores_, part_, split_out_, split_stats_;
