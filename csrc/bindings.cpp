@@ -185,8 +185,8 @@ struct Q8Problem {
     xs.resize(size_t(T * G));
     sums.resize(size_t(T * G));
     for (int64_t t = 0; t < T; ++t) {
-      kernels().quantize_q8(x + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
-                            sums.data() + t * G, t < one_digit_rows);
+      quantize_q8_for_matmul(kernels(), x + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
+                             sums.data() + t * G, t < one_digit_rows);
     }
     acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
     acts.one_digit_rows = one_digit_rows;
@@ -273,6 +273,23 @@ PYBIND11_MODULE(_C, m) {
      "Per-group two-digit int8 quantization of activation rows: (q [T, 2K]: hi then lo digits, scales [T, G]"
      "[, sums [T, G]: 128 * (127 * sum(hi) + sum(lo)) per group]); one_digit: lo digits dropped, as fast "
      "prefill quantizes");
+  m.def("quantize_q8_wide", [](const F32Array& x, int64_t group) -> py::object {
+    if (x.ndim() != 2) throw std::invalid_argument("quantize_q8_wide: expected x [T, K]");
+    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
+      throw std::invalid_argument("quantize_q8_wide: group must be a positive multiple of 32 up to 512");
+    const Kernels& k = kernels();
+    if (!k.quantize_q8_wide) return py::none();
+    const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group, stride = q8_act_stride(K);
+    py::array_t<int16_t> values({T, stride});
+    F32Array scales({T, G});
+    py::array_t<int32_t> sums({T, G});
+    for (int64_t t = 0; t < T; ++t)
+      k.quantize_q8_wide(x.data() + t * K, K, group, stride, reinterpret_cast<int8_t*>(values.mutable_data() + t * stride),
+                         scales.mutable_data() + t * G, sums.mutable_data() + t * G);
+    return py::make_tuple(values, scales, sums);
+  }, py::arg("x"), py::arg("group"),
+     "The active ISA's wide layout of two-digit activation rows, if it has one (else None): (values [T, "
+     "stride] int16 = 127 * hi + lo, zero past K; scales [T, G]; sums [T, G]), as its matmul_q8 reads them");
   m.def("matmul_q8", [](const F32Array& x, const py::array_t<int8_t, py::array::c_style>& wq, const F32Array& ws,
                         int64_t group, int64_t one_digit_rows) {
     if (x.ndim() != 2 || wq.ndim() != 2 || x.shape(1) != wq.shape(1))

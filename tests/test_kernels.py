@@ -246,6 +246,36 @@ def test_activation_quantization_of_infinities_is_the_same_on_every_path(isa: st
         np.testing.assert_array_equal(a, b)
 
 
+def test_wide_activations_hold_both_digits_in_one_int16(isa: str) -> None:
+    # AVX2's matmul_q8 reads two-digit rows as int16 127 * hi + lo (one 16-bit multiply-add instead of
+    # one int8 one per digit): those values must be the portable digits' exactly, scales and sums too,
+    # for ordinary, zero, tiny, NaN and infinite inputs and a short last group; zero past K.
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((6, 203)) * np.exp(rng.standard_normal((6, 203)))).astype(np.float32)
+    x[1, 32:64] = 0.0
+    x[2, 40], x[2, 41] = 1e-36, -3e-37
+    x[3, 10] = np.nan
+    x[4, 70], x[5, 202] = np.inf, -np.inf
+    for group in (32, 64, 512):
+        wide = C.quantize_q8_wide(x, group)
+        if wide is None:
+            assert isa not in ("avx2", "avx512")  # the paths whose matmul_q8 reads it
+            continue
+        values, scales, sums = wide
+        previous = C.get_isa()
+        C.set_isa("scalar")
+        try:
+            q, s_ref, sums_ref = C.quantize_q8(x, group, with_sums=True)
+        finally:
+            C.set_isa(previous)
+        K = x.shape[1]
+        assert values.dtype == np.int16 and values.shape[1] >= K
+        np.testing.assert_array_equal(values[:, :K], 127 * q[:, :K].astype(np.int32) + q[:, K:])
+        assert not values[:, K:].any()
+        np.testing.assert_array_equal(scales, s_ref)
+        np.testing.assert_array_equal(sums, sums_ref)
+
+
 def test_weight_quantizer_matches_numpy() -> None:
     from cpullm.dtypes import quantize_q8
 

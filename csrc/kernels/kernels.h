@@ -157,6 +157,13 @@ struct Kernels {
   // quantize_row_q8 (below), vectorised for the ISA; results are bit-identical on every path.
   void (*quantize_q8)(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                       int32_t* sums, bool one_digit);
+  // Where set, this ISA's matmul_q8 reads its two-digit rows (those at or past Q8Acts::one_digit_rows)
+  // in a wide layout, which this writes: the row's 2 * stride bytes hold stride int16 values 127 * hi +
+  // lo (|value| <= 16256; zero past K), with quantize_row_q8's scales and sums. On AVX2, which has no
+  // int8 dot product into 32 bits, one 16-bit multiply-add of both digits at once replaces an int8 one
+  // per digit (each a sign fix-up of both operands and two multiplies). Use quantize_q8_for_matmul.
+  void (*quantize_q8_wide)(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
+                           int32_t* sums) = nullptr;
   // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
   int64_t (*q8_peak_loop)(int64_t iterations);
   // sum_i a[i] * b[i]
@@ -253,5 +260,15 @@ const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs wit
 // digits and scales, the lo digits all zero, so sums[g] = 128 * 127 * sum(hi).
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                      int32_t* sums, bool one_digit);
+
+// One row of a matmul_q8's activations as k's matmul_q8 reads it: one_digit rows (which must be the
+// first Q8Acts::one_digit_rows) by quantize_q8, the others in k's wide layout where it has one.
+inline void quantize_q8_for_matmul(const Kernels& k, const float* x, int64_t K, int64_t group, int64_t stride,
+                                   int8_t* q, float* scales, int32_t* sums, bool one_digit) {
+  if (!one_digit && k.quantize_q8_wide)
+    k.quantize_q8_wide(x, K, group, stride, q, scales, sums);
+  else
+    k.quantize_q8(x, K, group, stride, q, scales, sums, one_digit);
+}
 
 }  // namespace cpullm

@@ -68,12 +68,19 @@ struct Avx2V {
 // quantize_row_q8 eight lanes at a time, with the same operations in the same order as the portable
 // version (the product with the reciprocal, the clamp, round-half-even, the remainder as a separate
 // multiply and subtract), so the digits are bit-identical; a group's tail goes through masked loads.
-void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums,
-                 bool one_digit) {
+// kWide: the two digits stored as one int16 127 * hi + lo (Kernels::quantize_q8_wide's layout).
+template <bool kWide>
+void quantize_digits(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
+                     int32_t* sums, bool one_digit) {
   int8_t* hi = q;
   int8_t* lo = q + stride;
-  for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
-  if (one_digit) std::memset(lo, 0, size_t(K));
+  int16_t* wide = reinterpret_cast<int16_t*>(q);
+  if (kWide) {
+    std::memset(wide + K, 0, sizeof(int16_t) * size_t(stride - K));
+  } else {
+    for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
+    if (one_digit) std::memset(lo, 0, size_t(K));
+  }
   const __m256 lim = _mm256_set1_ps(127.f), neg_lim = _mm256_set1_ps(-127.f);
   const __m256 sign = _mm256_set1_ps(-0.f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -104,7 +111,10 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
     const float fine = scale / 127.f;
     scales[g] = fine;
     if (!(fine >= 1.17549435e-38f)) {  // as the portable version: zero, or a fine step below FLT_MIN
-      for (int64_t k = begin; k < end; ++k) hi[k] = lo[k] = 0;
+      if (kWide)
+        std::memset(wide + begin, 0, sizeof(int16_t) * size_t(end - begin));
+      else
+        for (int64_t k = begin; k < end; ++k) hi[k] = lo[k] = 0;
       sums[g] = 0;
       continue;
     }
@@ -115,16 +125,28 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
       const __m256 xv = n == 8 ? _mm256_loadu_ps(x + k) : _mm256_maskload_ps(x + k, mask256(n));
       const __m256 h = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv, vinv), neg_lim), lim), kRound);
       const __m256i hi32 = _mm256_cvtps_epi32(h);
-      narrow(hi32, hi + k, n);
+      if (!kWide) narrow(hi32, hi + k, n);
       // Masked-off lanes are left out: loaded as 0 they give 0 digits, except with an infinite scale,
       // where 0 - 0 * inf is NaN and its lo digit -127.
       const __m256i in_group = mask256(n);
       sum_hi = _mm256_add_epi32(sum_hi, _mm256_and_si256(hi32, in_group));
-      if (one_digit) continue;
+      if (!kWide && one_digit) continue;
       const __m256 rest = _mm256_sub_ps(xv, _mm256_mul_ps(h, vs));
       const __m256 l = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(rest, vinv_fine), neg_lim), lim), kRound);
       const __m256i lo32 = _mm256_cvtps_epi32(l);
-      narrow(lo32, lo + k, n);
+      if (kWide) {
+        const __m256i v = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(hi32, 7), hi32), lo32);
+        const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        if (n == 8) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(wide + k), v16);
+        } else {
+          alignas(16) int16_t values[8];
+          _mm_store_si128(reinterpret_cast<__m128i*>(values), v16);
+          std::memcpy(wide + k, values, sizeof(int16_t) * size_t(n));
+        }
+      } else {
+        narrow(lo32, lo + k, n);
+      }
       sum_lo = _mm256_add_epi32(sum_lo, _mm256_and_si256(lo32, in_group));
     }
     const __m128i sh = _mm_add_epi32(_mm256_castsi256_si128(sum_hi), _mm256_extracti128_si256(sum_hi, 1));
@@ -136,13 +158,24 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
   }
 }
 
+void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales, int32_t* sums,
+                 bool one_digit) {
+  quantize_digits<false>(x, K, group, stride, q, scales, sums, one_digit);
+}
+
+void quantize_q8_wide(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
+                      int32_t* sums) {
+  quantize_digits<true>(x, K, group, stride, q, scales, sums, false);
+}
+
 }  // namespace
 
 const Kernels& kernels_avx2() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<Avx2V>::table("avx2");
-    k.matmul_q8 = &Q8Impl<Q8Avx2>::matmul_q8;
+    k.matmul_q8 = &matmul_q8_wide;
     k.quantize_q8 = &quantize_q8;
+    k.quantize_q8_wide = &quantize_q8_wide;
     k.q8_peak_loop = &Q8Impl<Q8Avx2>::peak_loop;
     return k;
   }();

@@ -473,8 +473,8 @@ void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
   if (w.type != WType::Q8) return;
   const int64_t G = w.q8.n_groups, stride = q8_act_stride(w.cols);
   int8_t* q = xq_.data() + 2 * t * stride;
-  kernels().quantize_q8(row, w.cols, w.q8.group, stride, q, xq_scales_.data() + t * G, xq_sums_.data() + t * G,
-                        t < one_digit_rows_);
+  quantize_q8_for_matmul(kernels(), row, w.cols, w.q8.group, stride, q, xq_scales_.data() + t * G,
+                         xq_sums_.data() + t * G, t < one_digit_rows_);
 }
 
 const float* Sequence::swiglu(int64_t T, const Matrix& next, int n_threads) {
