@@ -287,6 +287,25 @@ def test_weight_quantizer_matches_numpy() -> None:
     np.testing.assert_allclose(s / 127, s_ref, rtol=1e-6)
 
 
+def test_weight_quantizer_in_row_chunks_is_the_whole_matrix_formula() -> None:
+    # quantize_q8 works through a matrix a few MiB of rows at a time (bounding NumPy's temporaries at
+    # load); rows are independent, so the result must be the whole-matrix formula's, bit for bit, across
+    # chunk edges (600 rows of 65 groups of 64: 252 rows per chunk), a short last group and zero groups.
+    from cpullm.dtypes import quantize_q8
+
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((600, 4100)) * np.exp(rng.standard_normal((600, 1)))).astype(np.float32)
+    w[251:254, :64] = 0.0
+    q, s = quantize_q8(w, 64)
+    padded = np.zeros((600, 65 * 64), np.float32)
+    padded[:, :4100] = w
+    blocks = padded.reshape(600, 65, 64)
+    s_ref = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
+    q_ref = np.clip(np.rint(blocks / np.where(s_ref > 0, s_ref, 1)[:, :, None]), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(s, s_ref)
+    np.testing.assert_array_equal(q, q_ref.reshape(600, -1)[:, :4100])
+
+
 def test_two_digit_activations_are_about_14_bits() -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 256)).astype(np.float32)

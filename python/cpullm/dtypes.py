@@ -75,13 +75,21 @@ def quantize_q8(weights: np.ndarray, group_size: int) -> tuple[np.ndarray, np.nd
         raise ValueError(f"quantize_q8 expects a 2-D matrix, got shape {w.shape}")
     n, k = w.shape
     groups = -(-k // group_size)
-    padded = np.zeros((n, groups * group_size), dtype=np.float32)
-    padded[:, :k] = w
-    blocks = padded.reshape(n, groups, group_size)
-    scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
-    safe = np.where(scales > 0, scales, np.float32(1))[:, :, None]
-    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(q.reshape(n, -1)[:, :k]), scales
+    q = np.empty((n, k), dtype=np.int8)
+    scales = np.empty((n, groups), dtype=np.float32)
+    # Rows a few MiB at a time: NumPy's temporaries are f32 copies of what they work on, and over a whole
+    # embedding matrix (SmolLM2's 113 MB) they were most of an in-memory conversion's peak.
+    rows = max(1, (1 << 20) // (groups * group_size))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        padded = np.zeros((r1 - r0, groups * group_size), dtype=np.float32)
+        padded[:, :k] = w[r0:r1]
+        blocks = padded.reshape(r1 - r0, groups, group_size)
+        chunk_scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
+        safe = np.where(chunk_scales > 0, chunk_scales, np.float32(1))[:, :, None]
+        q[r0:r1] = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8).reshape(r1 - r0, -1)[:, :k]
+        scales[r0:r1] = chunk_scales
+    return q, scales
 
 
 def dequantize_q8(q: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:

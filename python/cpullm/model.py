@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -12,6 +11,7 @@ import numpy as np
 from . import _C
 from .dtypes import check_fast_prefill, check_kv_cache_dtype, default_kv_cache_dtype
 from .errors import ContextOverflowError, CpullmError, ModelFormatError
+from .filemap import release_file_pages
 from .generation import GenerationStats, check_max_tokens, decode, prefill
 from .sampling import Sampler, SamplingParams, is_integer, resolve_sampling
 from .spec import ModelSpec
@@ -20,24 +20,6 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .chat import ChatSession
-
-
-def release_file_pages(array: np.ndarray) -> None:
-    """Drops this process's resident pages of an array that views a read-only file map (the pages stay
-    in the OS page cache; touching them again reads them back). The native model calls this for each
-    tensor once it holds its own copy (int8 packed; f32 / bf16 on huge pages where the system has them),
-    so loading never keeps both forms resident. Arrays that own their memory are left alone: their
-    memory goes when the last reference does."""
-    base: Any = array
-    while isinstance(base, (np.ndarray, memoryview)):
-        base = base.base if isinstance(base, np.ndarray) else base.obj
-    if not isinstance(base, mmap.mmap) or array.nbytes == 0 or not hasattr(base, "madvise"):
-        return
-    start = array.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).__array_interface__["data"][0]
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, (start + array.nbytes) // page * page
-    if last > first:
-        base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class Model:
