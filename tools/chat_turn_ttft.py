@@ -5,7 +5,7 @@ message whose own tokens, chat template included, number about --turn-tokens; th
 conversation so far, so the turn pre-fills only its own tokens. Reports the median over --repeats of
 the time from the call until the first text piece arrives, and the tokens the turn pre-filled.
 
-    python tools/chat_turn_ttft.py [MODEL] [--threads 2] [--turn-tokens 32] [--repeats 7]
+    python tools/chat_turn_ttft.py [MODEL] [--threads 2] [--turn-tokens 32] [--repeats 7] [--fast-prefill]
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--turn-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--fast-prefill", action="store_true", help="one int8 digit for the prompt rows (cpullm.load's)")
     args = parser.parse_args()
 
-    model = cpullm.load(args.model, threads=args.threads)
+    model = cpullm.load(args.model, threads=args.threads, fast_prefill=args.fast_prefill)
     tokenizer = model.tokenizer
     words = _FILLER.split()
     times, prefilled = [], []
@@ -54,7 +55,7 @@ def main() -> None:
             continue
         times.append(elapsed)
         prefilled.append(session.stats.processed_tokens)
-    result = {"threads": args.threads, "turn_tokens": statistics.median(prefilled),
+    result = {"threads": args.threads, "fast_prefill": args.fast_prefill, "turn_tokens": statistics.median(prefilled),
               "ttft_ms_median": 1000 * statistics.median(times), "ttft_ms_all": [round(1000 * t, 1) for t in times]}
     print(json.dumps(result))
 
