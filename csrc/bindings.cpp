@@ -169,6 +169,13 @@ F32Array matmul_impl(const F32Array& x, const py::array& w, Fn&& fn) {
 // An int8 matmul's operands as the model makes them: T rows of x quantized per group (rows [0,
 // one_digit_rows) with one digit, as fast prefill does) and the [N, K] weights packed, in huge pages
 // like a model's. Sizes are the caller's to check.
+// Groups of int8 activations and weights: whole 32-byte blocks, and at most kQ8MaxGroup inputs, beyond
+// which the int32 sums can overflow.
+void check_q8_group(const char* fn, int64_t group) {
+  if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
+    throw std::invalid_argument(std::string(fn) + ": group must be a positive multiple of 32 up to 512");
+}
+
 struct Q8Problem {
   std::vector<int8_t> xq;
   std::vector<float> xs;
@@ -254,8 +261,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("w"), "y = x @ w.T with bf16 weights given as uint16 bits");
   m.def("quantize_q8", [](const F32Array& x, int64_t group, bool with_sums, bool one_digit) {
     if (x.ndim() != 2) throw std::invalid_argument("quantize_q8: expected x [T, K]");
-    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)  // larger groups overflow the sums
-      throw std::invalid_argument("quantize_q8: group must be a positive multiple of 32 up to 512");
+    check_q8_group("quantize_q8", group);
     const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group, stride = q8_act_stride(K);
     py::array_t<int8_t> q({T, 2 * K});
     F32Array scales({T, G});
@@ -275,8 +281,7 @@ PYBIND11_MODULE(_C, m) {
      "prefill quantizes");
   m.def("quantize_q8_wide", [](const F32Array& x, int64_t group) -> py::object {
     if (x.ndim() != 2) throw std::invalid_argument("quantize_q8_wide: expected x [T, K]");
-    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
-      throw std::invalid_argument("quantize_q8_wide: group must be a positive multiple of 32 up to 512");
+    check_q8_group("quantize_q8_wide", group);
     const Kernels& k = kernels();
     if (!k.quantize_q8_wide) return py::none();
     const int64_t T = x.shape(0), K = x.shape(1), G = (K + group - 1) / group, stride = q8_act_stride(K);
@@ -294,8 +299,7 @@ PYBIND11_MODULE(_C, m) {
                         int64_t group, int64_t one_digit_rows) {
     if (x.ndim() != 2 || wq.ndim() != 2 || x.shape(1) != wq.shape(1))
       throw std::invalid_argument("matmul_q8: expected x [T, K] and wq [N, K]");
-    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
-      throw std::invalid_argument("matmul_q8: group must be a positive multiple of 32 up to 512");
+    check_q8_group("matmul_q8", group);
     const int64_t T = x.shape(0), K = x.shape(1), N = wq.shape(0), G = (K + group - 1) / group;
     if (ws.ndim() != 2 || ws.shape(0) != N || ws.shape(1) != G) throw std::invalid_argument("matmul_q8: ws must be [N, ceil(K / group)]");
     if (one_digit_rows < 0 || one_digit_rows > T) throw std::invalid_argument("matmul_q8: one_digit_rows must lie in [0, T]");
@@ -341,8 +345,7 @@ PYBIND11_MODULE(_C, m) {
     if (T < 1 || K < 1 || N < 1 || T > (1 << 16) || K > (1 << 20) || N > (1 << 20) || T * K > (int64_t(1) << 28) ||
         T * N > (int64_t(1) << 28) || N * K > (int64_t(1) << 30) || repeats < 1 || threads < 1 || threads > 1024)
       throw std::invalid_argument("probe_matmul_q8: sizes out of range");
-    if (group <= 0 || group % kQ8Block != 0 || group > kQ8MaxGroup)
-      throw std::invalid_argument("probe_matmul_q8: group must be a positive multiple of 32 up to 512");
+    check_q8_group("probe_matmul_q8", group);
     if (one_digit_rows < 0 || one_digit_rows > T) throw std::invalid_argument("probe_matmul_q8: one_digit_rows must lie in [0, T]");
     uint32_t state = 12345;
     const auto next = [&state]() { return state = state * 1664525u + 1013904223u; };

@@ -247,7 +247,7 @@ def test_trim_heap_gives_freed_heap_pages_back() -> None:
 def test_an_int8_model_keeps_no_view_of_its_file(make_llama: Any, tmp_path: Path, source: str) -> None:
     # Every tensor of an int8 model is copied (matrices packed, norms and biases as they are), so the
     # file map goes once loading ends. A norm read in place from the map cost its page-cache folio:
-    # with Linux 6.x's large folios one fault mapped ~3 MiB of neighbouring scales, 46 MiB of file
+    # with Linux 6.x's large folios one fault mapped ~1.4 MiB of neighbouring scales, 46 MiB of file
     # pages resident after the 1B shape's first forward pass.
     from cpullm.convert import convert
 

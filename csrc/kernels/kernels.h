@@ -170,7 +170,7 @@ struct Kernels {
   float (*dot_f32)(const float* a, const float* b, int64_t n);
   // y[i] += alpha * x[i]
   void (*axpy_f32)(float alpha, const float* x, float* y, int64_t n);
-  // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may equal gate or lie before it.
+  // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may equal gate.
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
   // Attention of n_q query rows of one KV head over its cached positions: row r over [first, last + r /
   // per_token] (the heads of one token share a range; a tile of consecutive tokens' heads, per_token

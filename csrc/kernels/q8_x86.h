@@ -67,9 +67,9 @@ struct Q8Avx2 {
 // in the lane order [0 1 4 5 2 3 6 7]: the scales are taken in that order and the sums put back at the
 // store.
 struct Q8Avx2Wide {
-  // 3 tokens: 12 sum registers and 6 of f32 totals spill a few of the totals (touched once a group),
-  // and kernel_bench's two-digit shares were 53-56 % of the peak vs 48-53 % with 2 (SmolLM2 shapes,
-  // 128 tokens, 7 rounds, Zen 3); 4 tokens were between.
+  // 3 tokens: 12 sum registers (GCC spills one of them and keeps the f32 totals out of the inner
+  // loop), and kernel_bench's two-digit shares were 53-56 % of the peak vs 48-53 % with 2 (SmolLM2
+  // shapes, 128 tokens, 7 rounds, Zen 3); 4 tokens were between.
   static constexpr int kTokens = 3;
   static constexpr int blocks(int) { return 1; }
 
@@ -131,11 +131,11 @@ struct Q8Avx2Wide {
         float* out = y + (t0 + t) * ldy + row0;
         const __m256 lo8 = swap_middle(acc[t][b][0]), hi8 = swap_middle(acc[t][b][1]);
         if (rest >= kQ8Rows) {
-          _mm256_storeu_ps(out, lo8);
-          _mm256_storeu_ps(out + 8, hi8);
+          Q8Avx2::fstore(out, lo8);
+          Q8Avx2::fstore(out + 8, hi8);
         } else {
-          _mm256_maskstore_ps(out, mask256(rest < 8 ? static_cast<int>(rest) : 8), lo8);
-          if (rest > 8) _mm256_maskstore_ps(out + 8, mask256(static_cast<int>(rest - 8)), hi8);
+          Q8Avx2::fstore_partial(out, lo8, rest < 8 ? static_cast<int>(rest) : 8);
+          if (rest > 8) Q8Avx2::fstore_partial(out + 8, hi8, static_cast<int>(rest - 8));
         }
       }
   }

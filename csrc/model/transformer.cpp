@@ -338,8 +338,8 @@ Matrix Transformer::matrix(const std::map<std::string, TensorView>& tensors, con
 const float* Transformer::vector(const std::map<std::string, TensorView>& tensors, const std::string& name, int64_t n,
                                  bool required, const std::function<void(const std::string&)>& release) {
   // A copy rather than the file map in place: with large page-cache folios (Linux 6.x) one fault on a
-  // norm vector mapped the whole folio around it, ~3 MiB of neighbouring (already packed) scales each:
-  // 46 MiB of file pages resident after the 1B shape's first forward pass, for 264 KiB of norms.
+  // norm vector mapped the whole folio around it, ~1.4 MiB of neighbouring (already packed) scales
+  // each: 46 MiB of file pages resident after the 1B shape's first forward pass, for 264 KiB of norms.
   const float* in_file = vector_f32(tensors, name, n, required);
   if (!in_file) return nullptr;
   const size_t bytes = sizeof(float) * size_t(n);
@@ -403,9 +403,10 @@ void Sequence::reserve(int positions) {
   if (n <= capacity_) return;
   try {
     // A first reservation takes exactly what was asked: backed by huge pages, a cache's memory is
-    // resident once its first position is written, and the on-demand rule's 256 positions (1B shape,
-    // f32: 16 MiB) were 4 MiB of a 128 + 64-token generation's peak for nothing. Later ones (a chat's
-    // next turn) keep the doubling, so that a conversation copies its cache a logarithmic number of times.
+    // resident once its first position is written, and the on-demand rule's 256 positions are 64 more
+    // than a 128 + 64-token generation needs (1B shape: 2 MiB of its f16 cache, 4 of an f32 one).
+    // Later ones (a chat's next turn) keep the doubling, so that a conversation copies its cache a
+    // logarithmic number of times.
     grow(n, capacity_ == 0);
   } catch (const std::bad_alloc&) {
     // A reservation is a hint: where the system refuses that much address space at once, the cache
