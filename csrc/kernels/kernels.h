@@ -261,6 +261,14 @@ const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs wit
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                      int32_t* sums, bool one_digit);
 
+// Sets a table's int8 matmul together with the wide layout it reads (none: quantize_q8's), so that a
+// table derived from another's never pairs its own matmul with the other's activation layout.
+inline void set_matmul_q8(Kernels& k, decltype(Kernels::matmul_q8) matmul,
+                          decltype(Kernels::quantize_q8_wide) wide_quantizer = nullptr) {
+  k.matmul_q8 = matmul;
+  k.quantize_q8_wide = wide_quantizer;
+}
+
 // One row of a matmul_q8's activations as k's matmul_q8 reads it: one_digit rows (which must be the
 // first Q8Acts::one_digit_rows) by quantize_q8, the others in k's wide layout where it has one.
 inline void quantize_q8_for_matmul(const Kernels& k, const float* x, int64_t K, int64_t group, int64_t stride,

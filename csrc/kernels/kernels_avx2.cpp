@@ -173,9 +173,8 @@ void quantize_q8_wide(const float* x, int64_t K, int64_t group, int64_t stride, 
 const Kernels& kernels_avx2() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<Avx2V>::table("avx2");
-    k.matmul_q8 = &matmul_q8_wide;
+    set_matmul_q8(k, &matmul_q8_wide, &quantize_q8_wide);
     k.quantize_q8 = &quantize_q8;
-    k.quantize_q8_wide = &quantize_q8_wide;
     k.q8_peak_loop = &Q8Impl<Q8Avx2>::peak_loop;
     return k;
   }();

@@ -82,9 +82,8 @@ const Kernels& kernels_avx512() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<Avx512V>::table("avx512");
     // Without VNNI the int8 products are AVX2's (256-bit), and so is the wide layout's quantizer.
-    k.matmul_q8 = &matmul_q8_wide;
+    set_matmul_q8(k, &matmul_q8_wide, kernels_avx2().quantize_q8_wide);
     k.quantize_q8 = &quantize_q8;
-    k.quantize_q8_wide = kernels_avx2().quantize_q8_wide;
     k.q8_peak_loop = &Q8Impl<Q8Avx2>::peak_loop;
     return k;
   }();

@@ -198,7 +198,7 @@ const Kernels& kernels_avx512vnni() {
   static const Kernels table = [] {
     Kernels k = kernels_avx512();
     k.name = "avx512vnni";
-    k.matmul_q8 = &matmul_q8;
+    set_matmul_q8(k, &matmul_q8);
     k.q8_peak_loop = &peak_loop;
     return k;
   }();

@@ -41,7 +41,7 @@ const Kernels& kernels_avxvnni() {
     Kernels k = kernels_avx2();
     k.name = "avxvnni";
 #endif
-    k.matmul_q8 = &Q8Impl<Q8Vnni256>::matmul_q8;
+    set_matmul_q8(k, &Q8Impl<Q8Vnni256>::matmul_q8);
     k.q8_peak_loop = &Q8Impl<Q8Vnni256>::peak_loop;
     return k;
   }();

@@ -120,7 +120,7 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
 const Kernels& kernels_neon() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<NeonV>::table("neon");
-    k.matmul_q8 = &Q8Impl<Q8Neon>::matmul_q8;
+    set_matmul_q8(k, &Q8Impl<Q8Neon>::matmul_q8);
     k.quantize_q8 = &quantize_q8;
     k.q8_peak_loop = &Q8Impl<Q8Neon>::peak_loop;
     return k;

@@ -24,7 +24,7 @@ const Kernels& kernels_neondot() {
   static const Kernels table = [] {
     Kernels k = kernels_neon();
     k.name = "neondot";
-    k.matmul_q8 = &Q8Impl<Q8NeonDot>::matmul_q8;
+    set_matmul_q8(k, &Q8Impl<Q8NeonDot>::matmul_q8);
     k.q8_peak_loop = &Q8Impl<Q8NeonDot>::peak_loop;
     return k;
   }();

@@ -29,7 +29,7 @@ const Kernels& kernels_neoni8mm() {
   static const Kernels table = [] {
     Kernels k = kernels_neon();
     k.name = "neoni8mm";
-    k.matmul_q8 = &Q8Impl<Q8NeonI8mm>::matmul_q8;
+    set_matmul_q8(k, &Q8Impl<Q8NeonI8mm>::matmul_q8);
     k.q8_peak_loop = &Q8Impl<Q8NeonI8mm>::peak_loop;
     return k;
   }();

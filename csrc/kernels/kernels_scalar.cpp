@@ -171,7 +171,7 @@ struct ScalarQ {
 const Kernels& kernels_scalar() {
   static const Kernels table = [] {
     Kernels k = KernelsImpl<ScalarV>::table("scalar");
-    k.matmul_q8 = &Q8Impl<ScalarQ>::matmul_q8;
+    set_matmul_q8(k, &Q8Impl<ScalarQ>::matmul_q8);
     k.quantize_q8 = &quantize_row_q8;
     k.q8_peak_loop = &Q8Impl<ScalarQ>::peak_loop;
     return k;
