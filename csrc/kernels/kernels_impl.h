@@ -128,10 +128,12 @@ struct KernelsImpl {
     if constexpr (TT == 1) {
       one_token_rows(x, K, w, r0, r1, y, ldy);
     } else {
-      // 3 rows: 12 accumulators with 4 tokens, each weight vector loaded (and widened, for bf16) feeding
-      // 4 FMAs and each activation 3. On AVX2 (16 registers) bf16 prefill ran 1.45x faster than with 2
-      // rows (SmolLM2, 128 tokens, 1 thread); 4 rows spilled there.
-      constexpr int RR = 3;
+      // 3 rows with 16 registers, 4 with AVX-512's 32: 12 or 16 accumulators with 4 tokens, each weight
+      // vector loaded (and widened, for bf16) feeding 4 FMAs and each activation 3 or 4. SmolLM2 bf16,
+      // 128 tokens, 1 thread (tools/ab_forward.py): on AVX2 3 rows ran 1.45x faster than 2 and 4 spilled;
+      // on Zen 4's AVX-512 4 rows pre-fill 388-416 tok/s against 240-260 with 3 and 253-316 with 2
+      // (2 threads: 694-767 against 441-493), and 6 tokens x 4 rows was no faster than 4 x 4.
+      constexpr int RR = W == 16 ? 4 : 3;
       int64_t n = r0;
       for (; n + RR <= r1; n += RR) tile<TT, RR>(x, K, w + n * K, y + n, ldy);
       if (n + 2 <= r1) {
