@@ -161,7 +161,8 @@ struct Kernels {
   // in a wide layout, which this writes: the row's 2 * stride bytes hold stride int16 values 127 * hi +
   // lo (|value| <= 16256; zero past K), with quantize_row_q8's scales and sums. On AVX2, which has no
   // int8 dot product into 32 bits, one 16-bit multiply-add of both digits at once replaces an int8 one
-  // per digit (each a sign fix-up of both operands and two multiplies). Use quantize_q8_for_matmul.
+  // per digit (each a sign fix-up of both operands and two multiplies). Use quantize_q8_for_matmul;
+  // set only through set_matmul_q8, with the matmul that reads it.
   void (*quantize_q8_wide)(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                            int32_t* sums) = nullptr;
   // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
