@@ -10,11 +10,12 @@
 # Needs root (apt, and binfmt_misc so that tests which start a child Python can run it under qemu).
 #
 #   tools/arm_check.sh [WORK_DIR]        (default /tmp/cpullm-arm; reuses what an earlier run left there)
+#   PYTHON=/path/to/venv/bin/python tools/arm_check.sh   (the host Python must import cpullm and transformers)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/cpullm-arm}
 root=$work/root
-py=$(command -v python3)
+py=${PYTHON:-$(command -v python3)}  # a Python with cpullm installed (records the reference logits)
 mkdir -p "$work"
 
 if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null || ! command -v debootstrap >/dev/null; then
