@@ -22,6 +22,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/features.h"
+#include "cpu/self_check.h"
 #include "model/sampling.h"
 #include "model/transformer.h"
 
@@ -247,6 +248,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", &set_isa, py::arg("name"),
         "Switch the kernel path (scalar, neon, neondot, neoni8mm, avx2, avxvnni, vnni256, avx512, avx512vnni, avx512bf16; see available_isas).");
   m.def("get_isa", []() { return std::string(kernels().name); });
+  m.def("self_check", [](const std::string& name) {
+    const std::string previous = kernels().name;
+    set_isa(name);  // throws for a name this CPU cannot run
+    const std::string why = self_check(kernels());
+    set_isa(previous);
+    return why;
+  }, py::arg("name"), "The named kernel path's self-check against the scalar path: '' if it passes, else what differs.");
+  m.def("self_check_failures", []() {
+    py::list out;
+    for (const SelfCheckFailure& f : self_check_failures()) out.append(py::make_tuple(f.isa, f.why));
+    return out;
+  }, "(path, why) for each kernel path start-up passed over because its self-check failed.");
+  m.def("pick_isa", [](const std::vector<std::string>& failing) {
+    // Start-up's choice, with the named paths made to fail their check: how tests see the fallback.
+    std::vector<SelfCheckFailure> failures;
+    const std::string name = pick_isa([&](const Kernels& k) {
+      for (const std::string& f : failing)
+        if (f == k.name) return std::string("made to fail");
+      return self_check(k);
+    }, failures);
+    py::list passed_over;
+    for (const SelfCheckFailure& f : failures) passed_over.append(py::make_tuple(f.isa, f.why));
+    return py::make_tuple(name, passed_over);
+  }, py::arg("failing"), "The path start-up would pick if the named ones failed their self-check, and those passed over.");
 
   // Kernels bound one by one, for tests against NumPy.
   m.def("matmul_f32", [](const F32Array& x, const F32Array& w) {

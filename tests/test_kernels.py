@@ -126,6 +126,41 @@ def test_env_var_forces_scalar_path() -> None:
     assert out.stdout.strip() == "scalar"
 
 
+def test_every_path_passes_its_self_check_and_start_up_takes_the_best() -> None:
+    import os
+    import subprocess
+    import sys
+
+    available = C.cpu_features()["available_isas"]
+    for name in available:
+        assert C.self_check(name) == "", name
+    with pytest.raises(ValueError, match="not supported"):
+        C.self_check("no-such-isa")
+    # A fresh start (no CPULLM_ISA) passes over nothing and says nothing: -W error turns a warning into
+    # a failed import.
+    env = {k: v for k, v in os.environ.items() if k != "CPULLM_ISA"}
+    out = subprocess.run([sys.executable, "-W", "error", "-c",
+                          "import cpullm, cpullm._C as C; print(C.get_isa(), len(C.self_check_failures()))"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [available[-1], "0"]
+
+
+def test_a_path_failing_its_self_check_is_passed_over_with_a_warning() -> None:
+    import cpullm
+
+    available = C.cpu_features()["available_isas"]
+    assert C.pick_isa([]) == (available[-1], [])
+    if len(available) > 1:
+        best = available[-1]
+        assert C.pick_isa([best]) == (available[-2], [(best, "made to fail")])
+    # Every path failing leaves the scalar one, the reference, which is never checked against itself.
+    chosen, passed_over = C.pick_isa(available)
+    assert chosen == "scalar"
+    assert [isa for isa, _ in passed_over] == available[:0:-1]
+    with pytest.warns(RuntimeWarning, match=r"avx512vnni kernels failed their start-up self-check \(int8 matmul "
+                                            r"differs\); using avx512 instead"):
+        cpullm._warn_self_check_failures([("avx512vnni", "int8 matmul differs")], "avx512")
+
 # --- int8 ---------------------------------------------------------------------------------------
 
 Q8_SHAPES = [(1, 1, 32, 32), (1, 7, 40, 32), (3, 17, 100, 32), (4, 9, 64, 64), (5, 37, 300, 64), (2, 5, 129, 128),

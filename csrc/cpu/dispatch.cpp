@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cpu/features.h"
+#include "cpu/self_check.h"
 
 namespace cpullm {
 
@@ -43,12 +44,18 @@ const Kernels* table_for(const std::string& name) {
   return nullptr;
 }
 
+std::vector<SelfCheckFailure>& start_failures() {
+  static std::vector<SelfCheckFailure> failures;
+  return failures;
+}
+
 const Kernels* initial_table() {
   if (const char* forced = std::getenv("CPULLM_ISA")) {
+    // Taken as asked, unchecked: forcing a path is how one reproduces what it does.
     if (const Kernels* k = table_for(forced)) return k;
     // An unusable forced value must not crash module import: fall back and let cpu_features() tell.
   }
-  return table_for(available_isas().back());
+  return table_for(pick_isa(self_check, start_failures()));
 }
 
 std::atomic<const Kernels*>& current() {
@@ -67,6 +74,22 @@ std::vector<std::string> available_isas() {
                            "avx512bf16"})
     if (table_for(name)) names.emplace_back(name);
   return names;
+}
+
+std::string pick_isa(const std::function<std::string(const Kernels&)>& check, std::vector<SelfCheckFailure>& failures) {
+  const std::vector<std::string> names = available_isas();
+  for (auto name = names.rbegin(); name != names.rend(); ++name) {
+    if (*name == "scalar") return *name;  // the reference the others are checked against
+    std::string why = check(*table_for(*name));
+    if (why.empty()) return *name;
+    failures.push_back({*name, std::move(why)});
+  }
+  return "scalar";
+}
+
+const std::vector<SelfCheckFailure>& self_check_failures() {
+  current();  // the choice is made, and the failures recorded, with the first table
+  return start_failures();
 }
 
 void set_isa(const std::string& name) {
