@@ -232,6 +232,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx512vnni"] = f.avx512vnni;
     d["avx512bf16"] = f.avx512bf16;
     d["avxvnni"] = f.avxvnni;
+    d["amx_int8"] = f.amx_int8;
     d["bf16_attention"] = kernels().attend_bf16 != nullptr;  // of the path in use (fast prefill's attention)
     d["neon"] = f.neon;
     d["neon_dotprod"] = f.neon_dotprod;
@@ -246,7 +247,7 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "What the CPU offers, which kernel paths can run here, and the one in use.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Switch the kernel path (scalar, neon, neondot, neoni8mm, avx2, avxvnni, vnni256, avx512, avx512vnni, avx512bf16; see available_isas).");
+        "Switch the kernel path (scalar, neon, neondot, neoni8mm, avx2, avxvnni, vnni256, avx512, avx512vnni, avx512bf16, amx; see available_isas).");
   m.def("get_isa", []() { return std::string(kernels().name); });
   m.def("self_check", [](const std::string& name) {
     const std::string previous = kernels().name;

@@ -207,8 +207,10 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
         xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (K + pad) // group, group)
         s = xg.abs().amax(-1, keepdim=True) / 127
         s = torch.where(s > 0, s, torch.ones_like(s))
-        hi = torch.round(xg / s).clamp(-127, 127)
-        lo = torch.round((xg - hi * s) / (s / 127)).clamp(-127, 127)
+        # By float32 reciprocals, as the kernels (quantize_row_q8): x / s would put some activations on
+        # the other side of a rounding boundary, and one such flip early in a prompt moves every later row.
+        hi = torch.round(xg * (1 / s)).clamp(-127, 127)
+        lo = torch.round((xg - hi * s) * (1 / (s / 127))).clamp(-127, 127)
         rows = torch.arange(x.shape[-2])[:, None, None] >= one_digit_rows
         q = hi * s + torch.where(rows, lo, torch.zeros_like(lo)) * (s / 127)
         return q.reshape(*x.shape[:-1], K + pad)[..., :K]

@@ -186,7 +186,10 @@ def test_int8_logits_stay_within_documented_bound(arch: tuple[str, Any, Any]) ->
     int8_logits = model.logits(ids)
     # The router stays f32 (hf.py); every other matrix is quantized, experts one by one.
     dequantized = dequantized_copy(hf_model)
-    assert rel_err(int8_logits, hf_logits(dequantized, ids)) < INT8_VS_DEQUANTIZED_TOL
+    # The reference rounds keys and values as the int8 model's f16 cache does: that rounding alone was
+    # 5e-4 to 1e-3 here (qwen2-window-yarn), the activations' digits leave 2e-4 to 4e-4.
+    assert model.kv_cache_dtype == "f16"
+    assert rel_err(int8_logits, hf_logits_f16_cache(dequantized, ids)) < INT8_VS_DEQUANTIZED_TOL
     # Against f32: the bound holds wherever the rounded weights route every token as f32 does. A token
     # whose top-k experts change (a near-tie in the router, common in random models) gets a different
     # FFN altogether; transformers itself does the same on the rounded weights (checked just above).

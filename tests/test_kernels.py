@@ -93,9 +93,10 @@ def test_cpu_features_report_and_forcing() -> None:
     assert features["isa"] in available
     # Paths come in order of preference, each only where the CPU has what it needs.
     order = ["scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni",
-             "avx512bf16"]
+             "avx512bf16", "amx"]
     assert available == [name for name in order if name in available]
     assert "avx512bf16" not in available or ("avx512vnni" in available and features["avx512bf16"])
+    assert "amx" not in available or ("avx512bf16" in available and features["amx_int8"])
     assert ("neon" in available) == features["neon"]  # AArch64 builds; sdot only where the CPU has it
     assert "neondot" not in available or (features["neon"] and features["neon_dotprod"])  # (compilers that know it)
     assert "neoni8mm" not in available or (features["neon"] and features["neon_i8mm"])
@@ -165,6 +166,11 @@ def test_a_path_failing_its_self_check_is_passed_over_with_a_warning() -> None:
 
 Q8_SHAPES = [(1, 1, 32, 32), (1, 7, 40, 32), (3, 17, 100, 32), (4, 9, 64, 64), (5, 37, 300, 64), (2, 5, 129, 128),
              (1, 70, 576, 32), (6, 11, 1000, 256)]
+# Prompts: whole tiles of 16 tokens for the amx path, and tokens past them; groups cut into several
+# 64-byte pieces (256) or a whole and a short one (96), a last group short of the others' short piece
+# (200 = 2 * 96 + 8, 300 = 4 * 64 + 44, 1000 = 3 * 256 + 232).
+Q8_PROMPT_SHAPES = [(16, 17, 100, 32), (35, 40, 300, 64), (21, 33, 576, 32), (18, 20, 1000, 256),
+                    (40, 16, 200, 96), (33, 50, 192, 96)]
 
 
 def _quantize_rows_reference(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -350,7 +356,7 @@ def test_two_digit_activations_are_about_14_bits() -> None:
     assert np.all(np.abs(restored - x) <= 0.5 * step * 1.001 + 1e-12)
 
 
-@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES)
+@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES + Q8_PROMPT_SHAPES)
 def test_matmul_q8_matches_numpy(isa: str, T: int, N: int, K: int, group: int) -> None:
     from cpullm.dtypes import quantize_q8
 
@@ -393,7 +399,7 @@ def test_one_digit_quantization_drops_the_lo_digits(isa: str) -> None:
     assert np.all(np.abs(restored - x[:4]) <= 0.5 * step * 1.001 + 1e-12)
 
 
-@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES + [(9, 33, 96, 32), (13, 40, 200, 64)])
+@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES + Q8_PROMPT_SHAPES + [(9, 33, 96, 32), (13, 40, 200, 64)])
 def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) -> None:
     """Fast prefill's rows: the first one_digit_rows rows with one digit, the others with two, in one
     call. Each row equals the exact integer reference of its own digits, and does not depend on the
@@ -424,6 +430,28 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
     np.testing.assert_array_equal(C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group))
     with pytest.raises(ValueError, match="one_digit_rows"):
         C.matmul_q8(x, wq, ws, group, one_digit_rows=T + 1)
+
+
+@pytest.mark.skipif("amx" not in C.cpu_features()["available_isas"], reason="the CPU has no AMX (or the OS grants none)")
+@pytest.mark.parametrize("T,N,K,group", Q8_PROMPT_SHAPES + [(128, 96, 576, 32), (64, 48, 2048, 64)])
+def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> None:
+    """The amx path's tiles compute the integer sums of the VNNI tiles and scale them in the same order:
+    its results, with and without one-digit rows, are the avx512bf16 path's bit for bit (which keeps a
+    row's bits independent of the rows it is batched with: decode, chunked prompts, threads)."""
+    from cpullm.dtypes import quantize_q8
+
+    rng = np.random.default_rng(T + N + K + group)
+    x, w = _rand(rng, T, K), _rand(rng, N, K)
+    wq, ws = quantize_q8(w, group)
+    previous = C.get_isa()
+    try:
+        for one_digit_rows in sorted({0, 16, T // 2, T}):
+            C.set_isa("amx")
+            got = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
+            C.set_isa("avx512bf16")
+            np.testing.assert_array_equal(got, C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows))
+    finally:
+        C.set_isa(previous)
 
 
 def test_probe_matmul_q8_checks_its_sizes_and_kernel_bench_runs() -> None:
@@ -668,7 +696,7 @@ def _bf16_attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale
     (7, 1, 33, 32, 0), (6, 2, 600, 64, 301)])
 def test_bf16_attention_matches_numpy(isa: str, group: int, tokens: int, n: int, hd: int, first: int) -> None:
     """Fast prefill's one-digit rows attend over bf16 copies of the cache where the path has a bf16 dot
-    product (the avx512bf16 path): against NumPy with the same roundings (q, k, v and each chunk's
+    product (the avx512bf16 path and amx, built on it): against NumPy with the same roundings (q, k, v and each chunk's
     softmax weights to bf16), within the f32 bound of the other attention tests plus one bf16 step of
     the largest weight (which the kernel's f32 softmax may round the other way than NumPy's); each
     token's rows bit for bit what the token alone gives. Heads of 16 to 256 (whole and split register
@@ -679,7 +707,7 @@ def test_bf16_attention_matches_numpy(isa: str, group: int, tokens: int, n: int,
     k = (rng.standard_normal((n, hd)) * 2).astype(np.float32)
     v = rng.standard_normal((n, hd)).astype(np.float32)
     scale = 1.0 / np.sqrt(hd)
-    if isa != "avx512bf16":
+    if isa not in ("avx512bf16", "amx"):
         with pytest.raises(ValueError, match="bf16 dot product"):
             C.attend(q, k, v, scale, first, "bf16", group)
         return

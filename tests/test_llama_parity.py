@@ -397,7 +397,7 @@ def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: s
     # with that quantization stated in torch, cpullm differs by summation order (1e-4-2e-4 per row,
     # as with two digits everywhere) and by the rare activation that f32 noise puts on the other side
     # of a rounding boundary. With one digit such a flip moves an activation by a whole step, max / 127
-    # of its group: measured once in the four configs (mha-hd64-tied on the AVX-512 paths), 0.21 of
+    # of its group: measured in one of the four configs on Zen 4 (mha-hd64-tied on the AVX-512 paths), 0.21 of
     # the one-digit rows' whole effect (the distance to the same reference with two digits
     # everywhere, 0.009-0.014, which shows the mode is really on); the others 0.01-0.03 of it.
     f32_model, hf_model = llama
@@ -408,7 +408,10 @@ def test_fast_prefill_matches_one_digit_reference(llama: tuple[Any, Any], isa: s
     effect = rel_err(fast_ref, exact_ref)
     assert effect > 3e-3  # one digit moves the logits by far more than the bounds below
     assert rel_err(got, fast_ref) < 0.4 * effect
-    assert median_row_err(got, fast_ref) < 5e-4
+    # Without a flip every row is within 5e-4. A flip in a prompt row reaches every later row through
+    # the cache (on an Intel Xeon with AMX, gqa4-hd40-llama3 gave 0.28 of the effect on every path, the
+    # median row 1.8e-3): then the rows still follow the one-digit reference far more than the two-digit one.
+    assert median_row_err(got, fast_ref) < max(5e-4, 0.4 * median_row_err(exact_ref, fast_ref))
     # Rows whose logits are all returned keep two digits: the same bits as without fast prefill.
     model_exact = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32")
     np.testing.assert_array_equal(model.logits(ids), model_exact.logits(ids))

@@ -39,6 +39,11 @@ const Kernels* table_for(const std::string& name) {
       f.avx512bf16)
     return &kernels_avx512bf16();
 #endif
+#if defined(CPULLM_HAVE_AMX_KERNELS)
+  if (name == "amx" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.avx512vnni && f.avx512bf16 &&
+      f.amx_int8)
+    return &kernels_amx();
+#endif
 #endif
   (void)f;
   return nullptr;
@@ -71,7 +76,7 @@ std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   // In order of preference: the last one available is the default.
   for (const char* name : {"scalar", "neon", "neondot", "neoni8mm", "avx2", "avxvnni", "vnni256", "avx512", "avx512vnni",
-                           "avx512bf16"})
+                           "avx512bf16", "amx"})
     if (table_for(name)) names.emplace_back(name);
   return names;
 }

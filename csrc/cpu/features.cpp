@@ -3,6 +3,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #include <cstdint>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #elif defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #elif defined(__aarch64__) && defined(__APPLE__)
@@ -20,6 +24,17 @@ uint64_t read_xcr0() {
   uint32_t eax = 0, edx = 0;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+
+// Linux hands a process the AMX tile data state (8 KiB per thread) only on request; until then a tile
+// instruction faults. Other systems are not known to cpullm to work the same way, so they go without.
+bool os_grants_amx_tiles() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, asm/fpu/xstate.h
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 
 CpuFeatures detect() {
@@ -49,6 +64,8 @@ CpuFeatures detect() {
     f.avx512vl = (ebx >> 31) & 1;
     f.avx512vnni = (ecx >> 11) & 1;
   }
+  const bool os_tiles = (xcr0 & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
+  if (os_zmm && os_tiles && ((edx >> 24) & 1) && ((edx >> 25) & 1)) f.amx_int8 = os_grants_amx_tiles();
   if (max_subleaf >= 1) {
     __cpuid_count(7, 1, eax, ebx, ecx, edx);
     f.avxvnni = (eax >> 4) & 1;

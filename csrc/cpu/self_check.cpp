@@ -10,10 +10,11 @@ namespace cpullm {
 
 namespace {
 
-// Sizes that reach every branch of the tiled kernels: one-digit rows in a tile of 4 and a single one,
-// two-digit rows in tiles of 2 and a single one; three row blocks of 16 (a pair and one alone) with
+// Sizes that reach every branch of the tiled kernels: one-digit rows in tiles of 4 and a single one,
+// two-digit rows in tiles of 2 and a single one; on AMX a tile of 16 one-digit rows, one of 16 that
+// mixes both, and 10 rows left to the VNNI tiles; three row blocks of 16 (a pair and one alone) with
 // the last one partial; a last group of 4 inputs after three whole ones.
-constexpr int64_t kTokens = 9, kOneDigitRows = 5, kInputs = 100, kOutputs = 37, kGroup = 32;
+constexpr int64_t kTokens = 42, kOneDigitRows = 21, kInputs = 100, kOutputs = 37, kGroup = 32;
 
 // A fixed pseudo-random sequence (the check must not depend on a seed the caller could vary).
 struct Lcg {

@@ -237,6 +237,9 @@ const Kernels& kernels_avx512vnni();
 #if defined(CPULLM_HAVE_AVX512BF16_KERNELS)
 const Kernels& kernels_avx512bf16();  // the AVX512-VNNI path with bf16 attention for fast prefill
 #endif
+#if defined(CPULLM_HAVE_AMX_KERNELS)
+const Kernels& kernels_amx();  // the AVX512-BF16 path with prompts' int8 matmuls on AMX tiles
+#endif
 #if defined(CPULLM_HAVE_NEON_KERNELS)
 const Kernels& kernels_neon();     // AArch64 Advanced SIMD
 #endif
