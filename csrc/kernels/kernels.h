@@ -237,6 +237,12 @@ const Kernels& kernels_avx512vnni();
 #if defined(CPULLM_HAVE_AVX512BF16_KERNELS)
 const Kernels& kernels_avx512bf16();  // the AVX512-VNNI path with bf16 attention for fast prefill
 #endif
+#if defined(CPULLM_HAVE_X86_KERNELS)
+// avx512vnni's matmul_q8 with software prefetch in its one-token kernel (the same results), which the
+// amx table leaves decode and a prompt's last tokens to (kernels_avx512vnni.cpp says why).
+void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
+                                      int64_t ldy);
+#endif
 #if defined(CPULLM_HAVE_AMX_KERNELS)
 const Kernels& kernels_amx();  // the AVX512-BF16 path with prompts' int8 matmuls on AMX tiles
 #endif

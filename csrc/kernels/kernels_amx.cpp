@@ -197,11 +197,9 @@ void amx_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b, const 
   for (int r = 0; r < kTileTokens; ++r) _mm512_mask_storeu_ps(y + (t0 + r) * ldy, mask, acc[r]);
 }
 
-// The VNNI path's int8 matmul, for what the tiles leave.
-decltype(Kernels::matmul_q8) vnni_matmul() {
-  static const auto matmul = kernels_avx512bf16().matmul_q8;
-  return matmul;
-}
+// The VNNI path's int8 matmul, for what the tiles leave: decode, and a prompt's tokens past its last
+// whole tile. With software prefetch for decode's one stream, which paid on the Xeon this was written on.
+constexpr auto vnni_matmul = &matmul_q8_avx512vnni_prefetching;
 
 // Tokens [t, T) of x as a view of their own.
 Q8Acts tokens_from(const Q8Acts& x, int64_t t, int64_t n_groups) {
@@ -266,7 +264,7 @@ void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, floa
     // context switch.
     _tile_release();
   }
-  if (tiled < x.T) vnni_matmul()(tokens_from(x, tiled, w.n_groups), w, b0, b1, y + tiled * ldy, ldy);
+  if (tiled < x.T) vnni_matmul(tokens_from(x, tiled, w.n_groups), w, b0, b1, y + tiled * ldy, ldy);
 }
 
 #undef CPULLM_TILE_STORE
