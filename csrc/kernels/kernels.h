@@ -242,6 +242,12 @@ const Kernels& kernels_avx512bf16();  // the AVX512-VNNI path with bf16 attentio
 // amx table leaves decode and a prompt's last tokens to (kernels_avx512vnni.cpp says why).
 void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                                       int64_t ldy);
+// avx512's f32 / bf16 matmuls with decode reading 4 KiB ahead (KernelsImpl::one_token_rows), for the
+// amx table; the same results.
+void matmul_f32_avx512_ahead(const float* x, int64_t T, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
+                             int64_t ldy);
+void matmul_bf16_avx512_ahead(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
+                              float* y, int64_t ldy);
 #endif
 #if defined(CPULLM_HAVE_AMX_KERNELS)
 const Kernels& kernels_amx();  // the AVX512-BF16 path with prompts' int8 matmuls on AMX tiles

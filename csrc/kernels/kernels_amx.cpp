@@ -299,6 +299,9 @@ const Kernels& kernels_amx() {
     k.name = "amx";
     // The prompt's matmul reads quantize_q8's layout, as the VNNI tiles it leaves its remainder to.
     set_matmul_q8(k, &matmul_q8);
+    // Decode over f32 / bf16 weights reads ahead too (kernels_impl.h, one_token_rows).
+    k.matmul_f32 = &matmul_f32_avx512_ahead;
+    k.matmul_bf16 = &matmul_bf16_avx512_ahead;
     return k;
   }();
   return table;

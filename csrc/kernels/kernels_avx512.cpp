@@ -90,4 +90,14 @@ const Kernels& kernels_avx512() {
   return table;
 }
 
+void matmul_f32_avx512_ahead(const float* x, int64_t T, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
+                             int64_t ldy) {
+  KernelsImpl<Avx512V>::matmul_f32_ahead(x, T, K, w, n0, n1, y, ldy);
+}
+
+void matmul_bf16_avx512_ahead(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
+                              float* y, int64_t ldy) {
+  KernelsImpl<Avx512V>::matmul_bf16_ahead(x, T, K, w, n0, n1, y, ldy);
+}
+
 }  // namespace cpullm
