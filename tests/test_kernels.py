@@ -454,6 +454,24 @@ def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> Non
         C.set_isa(previous)
 
 
+@pytest.mark.skipif("amx" not in C.cpu_features()["available_isas"], reason="the CPU has no AMX (or the OS grants none)")
+@pytest.mark.parametrize("T,N,K", [(1, 70, 257), (1, 131, 1000), (3, 17, 15), (9, 70, 257)])
+def test_amx_float_matmuls_read_ahead_with_the_same_bits(T: int, N: int, K: int) -> None:
+    """The amx table's f32 / bf16 matmuls only request decode's weights ahead: the avx512bf16 bits."""
+    rng = np.random.default_rng(T + N + K)
+    x, w = _rand(rng, T, K), _rand(rng, N, K)
+    bits = f32_to_bf16_bits(w)
+    previous = C.get_isa()
+    try:
+        C.set_isa("amx")
+        got = (C.matmul_f32(x, w), C.matmul_bf16(x, bits))
+        C.set_isa("avx512bf16")
+        np.testing.assert_array_equal(got[0], C.matmul_f32(x, w))
+        np.testing.assert_array_equal(got[1], C.matmul_bf16(x, bits))
+    finally:
+        C.set_isa(previous)
+
+
 def test_probe_matmul_q8_checks_its_sizes_and_kernel_bench_runs() -> None:
     """The kernel benchmark's timing hook refuses sizes it cannot hold, and tools/kernel_bench.py prints
     one line per shape, digit count and extension."""
