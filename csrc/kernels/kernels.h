@@ -129,6 +129,19 @@ struct Q8Acts {
   int64_t one_digit_rows = 0;
 };
 
+// Rows [t0, t1) of x as a view of their own (n_groups: the weights' groups per row), its one-digit
+// rows those of x that fall in the range.
+inline Q8Acts q8_acts_rows(const Q8Acts& x, int64_t t0, int64_t t1, int64_t n_groups) {
+  Q8Acts rows = x;
+  rows.q += 2 * t0 * x.stride;
+  rows.scales += t0 * n_groups;
+  rows.sums += t0 * n_groups;
+  rows.T = t1 - t0;
+  const int64_t one_digit = x.one_digit_rows - t0;
+  rows.one_digit_rows = one_digit < 0 ? 0 : one_digit < rows.T ? one_digit : rows.T;
+  return rows;
+}
+
 // stride of Q8Acts for K inputs: K rounded up to whole quads (the padding digits are zero).
 int64_t q8_act_stride(int64_t K);
 // The Q8Acts view of T rows of K inputs quantized by quantize_row_q8.

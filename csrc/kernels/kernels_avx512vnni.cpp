@@ -29,9 +29,9 @@ namespace {
 // accumulators so that two dependency chains per digit hide vpdpbusd's latency.
 //
 // kPrefetch: each quad pair also requests the line kPrefetchAhead bytes on, into L1. On an Intel Xeon
-// with AMX (the amx table, which calls this for decode) that took SmolLM2 int8 decode from 83 to 92
-// tok/s on 1 thread and from 138 to 154-161 on 2 (1 and 4 KiB ahead alike); not measured on Zen 4, whose
-// table keeps it off.
+// with AMX (the amx table, which calls this for decode) that took SmolLM2 int8 decode from 89-95 to
+// 98-101 tok/s on 1 thread and from 158-164 to 181-203 on 2 (tools/ab_forward.py, 3 rounds; 1 KiB ahead
+// fell behind on 2 threads, 8 KiB on 1); not measured on Zen 4, whose table keeps it off.
 constexpr int64_t kPrefetchAhead = 4096;
 template <bool kPrefetch>
 inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64_t b, float* y, int64_t ldy) {

@@ -117,9 +117,10 @@ struct KernelsImpl {
   // token's outputs do not depend on how many tokens share the call. Out of line: decode's loop, which
   // lost ~8 % (bf16, AVX2) when the prompt tiles around it grew, inlined into one function with them.
   // kAhead > 0 requests the stream's line kAhead bytes ahead of each load (matmul_ahead): on an Intel
-  // Xeon with AMX, 4 KiB ahead took SmolLM2 decode from 46 to 56 tok/s (bf16, 1 thread; 82 -> 100 on
-  // 2) and from 29 to 31 (f32; 53 -> 57), where the hardware prefetcher alone left it short of the
-  // bandwidth. Not measured on other CPUs, whose tables keep it off.
+  // Xeon with AMX, 4 KiB ahead took SmolLM2 decode from 47-48 to 54-55 tok/s (bf16, 1 thread; 79-83 ->
+  // 91-93 on 2) and from 28-29 to 30-32 (f32; 53-54 -> 57-58; tools/ab_forward.py, 3 rounds), where the
+  // hardware prefetcher alone left it short of the bandwidth. Not measured on other CPUs, whose tables
+  // keep it off.
   template <int64_t kAhead, class WT>
   __attribute__((noinline)) static void one_token_rows(const float* x, int64_t K, const WT* w, int64_t r0, int64_t r1,
                                                        float* y, int64_t ldy) {

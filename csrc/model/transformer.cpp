@@ -545,14 +545,7 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
     const auto first_row = [&](int64_t i) { return i * (T / n_threads) + std::min<int64_t>(i, T % n_threads); };
     const int64_t t0 = first_row((p * n_threads + parts - 1) / parts);
     const int64_t t1 = first_row(((p + 1) * n_threads + parts - 1) / parts);
-    Q8Acts part_acts = acts;
-    if (w.type == WType::Q8) {
-      part_acts.q += 2 * t0 * acts.stride;
-      part_acts.scales += t0 * w.q8.n_groups;
-      part_acts.sums += t0 * w.q8.n_groups;
-      part_acts.T = t1 - t0;
-      part_acts.one_digit_rows = std::clamp<int64_t>(acts.one_digit_rows - t0, 0, t1 - t0);
-    }
+    const Q8Acts part_acts = w.type == WType::Q8 ? q8_acts_rows(acts, t0, t1, w.q8.n_groups) : acts;
     for (int64_t c = next_chunk[p]++; c < n_chunks; c = next_chunk[p]++) run_chunk(part_acts, t0, c);
   });
 }
