@@ -124,22 +124,26 @@ CPULLM_GROUP_PRODUCTS(products0, kCHi0, kCLo0)
 CPULLM_GROUP_PRODUCTS(products1, kCHi1, kCLo1)
 #undef CPULLM_GROUP_PRODUCTS
 
-// acc[r] += the group's sums c (hi, and with kLo lo) for token r, joined as 127 * hi + lo and scaled:
-// the integer and the float steps of the VNNI tiles' epilogue, so that a row gets their bits (a row's
-// result must not depend on the rows it is computed with: decode, chunked prompts and the token split
-// over threads all give the same bits as one pass).
+// acc[r] += the group's sums c (hi, and with kLo lo) for token r, joined as 127 * hi + lo and scaled,
+// with the VNNI tiles' bits (a row's result must not depend on the rows it is computed with: decode,
+// chunked prompts and the token split over threads all give the same bits as one pass). They join in
+// int32 and convert; here the join is in float, one vector instruction fewer per row where the vector
+// unit is what bounds the tile (tools/amx_probe.cpp: 15.1 -> 10.4 ns per one-digit group; with the
+// reload one group later, tools/kernel_bench.py on SmolLM2's shapes: 44-50 -> 48-53 % of the VNNI
+// peak for two digits, 66-67 -> 67-73 % for one), with the same bits: each digit's sum converts exactly (|sum| <= 32 * 127 * 127 < 2^24), so 127 * hi (+ lo),
+// rounded once by the multiply (fma), is the join's exact integer rounded once, as its conversion is.
 template <bool kLo>
 inline void scale_group(const int32_t (*c)[kTileTokens][16], const uint8_t* group_scales, const float* scales,
                         int64_t stride, __m512* acc) {
   const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(group_scales));
+  const __m512 base = _mm512_set1_ps(127.f);
 #pragma GCC unroll 16
   for (int r = 0; r < kTileTokens; ++r) {
-    const __m512i hi = _mm512_load_si512(c[0][r]);
-    // 127 * hi (+ lo) in wrapping int32 arithmetic, exact since the result fits.
-    __m512i isum = _mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi);
-    if constexpr (kLo) isum = _mm512_add_epi32(isum, _mm512_load_si512(c[1][r]));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(c[0][r]));
+    const __m512 sum = kLo ? _mm512_fmadd_ps(hi, base, _mm512_cvtepi32_ps(_mm512_load_si512(c[1][r])))
+                           : _mm512_mul_ps(hi, base);
     const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(scales[r * stride]));
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[r]);
+    acc[r] = _mm512_fmadd_ps(sum, s, acc[r]);
   }
 }
 
@@ -168,31 +172,39 @@ void amx_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b, const 
   };
   // The groups on the main configuration: all of them, or all but a last one with a short piece.
   const int64_t n_main = plan.short_quads > 0 ? G - 1 : G;
+  // A group's sums are reloaded one group after their store (group g - 1 is scaled after group g's
+  // store), so the loads do not wait on it: 31 -> 27 ns per one-digit group (tools/amx_probe.cpp).
+  // One scaling in the loop, not one per case: with more, GCC kept the accumulators in memory.
   if (n_main > 0) issue(0);
-  for (int64_t g = 0; g < n_main; ++g) {
-    if (g & 1)
-      products1_store<kLo>(c[1]);
-    else
-      products0_store<kLo>(c[0]);
-    if (g + 1 < n_main) issue(g + 1);
-    scale_group<kLo>(c[g & 1], blk + g * w.group_bytes + quads(g) * 64, scales + g, G, acc);
-  }
-  if (n_main < G) {
-    const int64_t g = G - 1, whole = plan.last_pieces * plan.piece;
-    const uint8_t* rec = blk + g * w.group_bytes;
-    _tile_loadconfig(&plan.last);
-    products0<kLo>(a + g * w.group, a_stride, x.stride, rec, plan.last_pieces, plan.piece);
-    _tile_loadd(kBShort, rec + whole * 64, 64);
-    _tile_loadd(kAHiShort, a + g * w.group + 4 * whole, a_stride);
-    _tile_dpbssd(kCHi0, kAHiShort, kBShort);
-    if constexpr (kLo) {
-      _tile_loadd(kALoShort, a + g * w.group + x.stride + 4 * whole, a_stride);
-      _tile_dpbssd(kCLo0, kALoShort, kBShort);
+  for (int64_t g = 0; g <= G; ++g) {
+    if (g < n_main) {
+      if (g & 1)
+        products1_store<kLo>(c[1]);
+      else
+        products0_store<kLo>(c[0]);
+      if (g + 1 < n_main) issue(g + 1);
+    } else if (g < G) {
+      // The last group, with a short piece, on the other configuration (which zeroes the tiles: group
+      // g - 1's sums are in memory already), into the first set of sums.
+      const int64_t whole = plan.last_pieces * plan.piece;
+      const uint8_t* rec = blk + g * w.group_bytes;
+      _tile_loadconfig(&plan.last);
+      products0<kLo>(a + g * w.group, a_stride, x.stride, rec, plan.last_pieces, plan.piece);
+      _tile_loadd(kBShort, rec + whole * 64, 64);
+      _tile_loadd(kAHiShort, a + g * w.group + 4 * whole, a_stride);
+      _tile_dpbssd(kCHi0, kAHiShort, kBShort);
+      if constexpr (kLo) {
+        _tile_loadd(kALoShort, a + g * w.group + x.stride + 4 * whole, a_stride);
+        _tile_dpbssd(kCLo0, kALoShort, kBShort);
+      }
+      products0_store<kLo>(c[g & 1]);
     }
-    products0_store<kLo>(c[0]);
-    scale_group<kLo>(c[0], rec + w.last_quads * 64, scales + g, G, acc);
-    _tile_loadconfig(&plan.main);
+    if (g > 0) {
+      const int64_t p = g - 1;
+      scale_group<kLo>(c[p & 1], blk + p * w.group_bytes + quads(p) * 64, scales + p, G, acc);
+    }
   }
+  if (n_main < G) _tile_loadconfig(&plan.main);
   const __mmask16 mask = rows_left >= kQ8Rows ? __mmask16(0xffff) : static_cast<__mmask16>((1u << rows_left) - 1u);
 #pragma GCC unroll 16
   for (int r = 0; r < kTileTokens; ++r) _mm512_mask_storeu_ps(y + (t0 + r) * ldy, mask, acc[r]);
