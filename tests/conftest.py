@@ -158,6 +158,12 @@ def uses_bf16_attention(head_dim: int) -> bool:
     return bool(C.cpu_features()["bf16_attention"]) and head_dim % 16 == 0 and head_dim <= 256
 
 
+def uses_bf16_fast_rows() -> bool:
+    """Whether the kernel path in use computes fast prefill's int8 matmul rows on bf16 tiles from two
+    digits (Kernels::fast_rows_bf16: amx) rather than with one digit."""
+    return bool(C.cpu_features()["fast_rows_bf16"])
+
+
 def use_bf16_attention_rows(hf_model: Any, rows: int) -> None:
     """Makes hf_model's attention state fast prefill's bf16 attention for query rows [0, rows) of a
     pass over the whole sequence: q, k and v rounded to bf16, the f32 softmax's weights rounded to bf16
@@ -189,19 +195,27 @@ def use_bf16_attention_rows(hf_model: Any, rows: int) -> None:
 
 
 def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group: int = 32,
-                     keep: Callable[[str], bool] = lambda name: False, bf16_attention: bool = False) -> np.ndarray:
+                     keep: Callable[[str], bool] = lambda name: False, bf16_attention: bool = False,
+                     bf16_rows: bool = False) -> np.ndarray:
     """transformers' logits with every linear layer's input quantized per group as cpullm's int8 matmul
     does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
     (then rint of the remainder in steps of s / 127), in float32; layers whose qualified name `keep`
     accepts are left alone; with bf16_attention, the one-digit rows' attention in bf16 too
-    (use_bf16_attention_rows). Give it dequantized int8 weights, and it states fast prefill (and exact
+    (use_bf16_attention_rows); with bf16_rows, rows [0, one_digit_rows) keep two digits and multiply on
+    bf16 tiles instead (uses_bf16_fast_rows): (127 * hi + lo) * (s / 127) and the weights rounded to
+    bf16, summed in float32. Give it dequantized int8 weights, and it states fast prefill (and exact
     prefill, one_digit_rows = 0) independently of the kernels. Modifies hf_model."""
     import torch
 
     if bf16_attention and one_digit_rows > 0:
         use_bf16_attention_rows(hf_model, one_digit_rows)
 
-    def quantize(x: torch.Tensor) -> torch.Tensor:
+    def bf16(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).to(torch.float32)
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input as the default's two digits, and fast prefill's rows [0, one_digit_rows)
+        as they enter the matmul (one digit, or with bf16_rows bf16 of two digits)."""
         K = x.shape[-1]
         pad = -K % group
         xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (K + pad) // group, group)
@@ -211,17 +225,22 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
         # the other side of a rounding boundary, and one such flip early in a prompt moves every later row.
         hi = torch.round(xg * (1 / s)).clamp(-127, 127)
         lo = torch.round((xg - hi * s) * (1 / (s / 127))).clamp(-127, 127)
-        rows = torch.arange(x.shape[-2])[:, None, None] >= one_digit_rows
-        q = hi * s + torch.where(rows, lo, torch.zeros_like(lo)) * (s / 127)
-        return q.reshape(*x.shape[:-1], K + pad)[..., :K]
+        two = hi * s + lo * (s / 127)
+        fast = bf16((127 * hi + lo) * (s / 127)) if bf16_rows else hi * s
+        return tuple(q.reshape(*x.shape[:-1], K + pad)[..., :K] for q in (two, fast))
 
     class Quantized(torch.nn.Module):
         def __init__(self, linear: torch.nn.Linear) -> None:
             super().__init__()
             self.linear = linear
+            self.bf16_weight = bf16(linear.weight.detach()) if bf16_rows else None
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(quantize(x))
+            two, fast = quantize(x)
+            y_fast = (torch.nn.functional.linear(fast, self.bf16_weight, self.linear.bias) if bf16_rows
+                      else self.linear(fast))
+            rows = (torch.arange(x.shape[-2]) < one_digit_rows)[:, None]
+            return torch.where(rows, y_fast, self.linear(two))
 
     for prefix, module in list(hf_model.named_modules()):
         for name, child in list(module.named_children()):
@@ -258,7 +277,8 @@ def fast_prefill_case(model: Any, hf_model: Any, ids: np.ndarray, prompt: int, t
     got = np.concatenate([sequence.forward(ids[:prompt], False, threads)] +
                          [sequence.forward(ids[i:i + 1], False, threads) for i in range(prompt, len(ids))])
     bf16 = model.fast_prefill and model.dtype == "int8" and uses_bf16_attention(model.spec.head_dim)
-    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=keep, bf16_attention=bf16)[prompt - 1:]
+    fast_ref = hf_logits_digits(dequantized_copy(hf_model), ids, prompt - 1, keep=keep, bf16_attention=bf16,
+                                bf16_rows=uses_bf16_fast_rows())[prompt - 1:]
     exact_ref = hf_logits_digits(dequantized_copy(hf_model), ids, 0, keep=keep)[prompt - 1:]
     return got, fast_ref, exact_ref
 

@@ -96,7 +96,7 @@ def test_cpu_features_report_and_forcing() -> None:
              "avx512bf16", "amx"]
     assert available == [name for name in order if name in available]
     assert "avx512bf16" not in available or ("avx512vnni" in available and features["avx512bf16"])
-    assert "amx" not in available or ("avx512bf16" in available and features["amx_int8"])
+    assert "amx" not in available or ("avx512bf16" in available and features["amx_int8"] and features["amx_bf16"])
     assert ("neon" in available) == features["neon"]  # AArch64 builds; sdot only where the CPU has it
     assert "neondot" not in available or (features["neon"] and features["neon_dotprod"])  # (compilers that know it)
     assert "neoni8mm" not in available or (features["neon"] and features["neon_i8mm"])
@@ -201,6 +201,25 @@ def _combined(q: np.ndarray) -> np.ndarray:
     """127 * hi + lo: the integer each activation stands for, in units of its group's scale."""
     K = q.shape[1] // 2
     return 127 * q[:, :K].astype(np.int64) + q[:, K:].astype(np.int64)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float64; NaN-free inputs."""
+    bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    return rounded.view(np.float32).astype(np.float64)
+
+
+def _q8_bf16_reference(xq: np.ndarray, xs: np.ndarray, wq: np.ndarray, ws: np.ndarray,
+                       group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fast rows on bf16 tiles (Kernels::fast_rows_bf16), stated in NumPy: each activation (127 * hi +
+    lo) * xs in float32, each weight q * ws in float32, both rounded to bf16, the products summed in
+    float64; and the same over |products| (the tile unit sums in float32)."""
+    xc = _combined(xq).astype(np.float32)
+    K = xc.shape[1]
+    xb = _bf16(xc * np.repeat(xs, group, axis=1)[:, :K])
+    wb = _bf16(wq.astype(np.float32) * np.repeat(ws, group, axis=1)[:, :K])
+    return xb @ wb.T, np.abs(xb) @ np.abs(wb).T
 
 
 def _q8_reference(xq: np.ndarray, xs: np.ndarray, wq: np.ndarray, ws: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -404,20 +423,32 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
     """Fast prefill's rows: the first one_digit_rows rows with one digit, the others with two, in one
     call. Each row equals the exact integer reference of its own digits, and does not depend on the
     other rows; where the lo digits are zero anyway, skipping them (the AVX512-VNNI path's one-digit
-    tiles) gives the same bits as taking them."""
+    tiles) gives the same bits as taking them. On a path that computes fast rows on bf16 tiles (amx),
+    those keep two digits and meet the bf16 reference instead."""
     from cpullm.dtypes import quantize_q8
 
     rng = np.random.default_rng(T * 13 + N * 5 + K + group)
     x, w = _rand(rng, T, K), _rand(rng, N, K)
     wq, ws = quantize_q8(w, group)
     n_terms = -(-K // group) * 8
+    bf16_rows = C.cpu_features()["fast_rows_bf16"]
     results = {}
     for one_digit_rows in sorted({0, 1, T // 2, T - 1, T}):
         y = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
         xq, xs = _quantize_rows_reference(x, group)
-        xq[:one_digit_rows, K:] = 0
+        if bf16_rows:
+            expected, magnitude = _q8_bf16_reference(xq, xs, wq, ws, group)
+            # The tile unit's float32 sums of K products: within K eps of their magnitude.
+            fast = slice(0, one_digit_rows)
+            assert np.all(np.abs(y[fast] - expected[fast]) <= 2 * np.finfo(np.float32).eps * K * magnitude[fast] + 1e-30)
+            # And a bf16 rounding from the two-digit result, far closer than one digit would be.
+            exact, exact_magnitude = _q8_reference(xq, xs, wq, ws, group)
+            assert np.all(np.abs(y[fast] - exact[fast]) <= 2.0 ** -7 * exact_magnitude[fast] + 1e-30)
+        else:
+            xq[:one_digit_rows, K:] = 0
         expected, magnitude = _q8_reference(xq, xs, wq, ws, group)
-        assert np.all(np.abs(y - expected) <= 4 * np.finfo(np.float32).eps * n_terms * magnitude + 1e-30)
+        rows = slice(one_digit_rows if bf16_rows else 0, T)
+        assert np.all(np.abs(y[rows] - expected[rows]) <= 4 * np.finfo(np.float32).eps * n_terms * magnitude[rows] + 1e-30)
         results[one_digit_rows] = y
     for r, y in results.items():
         np.testing.assert_array_equal(y[:r], results[T][:r])
@@ -427,7 +458,8 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
     steps = rng.integers(-127, 128, size=(T, K)).astype(np.float32)
     steps[:, ::group] = 127
     exact = steps * np.float32(2.0 ** -7)
-    np.testing.assert_array_equal(C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group))
+    if not bf16_rows:
+        np.testing.assert_array_equal(C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group))
     with pytest.raises(ValueError, match="one_digit_rows"):
         C.matmul_q8(x, wq, ws, group, one_digit_rows=T + 1)
 
@@ -435,9 +467,10 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
 @pytest.mark.skipif("amx" not in C.cpu_features()["available_isas"], reason="the CPU has no AMX (or the OS grants none)")
 @pytest.mark.parametrize("T,N,K,group", Q8_PROMPT_SHAPES + [(128, 96, 576, 32), (64, 48, 2048, 64)])
 def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> None:
-    """The amx path's tiles compute the integer sums of the VNNI tiles and scale them in the same order:
-    its results, with and without one-digit rows, are the avx512bf16 path's bit for bit (which keeps a
-    row's bits independent of the rows it is batched with: decode, chunked prompts, threads)."""
+    """The amx path's int8 tiles compute the integer sums of the VNNI tiles and scale them in the same
+    order: its two-digit rows, with and without fast rows before them, are the avx512bf16 path's bit for
+    bit (which keeps a row's bits independent of the rows it is batched with: decode, chunked prompts,
+    threads). Its fast rows are bf16 tiles' (test_matmul_q8_one_digit_rows)."""
     from cpullm.dtypes import quantize_q8
 
     rng = np.random.default_rng(T + N + K + group)
@@ -449,7 +482,7 @@ def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> Non
             C.set_isa("amx")
             got = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
             C.set_isa("avx512bf16")
-            np.testing.assert_array_equal(got, C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows))
+            np.testing.assert_array_equal(got[one_digit_rows:], C.matmul_q8(x, wq, ws, group)[one_digit_rows:])
     finally:
         C.set_isa(previous)
 

@@ -41,7 +41,7 @@ const Kernels* table_for(const std::string& name) {
 #endif
 #if defined(CPULLM_HAVE_AMX_KERNELS)
   if (name == "amx" && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.avx512vnni && f.avx512bf16 &&
-      f.amx_int8)
+      f.amx_int8 && f.amx_bf16)
     return &kernels_amx();
 #endif
 #endif

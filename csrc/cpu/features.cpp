@@ -65,7 +65,10 @@ CpuFeatures detect() {
     f.avx512vnni = (ecx >> 11) & 1;
   }
   const bool os_tiles = (xcr0 & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
-  if (os_zmm && os_tiles && ((edx >> 24) & 1) && ((edx >> 25) & 1)) f.amx_int8 = os_grants_amx_tiles();
+  if (os_zmm && os_tiles && ((edx >> 24) & 1) && ((edx >> 25) & 1)) {
+    f.amx_int8 = os_grants_amx_tiles();
+    f.amx_bf16 = f.amx_int8 && ((edx >> 22) & 1);
+  }
   if (max_subleaf >= 1) {
     __cpuid_count(7, 1, eax, ebx, ecx, edx);
     f.avxvnni = (eax >> 4) & 1;

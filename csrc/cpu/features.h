@@ -17,6 +17,7 @@ struct CpuFeatures {
   bool avx512bf16 = false;  // AVX512_BF16: vdpbf16ps, bf16 conversions
   bool avxvnni = false;  // AVX-VNNI: vpdpbusd on ymm without AVX-512 (VEX encoding)
   bool amx_int8 = false;  // AMX-TILE + AMX-INT8, with the tile state granted to this process by the OS
+  bool amx_bf16 = false;  // AMX-BF16 (tdpbf16ps) as well
   bool neon = false;
   bool neon_dotprod = false;  // Armv8.2 DotProd (sdot / udot)
   bool neon_i8mm = false;     // FEAT_I8MM (usdot, smmla)
