@@ -313,10 +313,12 @@ void acts_bf16(const Q8Acts& x, const Q8Weights& w, int64_t steps, int64_t padde
       __m512 half[2];
       for (int h = 0; h < 2; ++h) {
         const int64_t k = s * kStep + 16 * h, n = std::clamp<int64_t>(K - k, 0, 16);
-        // Masked: the row's digits end at K (its lo digits follow), and a masked-off byte is not read.
+        // Masked: the row's digits end at K (its lo digits follow), and a masked-off byte is not read;
+        // past K the address stays at the row's start, so that no pointer leaves the buffer.
         const __mmask16 m = static_cast<__mmask16>((uint32_t(1) << n) - 1);
-        const __m512 h32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, hi + k)));
-        const __m512 l32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, lo + k)));
+        const int64_t at = n > 0 ? k : 0;
+        const __m512 h32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, hi + at)));
+        const __m512 l32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, lo + at)));
         const float scale = n > 0 ? scales[k / w.group] : 0.f;
         half[h] = _mm512_mul_ps(_mm512_fmadd_ps(h32, base, l32), _mm512_set1_ps(scale));
       }
