@@ -235,7 +235,7 @@ PYBIND11_MODULE(_C, m) {
     d["amx_int8"] = f.amx_int8;
     d["amx_bf16"] = f.amx_bf16;
     d["bf16_attention"] = kernels().attend_bf16 != nullptr;  // of the path in use (fast prefill's attention)
-    d["fast_rows_bf16"] = kernels().fast_rows_bf16;  // of the path in use (fast prefill's int8 matmuls)
+    d["fast_rows_bf16"] = kernels().quantize_fast_bf16 != nullptr;  // of the path in use (fast prefill's int8 matmuls)
     d["neon"] = f.neon;
     d["neon_dotprod"] = f.neon_dotprod;
     d["neon_i8mm"] = f.neon_i8mm;

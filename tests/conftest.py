@@ -159,8 +159,8 @@ def uses_bf16_attention(head_dim: int) -> bool:
 
 
 def uses_bf16_fast_rows() -> bool:
-    """Whether the kernel path in use computes fast prefill's int8 matmul rows on bf16 tiles from two
-    digits (Kernels::fast_rows_bf16: amx) rather than with one digit."""
+    """Whether the kernel path in use computes fast prefill's int8 matmul rows on bf16 tiles
+    (Kernels::quantize_fast_bf16: amx) rather than with one digit."""
     return bool(C.cpu_features()["fast_rows_bf16"])
 
 
@@ -201,9 +201,8 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
     does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
     (then rint of the remainder in steps of s / 127), in float32; layers whose qualified name `keep`
     accepts are left alone; with bf16_attention, the one-digit rows' attention in bf16 too
-    (use_bf16_attention_rows); with bf16_rows, rows [0, one_digit_rows) keep two digits and multiply on
-    bf16 tiles instead (uses_bf16_fast_rows): (127 * hi + lo) * (s / 127) and the weights rounded to
-    bf16, summed in float32. Give it dequantized int8 weights, and it states fast prefill (and exact
+    (use_bf16_attention_rows); with bf16_rows, rows [0, one_digit_rows) multiply on bf16 tiles instead
+    (uses_bf16_fast_rows): the inputs and the weights rounded to bf16, summed in float32. Give it dequantized int8 weights, and it states fast prefill (and exact
     prefill, one_digit_rows = 0) independently of the kernels. Modifies hf_model."""
     import torch
 
@@ -215,7 +214,7 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
 
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input as the default's two digits, and fast prefill's rows [0, one_digit_rows)
-        as they enter the matmul (one digit, or with bf16_rows bf16 of two digits)."""
+        as they enter the matmul (one digit, or with bf16_rows bf16)."""
         K = x.shape[-1]
         pad = -K % group
         xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (K + pad) // group, group)
@@ -226,8 +225,9 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
         hi = torch.round(xg * (1 / s)).clamp(-127, 127)
         lo = torch.round((xg - hi * s) * (1 / (s / 127))).clamp(-127, 127)
         two = hi * s + lo * (s / 127)
-        fast = bf16((127 * hi + lo) * (s / 127)) if bf16_rows else hi * s
-        return tuple(q.reshape(*x.shape[:-1], K + pad)[..., :K] for q in (two, fast))
+        fast = hi * s
+        two, fast = (q.reshape(*x.shape[:-1], K + pad)[..., :K] for q in (two, fast))
+        return two, bf16(x) if bf16_rows else fast
 
     class Quantized(torch.nn.Module):
         def __init__(self, linear: torch.nn.Linear) -> None:

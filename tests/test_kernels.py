@@ -210,14 +210,12 @@ def _bf16(a: np.ndarray) -> np.ndarray:
     return rounded.view(np.float32).astype(np.float64)
 
 
-def _q8_bf16_reference(xq: np.ndarray, xs: np.ndarray, wq: np.ndarray, ws: np.ndarray,
-                       group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fast rows on bf16 tiles (Kernels::fast_rows_bf16), stated in NumPy: each activation (127 * hi +
-    lo) * xs in float32, each weight q * ws in float32, both rounded to bf16, the products summed in
-    float64; and the same over |products| (the tile unit sums in float32)."""
-    xc = _combined(xq).astype(np.float32)
-    K = xc.shape[1]
-    xb = _bf16(xc * np.repeat(xs, group, axis=1)[:, :K])
+def _q8_bf16_reference(x: np.ndarray, wq: np.ndarray, ws: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fast rows on bf16 tiles (Kernels::quantize_fast_bf16), stated in NumPy: each activation rounded
+    to bf16, each weight q * ws in float32 rounded to bf16, the products summed in float64; and the same
+    over |products| (the tile unit sums in float32)."""
+    K = x.shape[1]
+    xb = _bf16(x)
     wb = _bf16(wq.astype(np.float32) * np.repeat(ws, group, axis=1)[:, :K])
     return xb @ wb.T, np.abs(xb) @ np.abs(wb).T
 
@@ -424,7 +422,7 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
     call. Each row equals the exact integer reference of its own digits, and does not depend on the
     other rows; where the lo digits are zero anyway, skipping them (the AVX512-VNNI path's one-digit
     tiles) gives the same bits as taking them. On a path that computes fast rows on bf16 tiles (amx),
-    those keep two digits and meet the bf16 reference instead."""
+    those meet the bf16 reference instead."""
     from cpullm.dtypes import quantize_q8
 
     rng = np.random.default_rng(T * 13 + N * 5 + K + group)
@@ -437,7 +435,7 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
         y = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
         xq, xs = _quantize_rows_reference(x, group)
         if bf16_rows:
-            expected, magnitude = _q8_bf16_reference(xq, xs, wq, ws, group)
+            expected, magnitude = _q8_bf16_reference(x, wq, ws, group)
             # The tile unit's float32 sums of K products: within K eps of their magnitude.
             fast = slice(0, one_digit_rows)
             assert np.all(np.abs(y[fast] - expected[fast]) <= 2 * np.finfo(np.float32).eps * K * magnitude[fast] + 1e-30)

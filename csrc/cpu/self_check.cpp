@@ -95,19 +95,19 @@ std::string self_check(const Kernels& k) {
   // margin for both and still catches any kernel that reads the wrong layout or skips work (errors of
   // order 1, as the int8 paths of one table-copying mistake showed).
   constexpr double kTolerance = 1e-4;
-  // Fast rows on bf16 tiles (Kernels::fast_rows_bf16) round every activation and scaled weight to bf16
+  // Fast rows on bf16 tiles (Kernels::quantize_fast_bf16) round every activation and scaled weight to bf16
   // (2^-9 relative each): against the two-digit rows, ~1e-3 of the largest output here.
   constexpr double kBf16Tolerance = 1e-2;
   struct Case {
     const char* what;
     double error, tolerance;
   };
-  const int64_t exact_fast_rows = k.fast_rows_bf16 ? 0 : kOneDigitRows;
+  const int64_t exact_fast_rows = k.quantize_fast_bf16 ? 0 : kOneDigitRows;
   const Case cases[] = {
       {"int8 matmul", relative_error(run_q8(k, x, wq, ws, exact_fast_rows), run_q8(ref, x, wq, ws, exact_fast_rows)),
        kTolerance},
       {"int8 matmul of fast rows on bf16 tiles",
-       k.fast_rows_bf16 ? relative_error(run_q8(k, x, wq, ws, kOneDigitRows), run_q8(ref, x, wq, ws, 0)) : 0.0,
+       k.quantize_fast_bf16 ? relative_error(run_q8(k, x, wq, ws, kOneDigitRows), run_q8(ref, x, wq, ws, 0)) : 0.0,
        kBf16Tolerance},
       {"f32 matmul", relative_error(run_f32(k, x, wf), run_f32(ref, x, wf)), kTolerance},
       {"bf16 matmul", relative_error(run_bf16(k, x, wb), run_bf16(ref, x, wb)), kTolerance},

@@ -126,7 +126,7 @@ struct Q8Acts {
   // Rows [0, one_digit_rows) are fast prefill's rows. They carry one digit: their lo digits are zero
   // (quantize_row_q8's one_digit), so their sums are 128 * 127 * sum(hi), which a kernel may use to skip
   // them. Skipping changes no result: the integer sums are the same either way. On a path with
-  // Kernels::fast_rows_bf16 they carry two digits and are computed on bf16 tiles instead.
+  // Kernels::quantize_fast_bf16 they hold bf16 values instead (and no scales or sums).
   int64_t one_digit_rows = 0;
 };
 
@@ -179,12 +179,12 @@ struct Kernels {
   // set only through set_matmul_q8, with the matmul that reads it.
   void (*quantize_q8_wide)(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                            int32_t* sums) = nullptr;
-  // Where set (AMX), matmul_q8 computes the fast rows, [0, Q8Acts::one_digit_rows), on bf16 tiles: each
-  // activation rounded to bf16 from its digits, each weight times its group's scale rounded to bf16,
-  // the products summed in f32 over the whole row, with no per-group step. quantize_q8_for_matmul then
-  // gives those rows two digits, so that only the bf16 roundings are lost: fast prefill without the
-  // one-digit rounding, and not the other paths' bits (tests bound its error instead).
-  bool fast_rows_bf16 = false;
+  // Where set (AMX), matmul_q8 computes the fast rows, [0, Q8Acts::one_digit_rows), on bf16 tiles, and
+  // this writes them (quantize_q8_for_matmul): a row's 2 * stride bytes hold stride bf16 values, x
+  // rounded to nearest even, zero past K; its scales and sums are not written. Each weight times its
+  // group's scale is rounded to bf16 too, and the products are summed in f32 over the whole row, with
+  // no per-group step: more exact than one digit, and not the other paths' bits (tests bound its error).
+  void (*quantize_fast_bf16)(const float* x, int64_t K, int64_t stride, int8_t* q) = nullptr;
   // Compute probe (tools/probe.py): `iterations` x 8 x 32 int8 multiply-adds from registers.
   int64_t (*q8_peak_loop)(int64_t iterations);
   // sum_i a[i] * b[i]
@@ -306,14 +306,17 @@ inline void set_matmul_q8(Kernels& k, decltype(Kernels::matmul_q8) matmul,
 }
 
 // One row of a matmul_q8's activations as k's matmul_q8 reads it: fast rows (fast prefill's, which must
-// be the first Q8Acts::one_digit_rows) by quantize_q8, with one digit or, where k computes them on bf16
-// tiles (Kernels::fast_rows_bf16), two; the others in k's wide layout where it has one.
+// be the first Q8Acts::one_digit_rows) by quantize_q8 with one digit, or as bf16 values where k
+// computes them on bf16 tiles (Kernels::quantize_fast_bf16); the others in k's wide layout where it has
+// one.
 inline void quantize_q8_for_matmul(const Kernels& k, const float* x, int64_t K, int64_t group, int64_t stride,
                                    int8_t* q, float* scales, int32_t* sums, bool fast_row) {
-  if (!fast_row && k.quantize_q8_wide)
+  if (fast_row && k.quantize_fast_bf16)
+    k.quantize_fast_bf16(x, K, stride, q);
+  else if (!fast_row && k.quantize_q8_wide)
     k.quantize_q8_wide(x, K, group, stride, q, scales, sums);
   else
-    k.quantize_q8(x, K, group, stride, q, scales, sums, fast_row && !k.fast_rows_bf16);
+    k.quantize_q8(x, K, group, stride, q, scales, sums, fast_row);
 }
 
 }  // namespace cpullm

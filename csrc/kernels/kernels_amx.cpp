@@ -294,35 +294,33 @@ inline __m512i bf16_pack(__m512 a, __m512 b) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
 }
 
-// Rows [0, x.T) of x as bf16 tile rows: steps * 32 values each, (127 * hi + lo) * scale (exact in f32
-// before the rounding to bf16: |127 * hi + lo| < 2^15), zero past the inputs; rows [x.T, padded_rows)
-// zero.
-void acts_bf16(const Q8Acts& x, const Q8Weights& w, int64_t steps, int64_t padded_rows, __m512i* out) {
-  const int64_t K = w.cols, G = w.n_groups;
-  const __m512 base = _mm512_set1_ps(127.f);
+// Lanes [0, n) of a mask of `lanes` (n may be out of [0, lanes]).
+inline uint64_t first_lanes(int64_t n, int lanes) {
+  return n <= 0 ? 0 : n >= lanes ? (lanes == 64 ? ~uint64_t(0) : (uint64_t(1) << lanes) - 1) : (uint64_t(1) << n) - 1;
+}
+
+// Kernels::quantize_fast_bf16: x as stride bf16 values in q's 2 * stride bytes, zero past K.
+void quantize_bf16_row(const float* x, int64_t K, int64_t stride, int8_t* q) {
+  for (int64_t k = 0; k < stride; k += kStep) {
+    // Masked-off lanes are neither read nor written, and past K the address stays at the row's start,
+    // so that no pointer leaves its buffer.
+    const __mmask16 m0 = static_cast<__mmask16>(first_lanes(K - k, 16));
+    const __mmask16 m1 = static_cast<__mmask16>(first_lanes(K - k - 16, 16));
+    const __m512 lo = _mm512_maskz_loadu_ps(m0, x + (m0 ? k : 0));
+    const __m512 hi = _mm512_maskz_loadu_ps(m1, x + (m1 ? k + 16 : 0));
+    _mm512_mask_storeu_epi16(q + 2 * k, static_cast<__mmask32>(first_lanes(stride - k, 32)), bf16_pack(lo, hi));
+  }
+}
+
+// Rows [0, x.T) of x (quantize_bf16_row's) as bf16 tile rows of steps * 32 values, in 64-byte aligned
+// rows (a tile row across two cache lines loads at half the speed), zero past the row; rows [x.T,
+// padded_rows) zero.
+void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out) {
   for (int64_t t = 0; t < padded_rows; ++t) {
-    __m512i* row = out + t * steps;
-    if (t >= x.T) {
-      for (int64_t s = 0; s < steps; ++s) row[s] = _mm512_setzero_si512();
-      continue;
-    }
-    const int8_t* hi = x.q + 2 * t * x.stride;
-    const int8_t* lo = hi + x.stride;
-    const float* scales = x.scales + t * G;
+    const int8_t* row = t < x.T ? x.q + 2 * t * x.stride : x.q;
     for (int64_t s = 0; s < steps; ++s) {
-      __m512 half[2];
-      for (int h = 0; h < 2; ++h) {
-        const int64_t k = s * kStep + 16 * h, n = std::clamp<int64_t>(K - k, 0, 16);
-        // Masked: the row's digits end at K (its lo digits follow), and a masked-off byte is not read;
-        // past K the address stays at the row's start, so that no pointer leaves the buffer.
-        const __mmask16 m = static_cast<__mmask16>((uint32_t(1) << n) - 1);
-        const int64_t at = n > 0 ? k : 0;
-        const __m512 h32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, hi + at)));
-        const __m512 l32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, lo + at)));
-        const float scale = n > 0 ? scales[k / w.group] : 0.f;
-        half[h] = _mm512_mul_ps(_mm512_fmadd_ps(h32, base, l32), _mm512_set1_ps(scale));
-      }
-      row[s] = bf16_pack(half[0], half[1]);
+      const __mmask32 m = static_cast<__mmask32>(t < x.T ? first_lanes(x.stride - s * kStep, 32) : 0);
+      out[t * steps + s] = _mm512_maskz_loadu_epi16(m, m ? row + 2 * s * kStep : row);
     }
   }
 }
@@ -411,7 +409,7 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
   if (acts.size() < size_t(padded * steps)) acts.resize(size_t(padded * steps));
   const size_t weight_vectors = size_t(std::min(chunk, b1 - b0) * steps * 16);
   if (weights.size() < weight_vectors) weights.resize(weight_vectors);
-  acts_bf16(x, w, steps, padded, acts.data());
+  acts_bf16(x, steps, padded, acts.data());
   static const TileConfig config = bf16_config();
   _tile_loadconfig(&config);
   alignas(64) float c[2][2][16][16];
@@ -496,7 +494,7 @@ const Kernels& kernels_amx() {
     k.name = "amx";
     // The prompt's matmul reads quantize_q8's layout, as the VNNI tiles it leaves its remainder to.
     set_matmul_q8(k, &matmul_q8);
-    k.fast_rows_bf16 = true;
+    k.quantize_fast_bf16 = &quantize_bf16_row;
     // Decode over f32 / bf16 weights reads ahead too (kernels_impl.h, one_token_rows).
     k.matmul_f32 = &matmul_f32_avx512_ahead;
     k.matmul_bf16 = &matmul_bf16_avx512_ahead;
