@@ -416,7 +416,9 @@ def test_one_digit_quantization_drops_the_lo_digits(isa: str) -> None:
     assert np.all(np.abs(restored - x[:4]) <= 0.5 * step * 1.001 + 1e-12)
 
 
-@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES + Q8_PROMPT_SHAPES + [(9, 33, 96, 32), (13, 40, 200, 64)])
+# (20, 40, 2300, 64): rows of more than 2,048 inputs, which the amx path's bf16 tiles take in passes.
+@pytest.mark.parametrize("T,N,K,group", Q8_SHAPES + Q8_PROMPT_SHAPES + [(9, 33, 96, 32), (13, 40, 200, 64),
+                                                                     (20, 40, 2300, 64)])
 def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) -> None:
     """Fast prefill's rows: the first one_digit_rows rows with one digit, the others with two, in one
     call. Each row equals the exact integer reference of its own digits, and does not depend on the

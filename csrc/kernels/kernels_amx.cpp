@@ -325,9 +325,10 @@ void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out
   }
 }
 
-// Blocks [b0, b1) of w as bf16 B tiles: per block and step, 16 tile rows, one per pair of inputs, of
-// the 16 rows' two weights times their group's scale (zero past the group's quads), 1 KiB in all.
-void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t steps, __m512i* out) {
+// Steps [s0, s1) of blocks [b0, b1) of w as bf16 B tiles: per block and step, 16 tile rows, one per
+// pair of inputs, of the 16 rows' two weights times their group's scale (zero past the group's quads),
+// 1 KiB in all.
+void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_t s1, __m512i* out) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   // Word 2n of a pair row is row n's first input, word 2n + 1 its second.
   alignas(64) uint16_t order[32];
@@ -335,7 +336,7 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t steps, __m
   const __m512i pairs = _mm512_load_si512(order);
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* blk = w.data + b * w.block_bytes;
-    for (int64_t s = 0; s < steps; ++s, out += 16) {
+    for (int64_t s = s0; s < s1; ++s, out += 16) {
       const int64_t k = s * kStep, g = k / w.group, first = (k - g * w.group) / 4;
       const int64_t quads = g + 1 == w.n_groups ? w.last_quads : w.group / 4;
       const uint8_t* rec = blk + g * w.group_bytes;
@@ -365,24 +366,32 @@ struct SumsOut {
 };
 
 // kTokens token tiles (a: their first row, rows of steps * 64 bytes) x kBlocks blocks (b: the first's
-// B tiles, each block's steps KiB) over every step; the sums of token tile i and block j stored to
-// out[i][j].
+// B tiles of steps [s0, s1), each block's s1 - s0 KiB) over steps [s0, s1); the sums of token tile i
+// and block j start from in[i][j] (from zero without `in`) and are stored to out[i][j].
 template <int kTokens, int kBlocks>
-void bf16_tiles(const __m512i* a, const __m512i* b, int64_t steps, const SumsOut (*out)[2]) {
-  const int64_t a_stride = steps * 64, a1 = 16 * steps;
-  _tile_zero(kFC00);
-  if constexpr (kBlocks > 1) _tile_zero(kFC01);
-  if constexpr (kTokens > 1) _tile_zero(kFC10);
-  if constexpr (kTokens > 1 && kBlocks > 1) _tile_zero(kFC11);
+void bf16_tiles(const __m512i* a, const __m512i* b, int64_t s0, int64_t s1, int64_t steps, const SumsOut (*in)[2],
+                const SumsOut (*out)[2]) {
+  const int64_t a_stride = steps * 64, a1 = 16 * steps, b1 = 16 * (s1 - s0);
+  if (in) {
+    _tile_loadd(kFC00, in[0][0].at, in[0][0].stride);
+    if constexpr (kBlocks > 1) _tile_loadd(kFC01, in[0][1].at, in[0][1].stride);
+    if constexpr (kTokens > 1) _tile_loadd(kFC10, in[1][0].at, in[1][0].stride);
+    if constexpr (kTokens > 1 && kBlocks > 1) _tile_loadd(kFC11, in[1][1].at, in[1][1].stride);
+  } else {
+    _tile_zero(kFC00);
+    if constexpr (kBlocks > 1) _tile_zero(kFC01);
+    if constexpr (kTokens > 1) _tile_zero(kFC10);
+    if constexpr (kTokens > 1 && kBlocks > 1) _tile_zero(kFC11);
+  }
   // The weights' tiles are loaded as streams (tileloaddt1), which keeps them out of L1, where the
   // activations' rows, re-read by every block, then stay: with both from L2 the loop waits on it
   // (probe_matmul_q8 of fast rows, SmolLM2's shapes, 128 and 512 tokens: 17.2-20.7 -> 14.3-19.2 ns per
   // 16 x 16 x 32; the int8 tiles' weights as streams: no change).
-  for (int64_t s = 0; s < steps; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     _tile_loadd(kFA0, a + s, a_stride);
     if constexpr (kTokens > 1) _tile_loadd(kFA1, a + a1 + s, a_stride);
-    _tile_stream_loadd(kFB0, b + 16 * s, 64);
-    if constexpr (kBlocks > 1) _tile_stream_loadd(kFB1, b + 16 * (steps + s), 64);
+    _tile_stream_loadd(kFB0, b + 16 * (s - s0), 64);
+    if constexpr (kBlocks > 1) _tile_stream_loadd(kFB1, b + b1 + 16 * (s - s0), 64);
     _tile_dpbf16ps(kFC00, kFA0, kFB0);
     if constexpr (kBlocks > 1) _tile_dpbf16ps(kFC01, kFA0, kFB1);
     if constexpr (kTokens > 1) _tile_dpbf16ps(kFC10, kFA1, kFB0);
@@ -397,6 +406,14 @@ void bf16_tiles(const __m512i* a, const __m512i* b, int64_t steps, const SumsOut
 // Bytes of bf16 weights a thread converts at a time, which every pair of token tiles then re-reads
 // from L2.
 constexpr int64_t kBf16ChunkBytes = int64_t(1) << 19;
+// Rows of more than kOnePassSteps steps (of 32 inputs; 2,048 inputs) are cut into passes of at most
+// kPassSteps, each over a chunk of the weights converted for its steps alone, so that a chunk holds
+// many blocks, over which the activations are read once (at 8,192 inputs a whole-row chunk held 2),
+// and a pair of token tiles' activations over a pass, 36 KiB, stays in L1 (48 KiB here) while the
+// weights stream past. Their sums wait between passes in a scratch tile per token tile and block.
+// probe_matmul_q8 of fast rows, 128 tokens: 8,192 x 2,048 26.6-27.3 -> 22.4-22.8 ns per 16 x 16 x 32;
+// passes at 2,048 inputs too: 19.1-21.1 -> 20.7-23.1 (the sums' reload and store).
+constexpr int64_t kOnePassSteps = 64, kPassSteps = 18;
 
 // Fast rows (all of x's) x blocks [b0, b1) of w on bf16 tiles. A row's results depend on it alone:
 // the last tile's missing rows are zero rows, and every row is summed over the same steps. The rows of
@@ -407,49 +424,65 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
                float* y_rest, int64_t ldy) {
   const int64_t steps = (w.cols + kStep - 1) / kStep;
   const int64_t padded = (x.T + kTileTokens - 1) / kTileTokens * kTileTokens;
-  const int64_t chunk = std::max<int64_t>(1, kBf16ChunkBytes / (steps * 1024));
+  const int64_t passes = steps > kOnePassSteps ? (steps + kPassSteps - 1) / kPassSteps : 1;
+  const int64_t pass_steps = (steps + passes - 1) / passes;
+  const int64_t chunk = std::max<int64_t>(1, kBf16ChunkBytes / (pass_steps * 1024));
   // Grown once per thread to the largest size met, then reused: no allocation per call.
   thread_local std::vector<__m512i> acts, weights;
   if (acts.size() < size_t(padded * steps)) acts.resize(size_t(padded * steps));
-  const size_t weight_vectors = size_t(std::min(chunk, b1 - b0) * steps * 16);
+  const size_t weight_vectors = size_t(std::min(chunk, b1 - b0) * pass_steps * 16);
   if (weights.size() < weight_vectors) weights.resize(weight_vectors);
   acts_bf16(x, steps, padded, acts.data());
   static const TileConfig config = bf16_config();
   _tile_loadconfig(&config);
   alignas(64) float c[2][2][16][16];
+  thread_local std::vector<__m512i> partial;  // [token tile][block of the chunk] 16 x 16 sums
+  const size_t partial_vectors = passes > 1 ? size_t(padded / kTileTokens * std::min(chunk, b1 - b0) * 16) : 0;
+  if (partial.size() < partial_vectors) partial.resize(partial_vectors);
   for (int64_t cb = b0; cb < b1; cb += chunk) {
     const int64_t ce = std::min(b1, cb + chunk);
-    weights_bf16(w, cb, ce, steps, weights.data());
-    // The tile loads' asm does not name the memory it reads: the conversions must be in memory first.
-    __asm__ volatile("" ::: "memory");
-    for (int64_t t = 0; t < padded; t += 2 * kTileTokens) {
-      const int64_t token_tiles = std::min<int64_t>(2, (padded - t) / kTileTokens);
-      const __m512i* a = acts.data() + t * steps;
-      for (int64_t b = cb; b < ce; b += 2) {
-        const int64_t blocks = std::min<int64_t>(2, ce - b);
-        const __m512i* bt = weights.data() + (b - cb) * steps * 16;
-        // Whole tiles of sums go straight to y; a tile with rows or outputs past the ends goes to c,
-        // and its part inside them on to y (reading sums back right after their store waits on it).
-        SumsOut out[2][2];
-        for (int64_t i = 0; i < token_tiles; ++i)
-          for (int64_t j = 0; j < blocks; ++j) {
-            const bool whole = t + (i + 1) * kTileTokens <= x.T && (b + j + 1) * kQ8Rows <= w.rows;
-            out[i][j] = whole ? SumsOut{y + (t + i * kTileTokens) * ldy + (b + j) * kQ8Rows, ldy * 4}
-                              : SumsOut{c[i][j][0], 64};
-          }
-        if (token_tiles == 2 && blocks == 2) bf16_tiles<2, 2>(a, bt, steps, out);
-        else if (token_tiles == 2) bf16_tiles<2, 1>(a, bt, steps, out);
-        else if (blocks == 2) bf16_tiles<1, 2>(a, bt, steps, out);
-        else bf16_tiles<1, 1>(a, bt, steps, out);
-        for (int64_t i = 0; i < token_tiles; ++i)
-          for (int64_t j = 0; j < blocks; ++j) {
-            if (out[i][j].at != c[i][j][0]) continue;
-            const int64_t cols = std::min<int64_t>(kQ8Rows, w.rows - (b + j) * kQ8Rows);
-            const __mmask16 mask = static_cast<__mmask16>((uint32_t(1) << cols) - 1);
-            const int64_t rows = std::min<int64_t>(kTileTokens, x.T - (t + i * kTileTokens));
-            float* to = y + (t + i * kTileTokens) * ldy + (b + j) * kQ8Rows;
-            for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(to + r * ldy, mask, _mm512_load_ps(c[i][j][r]));
-          }
+    for (int64_t s0 = 0; s0 < steps; s0 += pass_steps) {
+      const int64_t s1 = std::min(steps, s0 + pass_steps);
+      weights_bf16(w, cb, ce, s0, s1, weights.data());
+      // The tile loads' asm does not name the memory it reads: the conversions must be in memory first.
+      __asm__ volatile("" ::: "memory");
+      for (int64_t t = 0; t < padded; t += 2 * kTileTokens) {
+        const int64_t token_tiles = std::min<int64_t>(2, (padded - t) / kTileTokens);
+        const __m512i* a = acts.data() + t * steps;
+        for (int64_t b = cb; b < ce; b += 2) {
+          const int64_t blocks = std::min<int64_t>(2, ce - b);
+          const __m512i* bt = weights.data() + (b - cb) * (s1 - s0) * 16;
+          // Between passes the sums wait in `partial`. After the last, whole tiles go straight to y; a
+          // tile with rows or outputs past the ends goes to c, and its part inside them on to y
+          // (reading sums back right after their store waits on it).
+          SumsOut in[2][2], out[2][2];
+          for (int64_t i = 0; i < token_tiles; ++i)
+            for (int64_t j = 0; j < blocks; ++j) {
+              const SumsOut kept{reinterpret_cast<float*>(
+                                     partial.data() + ((t / kTileTokens + i) * (ce - cb) + (b - cb + j)) * 16),
+                                 64};
+              const bool whole = t + (i + 1) * kTileTokens <= x.T && (b + j + 1) * kQ8Rows <= w.rows;
+              in[i][j] = kept;
+              out[i][j] = s1 < steps ? kept
+                          : whole    ? SumsOut{y + (t + i * kTileTokens) * ldy + (b + j) * kQ8Rows, ldy * 4}
+                                     : SumsOut{c[i][j][0], 64};
+            }
+          const SumsOut(*from)[2] = s0 > 0 ? in : nullptr;
+          if (token_tiles == 2 && blocks == 2) bf16_tiles<2, 2>(a, bt, s0, s1, steps, from, out);
+          else if (token_tiles == 2) bf16_tiles<2, 1>(a, bt, s0, s1, steps, from, out);
+          else if (blocks == 2) bf16_tiles<1, 2>(a, bt, s0, s1, steps, from, out);
+          else bf16_tiles<1, 1>(a, bt, s0, s1, steps, from, out);
+          if (s1 < steps) continue;
+          for (int64_t i = 0; i < token_tiles; ++i)
+            for (int64_t j = 0; j < blocks; ++j) {
+              if (out[i][j].at != c[i][j][0]) continue;
+              const int64_t cols = std::min<int64_t>(kQ8Rows, w.rows - (b + j) * kQ8Rows);
+              const __mmask16 mask = static_cast<__mmask16>((uint32_t(1) << cols) - 1);
+              const int64_t rows = std::min<int64_t>(kTileTokens, x.T - (t + i * kTileTokens));
+              float* to = y + (t + i * kTileTokens) * ldy + (b + j) * kQ8Rows;
+              for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(to + r * ldy, mask, _mm512_load_ps(c[i][j][r]));
+            }
+        }
       }
     }
     if (rest.T > 0) {
