@@ -1,8 +1,9 @@
 // What the amx kernel path's tile of 16 tokens x 16 rows x 32 inputs costs, part by part, from L1 and
 // registers (csrc/kernels/kernels_amx.cpp cites it): the tile work (zero, load B and A, tdpbssd), the
 // vector work that scales a group's sums (from registers), both in one loop, and both with the tile
-// store and the sums reloaded, as the kernel does; then a tdpbssd over 64 inputs instead of 32, and
-// ldtilecfg. Linux only (the tile state is requested from the kernel).
+// store and the sums reloaded right after it or one group later, as the kernel does (with the digits'
+// join in int32 or in float); the parts alone; then a tdpbssd over 64 inputs instead of 32, and
+// ldtilecfg. Made-up data (zeros time quicker). Linux only (the tile state is requested from the kernel).
 //
 //   g++ -O2 -std=c++17 -mavx512f -mavx512dq -mamx-tile -mamx-int8 tools/amx_probe.cpp -o /tmp/amx_probe
 //   /tmp/amx_probe
@@ -115,48 +116,32 @@ int main() {
       SCALE(g, FROM_REGISTERS);
     }
   });
+  // Group g's tile work and the store of its sums, into two sums in turn.
+#define TILE_STORED(g)         \
+  do {                         \
+    if ((g) & 1) {             \
+      TILE(g, 5);              \
+      STORE(5, sums[1]);       \
+    } else {                   \
+      TILE(g, 4);              \
+      STORE(4, sums[0]);       \
+    }                          \
+  } while (0)
   report("both, with the tile store and the sums reloaded", n, [&] {
     for (int g = 0; g < kGroups; ++g) {
-      if (g & 1) {
-        TILE(g, 5);
-        STORE(5, sums[1]);
-      } else {
-        TILE(g, 4);
-        STORE(4, sums[0]);
-      }
+      TILE_STORED(g);
       SCALE(g, FROM_STORE);
     }
   });
   // The same, but a group's sums reloaded one group after their store (group g - 1 scaled after group
   // g's store): the reload then does not wait on the store.
-  report("both, the sums reloaded one group after their store", n, [&] {
-    for (int g = 0; g <= kGroups; ++g) {
-      if (g < kGroups) {
-        if (g & 1) {
-          TILE(g, 5);
-          STORE(5, sums[1]);
-        } else {
-          TILE(g, 4);
-          STORE(4, sums[0]);
-        }
-      }
-      if (g > 0) SCALE(g - 1, FROM_STORE);
-    }
-  });
-  report("the same, 127 * hi in float", n, [&] {
-    for (int g = 0; g <= kGroups; ++g) {
-      if (g < kGroups) {
-        if (g & 1) {
-          TILE(g, 5);
-          STORE(5, sums[1]);
-        } else {
-          TILE(g, 4);
-          STORE(4, sums[0]);
-        }
-      }
-      if (g > 0) SCALE_F(g - 1, FROM_STORE);
-    }
-  });
+#define LAGGED(SCALE_WITH_SUMS)                                 \
+  for (int g = 0; g <= kGroups; ++g) {                          \
+    if (g < kGroups) TILE_STORED(g);                            \
+    if (g > 0) SCALE_WITH_SUMS(g - 1, FROM_STORE);              \
+  }
+  report("both, the sums reloaded one group after their store", n, [&] { LAGGED(SCALE) });
+  report("the same, 127 * hi in float", n, [&] { LAGGED(SCALE_F) });
   report("scaling from memory, 127 * hi in float", n, [&] {
     for (int g = 0; g < kGroups; ++g) SCALE_F(g, FROM_STORE);
   });

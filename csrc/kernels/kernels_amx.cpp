@@ -313,8 +313,8 @@ void quantize_bf16_row(const float* x, int64_t K, int64_t stride, int8_t* q) {
 }
 
 // Rows [0, x.T) of x (quantize_bf16_row's) as bf16 tile rows of steps * 32 values, in 64-byte aligned
-// rows (a tile row across two cache lines loads at half the speed), zero past the row; rows [x.T,
-// padded_rows) zero.
+// rows (with rows across two cache lines a probe's tile loop ran at less than half the speed), zero
+// past the row; rows [x.T, padded_rows) zero.
 void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out) {
   for (int64_t t = 0; t < padded_rows; ++t) {
     const int8_t* row = t < x.T ? x.q + 2 * t * x.stride : x.q;
