@@ -325,6 +325,13 @@ void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out
   }
 }
 
+// The conversion requests the stored bytes this far ahead of the quad it converts: it reads a matrix's
+// bytes first, from memory or L3, and the tiles that follow leave it no time to run ahead by itself.
+// tools/ab_forward.py, fast prefill, 1 thread, medians of 6 / 3 rounds: the 1B shape 210 -> 234 tok/s,
+// SmolLM2 1,873 -> 1,945 (2 KiB: 238 / 2,009; 8 KiB: 241 / 1,870). Requests spread over the tiles of
+// the chunk before, toward L2, slowed them (the fifteenth round in docs/performance.md).
+constexpr int64_t kConvertAhead = 4096;
+
 // Steps [s0, s1) of blocks [b0, b1) of w as bf16 B tiles: per block and step, 16 tile rows, one per
 // pair of inputs, of the 16 rows' two weights times their group's scale (zero past the group's quads),
 // 1 KiB in all.
@@ -348,6 +355,7 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_
         }
         // Lane n: row n's 4 inputs, one signed byte each, lowest first.
         const __m512i d = _mm512_xor_si512(_mm512_loadu_si512(rec + (first + j) * 64), bias);
+        _mm_prefetch(reinterpret_cast<const char*>(rec + (first + j) * 64 + kConvertAhead), _MM_HINT_T0);
         const auto input = [&](int i) {
           const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(d, 24 - 8 * i), 24);
           return _mm512_mul_ps(_mm512_cvtepi32_ps(v), ws);
