@@ -97,6 +97,8 @@ def test_cpu_features_report_and_forcing() -> None:
     assert available == [name for name in order if name in available]
     assert "avx512bf16" not in available or ("avx512vnni" in available and features["avx512bf16"])
     assert "amx" not in available or ("avx512bf16" in available and features["amx_int8"] and features["amx_bf16"])
+    # Only the amx path computes fast prefill's rows on bf16 tiles.
+    assert features["fast_rows_bf16"] == (features["isa"] == "amx")
     assert ("neon" in available) == features["neon"]  # AArch64 builds; sdot only where the CPU has it
     assert "neondot" not in available or (features["neon"] and features["neon_dotprod"])  # (compilers that know it)
     assert "neoni8mm" not in available or (features["neon"] and features["neon_i8mm"])
