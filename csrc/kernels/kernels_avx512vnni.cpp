@@ -28,28 +28,38 @@ namespace {
 // tile widths; one stream without software prefetch 31-38 GB/s). Even and odd quads feed separate
 // accumulators so that two dependency chains per digit hide vpdpbusd's latency.
 //
-// kPrefetch: each quad pair also requests the line kPrefetchAhead bytes on, into L1. On an Intel Xeon
-// with AMX (the amx table, which calls this for decode) that took SmolLM2 int8 decode from 89-95 to
+// kPrefetch: each quad pair also requests the line kPrefetchAhead bytes on, into L1 (and one token's
+// matmul reads two streams, matmul_q8_avx512vnni_prefetching below). On an Intel Xeon with AMX (the
+// amx table, which calls this for decode) the request took SmolLM2 int8 decode from 89-95 to
 // 98-101 tok/s on 1 thread and from 158-164 to 181-203 on 2 (tools/ab_forward.py, 3 rounds; 1 KiB ahead
 // fell behind on 2 threads, 8 KiB on 1); not measured on Zen 4, whose table keeps it off.
 constexpr int64_t kPrefetchAhead = 4096;
-template <bool kPrefetch>
-inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64_t b, float* y, int64_t ldy) {
+// Token t over the row blocks blocks[0 .. kBlocks), each summed as alone (the same bits): with two,
+// decode reads two streams of weights at once.
+template <int kBlocks, bool kPrefetch>
+inline void vnni_one_token_blocks(const Q8Acts& x, int64_t t, const Q8Weights& w, const int64_t* blocks, float* y,
+                                  int64_t ldy) {
   const int64_t G = w.n_groups;
-  const uint8_t* blk = w.data + b * w.block_bytes;
+  const uint8_t* blk[kBlocks];
+  for (int k = 0; k < kBlocks; ++k) blk[k] = w.data + blocks[k] * w.block_bytes;
   const int8_t* xh_row = x.q + t * 2 * x.stride;
   const int8_t* xl_row = xh_row + x.stride;
   const float* xs = x.scales + t * G;
   const int32_t* sums = x.sums + t * G;
   y += t * ldy;
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[kBlocks];
+  for (int k = 0; k < kBlocks; ++k) acc[k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
-    const uint8_t* rec = blk + g * w.group_bytes;
     const int8_t* xh = xh_row + g * w.group;
     const int8_t* xl = xl_row + g * w.group;
-    __m512i hi0 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
-    __m512i lo0 = _mm512_set1_epi32(-sums[g]), lo1 = _mm512_setzero_si512();
+    const uint8_t* rec[kBlocks];
+    __m512i hi0[kBlocks], hi1[kBlocks], lo0[kBlocks], lo1[kBlocks];
+    for (int k = 0; k < kBlocks; ++k) {
+      rec[k] = blk[k] + g * w.group_bytes;
+      hi0[k] = hi1[k] = lo1[k] = _mm512_setzero_si512();
+      lo0[k] = _mm512_set1_epi32(-sums[g]);
+    }
     int64_t i = 0;
     for (; i + 2 <= quads; i += 2) {
       int32_t h0, h1, l0, l1;
@@ -57,36 +67,51 @@ inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64
       std::memcpy(&h1, xh + 4 * i + 4, 4);
       std::memcpy(&l0, xl + 4 * i, 4);
       std::memcpy(&l1, xl + 4 * i + 4, 4);
-      if constexpr (kPrefetch) {
-        _mm_prefetch(reinterpret_cast<const char*>(rec + i * 64 + kPrefetchAhead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(rec + i * 64 + kPrefetchAhead + 64), _MM_HINT_T0);
+      const __m512i bh0 = _mm512_set1_epi32(h0), bh1 = _mm512_set1_epi32(h1);
+      const __m512i bl0 = _mm512_set1_epi32(l0), bl1 = _mm512_set1_epi32(l1);
+      for (int k = 0; k < kBlocks; ++k) {
+        if constexpr (kPrefetch) {
+          _mm_prefetch(reinterpret_cast<const char*>(rec[k] + i * 64 + kPrefetchAhead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(rec[k] + i * 64 + kPrefetchAhead + 64), _MM_HINT_T0);
+        }
+        const __m512i w0 = _mm512_loadu_si512(rec[k] + i * 64), w1 = _mm512_loadu_si512(rec[k] + i * 64 + 64);
+        hi0[k] = _mm512_dpbusd_epi32(hi0[k], w0, bh0);
+        lo0[k] = _mm512_dpbusd_epi32(lo0[k], w0, bl0);
+        hi1[k] = _mm512_dpbusd_epi32(hi1[k], w1, bh1);
+        lo1[k] = _mm512_dpbusd_epi32(lo1[k], w1, bl1);
       }
-      const __m512i w0 = _mm512_loadu_si512(rec + i * 64), w1 = _mm512_loadu_si512(rec + i * 64 + 64);
-      hi0 = _mm512_dpbusd_epi32(hi0, w0, _mm512_set1_epi32(h0));
-      lo0 = _mm512_dpbusd_epi32(lo0, w0, _mm512_set1_epi32(l0));
-      hi1 = _mm512_dpbusd_epi32(hi1, w1, _mm512_set1_epi32(h1));
-      lo1 = _mm512_dpbusd_epi32(lo1, w1, _mm512_set1_epi32(l1));
     }
     if (i < quads) {
       int32_t h0, l0;
       std::memcpy(&h0, xh + 4 * i, 4);
       std::memcpy(&l0, xl + 4 * i, 4);
-      const __m512i w0 = _mm512_loadu_si512(rec + i * 64);
-      hi0 = _mm512_dpbusd_epi32(hi0, w0, _mm512_set1_epi32(h0));
-      lo0 = _mm512_dpbusd_epi32(lo0, w0, _mm512_set1_epi32(l0));
+      for (int k = 0; k < kBlocks; ++k) {
+        const __m512i w0 = _mm512_loadu_si512(rec[k] + i * 64);
+        hi0[k] = _mm512_dpbusd_epi32(hi0[k], w0, _mm512_set1_epi32(h0));
+        lo0[k] = _mm512_dpbusd_epi32(lo0[k], w0, _mm512_set1_epi32(l0));
+      }
     }
-    const __m512i hi = _mm512_add_epi32(hi0, hi1), lo = _mm512_add_epi32(lo0, lo1);
-    // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
-    const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi), lo);
-    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(rec + quads * 64)),
-                                   _mm512_set1_ps(xs[g]));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc);
+    for (int k = 0; k < kBlocks; ++k) {
+      const __m512i hi = _mm512_add_epi32(hi0[k], hi1[k]), lo = _mm512_add_epi32(lo0[k], lo1[k]);
+      // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
+      const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi), lo);
+      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(rec[k] + quads * 64)),
+                                     _mm512_set1_ps(xs[g]));
+      acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[k]);
+    }
   }
-  const int64_t row0 = b * kQ8Rows, rest = w.rows - row0;
-  if (rest >= kQ8Rows)
-    _mm512_storeu_ps(y + row0, acc);
-  else
-    _mm512_mask_storeu_ps(y + row0, static_cast<__mmask16>((1u << rest) - 1u), acc);
+  for (int k = 0; k < kBlocks; ++k) {
+    const int64_t row0 = blocks[k] * kQ8Rows, rest = w.rows - row0;
+    if (rest >= kQ8Rows)
+      _mm512_storeu_ps(y + row0, acc[k]);
+    else
+      _mm512_mask_storeu_ps(y + row0, static_cast<__mmask16>((1u << rest) - 1u), acc[k]);
+  }
+}
+
+template <bool kPrefetch>
+inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64_t b, float* y, int64_t ldy) {
+  vnni_one_token_blocks<1, kPrefetch>(x, t, w, &b, y, ldy);
 }
 
 // kLo: the lo digits' products are taken (false only for rows whose lo digits are zero: the same
@@ -188,6 +213,18 @@ void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, floa
 
 void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                                       int64_t ldy) {
+  if (x.T == 1) {
+    // One token (decode): the range's two halves in step, two streams of weights at once. On the Xeon
+    // with AMX, tools/ab_forward.py, 3 rounds: SmolLM2 int8 decode 130-138 -> 139-166 tok/s on 1
+    // thread, 217-231 -> 259-280 on 2; the 1B shape 9.9-10.1 -> 10.9-11.1 and 18.9-20.0 -> 21.7-22.1.
+    const int64_t n = b1 - b0, half = (n + 1) / 2;
+    for (int64_t i = 0; i < n - half; ++i) {
+      const int64_t pair[2] = {b0 + i, b0 + half + i};
+      vnni_one_token_blocks<2, true>(x, 0, w, pair, y, ldy);
+    }
+    if (n % 2 == 1) vnni_one_token<true>(x, 0, w, b0 + half - 1, y, ldy);
+    return;
+  }
   Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>>::matmul(x, w, b0, b1, y, ldy);
 }
 
