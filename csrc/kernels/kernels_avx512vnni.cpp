@@ -29,13 +29,13 @@ namespace {
 // accumulators so that two dependency chains per digit hide vpdpbusd's latency.
 //
 // kPrefetch: each quad pair also requests the line kPrefetchAhead bytes on, into L1 (and one token's
-// matmul reads two streams, matmul_q8_avx512vnni_prefetching below). On an Intel Xeon with AMX (the
+// matmul reads four streams, matmul_q8_avx512vnni_prefetching below). On an Intel Xeon with AMX (the
 // amx table, which calls this for decode) the request took SmolLM2 int8 decode from 89-95 to
 // 98-101 tok/s on 1 thread and from 158-164 to 181-203 on 2 (tools/ab_forward.py, 3 rounds; 1 KiB ahead
 // fell behind on 2 threads, 8 KiB on 1); not measured on Zen 4, whose table keeps it off.
 constexpr int64_t kPrefetchAhead = 4096;
-// Token t over the row blocks blocks[0 .. kBlocks), each summed as alone (the same bits): with two,
-// decode reads two streams of weights at once.
+// Token t over the row blocks blocks[0 .. kBlocks), each summed as alone (the same bits): with more
+// than one, decode reads as many streams of weights at once.
 template <int kBlocks, bool kPrefetch>
 inline void vnni_one_token_blocks(const Q8Acts& x, int64_t t, const Q8Weights& w, const int64_t* blocks, float* y,
                                   int64_t ldy) {
@@ -214,15 +214,20 @@ void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, floa
 void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                                       int64_t ldy) {
   if (x.T == 1) {
-    // One token (decode): the range's two halves in step, two streams of weights at once. On the Xeon
-    // with AMX, tools/ab_forward.py, 3 rounds: SmolLM2 int8 decode 130-138 -> 139-166 tok/s on 1
-    // thread, 217-231 -> 259-280 on 2; the 1B shape 9.9-10.1 -> 10.9-11.1 and 18.9-20.0 -> 21.7-22.1.
-    const int64_t n = b1 - b0, half = (n + 1) / 2;
-    for (int64_t i = 0; i < n - half; ++i) {
-      const int64_t pair[2] = {b0 + i, b0 + half + i};
-      vnni_one_token_blocks<2, true>(x, 0, w, pair, y, ldy);
+    // One token (decode): the range's quarters in step, four streams of weights at once (the last
+    // blocks of a range not divisible by four alone). On the Xeon with AMX, tools/ab_forward.py, 3
+    // rounds: one stream -> two: SmolLM2 int8 decode 130-138 -> 139-166 tok/s on 1 thread, 217-231 ->
+    // 259-280 on 2, the 1B shape 9.9-10.1 -> 10.9-11.1 and 18.9-20.0 -> 21.7-22.1; two -> four: SmolLM2
+    // 114-117 -> 120-132 and 230-239 -> 236-252, the 1B shape 10.4-10.6 -> 10.7-10.8 and 20.1-20.8 ->
+    // 20.6-20.9.
+    constexpr int kStreams = 4;
+    const int64_t q = (b1 - b0) / kStreams;
+    for (int64_t i = 0; i < q; ++i) {
+      int64_t blocks[kStreams];
+      for (int k = 0; k < kStreams; ++k) blocks[k] = b0 + k * q + i;
+      vnni_one_token_blocks<kStreams, true>(x, 0, w, blocks, y, ldy);
     }
-    if (n % 2 == 1) vnni_one_token<true>(x, 0, w, b0 + half - 1, y, ldy);
+    for (int64_t b = b0 + kStreams * q; b < b1; ++b) vnni_one_token<true>(x, 0, w, b, y, ldy);
     return;
   }
   Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>>::matmul(x, w, b0, b1, y, ldy);
