@@ -467,9 +467,9 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
 
 
 @pytest.mark.skipif("amx" not in C.cpu_features()["available_isas"], reason="the CPU has no AMX (or the OS grants none)")
-# One token (decode, in four streams on amx) over row blocks not divisible by four and divisible.
-@pytest.mark.parametrize("T,N,K,group", Q8_PROMPT_SHAPES + [(128, 96, 576, 32), (64, 48, 2048, 64), (1, 33, 96, 32), (1, 100, 96, 32),
-                                                           (1, 64, 576, 32)])
+# One token (decode, in four streams on amx) over 3, 7 and 4 row blocks.
+@pytest.mark.parametrize("T,N,K,group", Q8_PROMPT_SHAPES + [(128, 96, 576, 32), (64, 48, 2048, 64), (1, 33, 96, 32),
+                                                           (1, 100, 96, 32), (1, 64, 576, 32)])
 def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> None:
     """The amx path's int8 tiles compute the integer sums of the VNNI tiles and scale them in the same
     order: its two-digit rows, with and without fast rows before them, are the avx512bf16 path's bit for
