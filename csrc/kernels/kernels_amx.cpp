@@ -466,9 +466,12 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
           SumsOut in[2][2], out[2][2];
           for (int64_t i = 0; i < token_tiles; ++i)
             for (int64_t j = 0; j < blocks; ++j) {
-              const SumsOut kept{reinterpret_cast<float*>(
-                                     partial.data() + ((t / kTileTokens + i) * (ce - cb) + (b - cb + j)) * 16),
-                                 64};
+              // (Only with passes: without them `partial` may hold nothing, and no offset is formed.)
+              const SumsOut kept =
+                  passes > 1 ? SumsOut{reinterpret_cast<float*>(partial.data() +
+                                                                ((t / kTileTokens + i) * (ce - cb) + (b - cb + j)) * 16),
+                                       64}
+                             : SumsOut{c[i][j][0], 64};
               const bool whole = t + (i + 1) * kTileTokens <= x.T && (b + j + 1) * kQ8Rows <= w.rows;
               in[i][j] = kept;
               out[i][j] = s1 < steps ? kept
