@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--turn-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--fast-prefill", action="store_true", help="one int8 digit for the prompt rows (cpullm.load's)")
+    parser.add_argument("--fast-prefill", action="store_true", help="fast prefill for the prompt rows (cpullm.load's)")
     args = parser.parse_args()
 
     model = cpullm.load(args.model, threads=args.threads, fast_prefill=args.fast_prefill)
