@@ -258,19 +258,20 @@ const Kernels& kernels_avx512vnni();
 const Kernels& kernels_avx512bf16();  // the AVX512-VNNI path with bf16 attention for fast prefill
 #endif
 #if defined(CPULLM_HAVE_X86_KERNELS)
-// avx512vnni's matmul_q8 with software prefetch in its one-token kernel (the same results), which the
-// amx table leaves decode and a prompt's last tokens to (kernels_avx512vnni.cpp says why).
+// avx512vnni's matmul_q8 with software prefetch in its one-token kernel and one token's blocks read as
+// four streams (the same results), which the amx table leaves decode and a prompt's last tokens to
+// (kernels_avx512vnni.cpp says why).
 void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                                       int64_t ldy);
-// avx512's f32 / bf16 matmuls with decode reading 4 KiB ahead (KernelsImpl::one_token_rows), for the
-// amx table; the same results.
+// avx512's f32 / bf16 matmuls with decode reading 4 KiB ahead (KernelsImpl::one_token_rows; bf16 in
+// four streams, one_token_streams), for the amx table; the same results.
 void matmul_f32_avx512_ahead(const float* x, int64_t T, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
                              int64_t ldy);
 void matmul_bf16_avx512_ahead(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                               float* y, int64_t ldy);
 #endif
 #if defined(CPULLM_HAVE_AMX_KERNELS)
-const Kernels& kernels_amx();  // the AVX512-BF16 path with prompts' int8 matmuls on AMX tiles
+const Kernels& kernels_amx();  // the AVX512-BF16 path with prompts' matmuls on AMX tiles
 #endif
 #if defined(CPULLM_HAVE_NEON_KERNELS)
 const Kernels& kernels_neon();     // AArch64 Advanced SIMD

@@ -6,17 +6,17 @@
 // already what a tile multiply takes as its second operand: a 64-byte quad holds 4 consecutive inputs
 // of each of a block's 16 rows, so a group's quads are the rows of a B tile, and one tdpbssd of 16
 // tokens' digits against them gives a 16 x 16 block of the group's integer sums, where vpdpbusd needs
-// one instruction per token and quad. The vector unit then joins and scales each group's sums as the
-// VNNI tiles do, so the results are theirs bit for bit. On the Xeon this was written on, the tile and
+// one instruction per token and quad. The vector unit then joins and scales each group's sums with the
+// VNNI tiles' roundings (scale_group), so the results are theirs bit for bit. On the Xeon this was written on, the tile and
 // vector work did not overlap (tools/amx_probe.cpp: per group of 16 x 16 x 32, the tile work alone 4.9
 // ns, the scaling from registers 13.2, both 19.4), so both are kept short: the weights are copied, a
 // chunk of 256 KiB at a time, with the stored w + 128 turned back into signed bytes, so that no sum(x)
 // correction is due. Tokens past the last whole tile of 16 go to the VNNI matmul: a tile's rows are
 // fixed by its configuration, and loading one (ldtilecfg) costs ~45 ns.
 //
-// Fast prefill's rows (Kernels::fast_rows_bf16) on bf16 tiles: with the weights' group scales folded
-// into bf16 weights, tdpbf16ps sums a whole row in f32 with no per-group step, which is what bounds
-// the int8 tiles.
+// Fast prefill's rows (Kernels::quantize_fast_bf16) on bf16 tiles: with the weights' group scales
+// folded into bf16 weights, tdpbf16ps sums a whole row in f32 with no per-group step, which is what
+// bounds the int8 tiles.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -205,7 +205,8 @@ void amx_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b, const 
 }
 
 // The VNNI path's int8 matmul, for what the tiles leave: decode, and a prompt's tokens past its last
-// whole tile. With software prefetch for decode's one stream, which paid on the Xeon this was written on.
+// whole tile. With software prefetch and, for one token, four streams of weights, which paid on the
+// Xeon this was written on (kernels_avx512vnni.cpp).
 constexpr auto vnni_matmul = &matmul_q8_avx512vnni_prefetching;
 
 // Blocks [b0, b1) of w with the stored bytes w + 128 back to signed w, scales as they are, into out.
@@ -294,9 +295,9 @@ inline __m512i bf16_pack(__m512 a, __m512 b) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
 }
 
-// Lanes [0, n) of a mask of `lanes` (n may be out of [0, lanes]).
-inline uint64_t first_lanes(int64_t n, int lanes) {
-  return n <= 0 ? 0 : n >= lanes ? (lanes == 64 ? ~uint64_t(0) : (uint64_t(1) << lanes) - 1) : (uint64_t(1) << n) - 1;
+// Lanes [0, n) of a mask of `lanes` <= 32 (n may be out of [0, lanes]).
+inline uint32_t first_lanes(int64_t n, int lanes) {
+  return n <= 0 ? 0 : static_cast<uint32_t>((uint64_t(1) << std::min<int64_t>(n, lanes)) - 1);
 }
 
 // Kernels::quantize_fast_bf16: x as stride bf16 values in q's 2 * stride bytes, zero past K.
@@ -426,8 +427,9 @@ constexpr int64_t kOnePassSteps = 64, kPassSteps = 18;
 // Fast rows (all of x's) x blocks [b0, b1) of w on bf16 tiles. A row's results depend on it alone:
 // the last tile's missing rows are zero rows, and every row is summed over the same steps. The rows of
 // `rest` (two-digit rows; none if its T is 0) go to two_digit_rows a chunk at a time, while the
-// chunk's weights are in L2: a prompt's last row alone was a pass over all of them, ~12 % of fast
-// prefill.
+// chunk's weights are in L2, not in a pass of their own over all of them (a prompt's last row:
+// tools/ab_forward.py, fast prefill, 1 thread, 3 rounds, SmolLM2 1,805-1,852 -> 1,870-1,956 tok/s, the
+// 1B shape 224-225 -> 224-248).
 void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                float* y_rest, int64_t ldy) {
   const int64_t steps = (w.cols + kStep - 1) / kStep;

@@ -128,7 +128,7 @@ struct KernelsImpl {
   }
 
   // One token against the rows w[0 .. kStreams), each summed as tile<1, 1> sums it (the same bits), and
-  // each stream's line kAhead bytes ahead requested (one_token_streams).
+  // each stream's line kAhead bytes ahead requested (one_token_streams; kAhead > 0).
   template <int kStreams, int64_t kAhead, class WT>
   static inline void stream_rows(const float* x, int64_t K, const WT* const* w, float* const* y) {
     Vec acc[kStreams];
@@ -149,9 +149,9 @@ struct KernelsImpl {
     for (int r = 0; r < kStreams; ++r) *y[r] = V::reduce(acc[r]);
   }
 
-  // One token with read-ahead over bf16 rows (matmul): the rows' quarters in step, four streams of
-  // weights at once (as the int8 decode of the amx table, kernels_avx512vnni.cpp), the rows past the
-  // last whole quarter alone.
+  // One token with read-ahead (matmul_bf16_ahead): the rows' quarters in step, four streams of weights
+  // at once (as the int8 decode of the amx table, kernels_avx512vnni.cpp), the rows past the last whole
+  // quarter alone.
   template <int64_t kAhead, class WT>
   __attribute__((noinline)) static void one_token_streams(const float* x, int64_t K, const WT* w, int64_t r0,
                                                           int64_t r1, float* y) {
@@ -166,7 +166,11 @@ struct KernelsImpl {
       }
       stream_rows<kStreams, kAhead>(x, K, rows, outs);
     }
-    for (int64_t n = r0 + kStreams * q; n < r1; ++n) tile<1, 1, kAhead>(x, K, w + n * K, y + n, 1);
+    for (int64_t n = r0 + kStreams * q; n < r1; ++n) {
+      const WT* row = w + n * K;
+      float* out = y + n;
+      stream_rows<1, kAhead>(x, K, &row, &out);
+    }
   }
 
   // All tokens against rows [r0, r1): a row block small enough to stay in cache while every token
@@ -197,14 +201,6 @@ struct KernelsImpl {
   static void matmul(const float* x, int64_t T, int64_t K, const WT* w, int64_t n0, int64_t n1, float* y,
                      int64_t ldy) {
     constexpr int64_t kRowBlock = 16;  // 16 rows x K=4096 x 4 B = 256 KiB: within L2 on current cores.
-    // bf16 only: on the Xeon with AMX (the amx table), tools/ab_forward.py, SmolLM2, 3 rounds, bf16 decode
-    // 54-56 -> 64-68 tok/s on 1 thread and 85-89 -> 122-126 on 2; f32 31-33 -> 31-32 and 58-59 -> 60-61.
-    if constexpr (kAhead > 0 && sizeof(WT) == 2) {  // bf16 weights
-      if (T == 1) {
-        one_token_streams<kAhead>(x, K, w, n0, n1, y);
-        return;
-      }
-    }
     for (int64_t rb = n0; rb < n1; rb += kRowBlock) {
       const int64_t re = rb + kRowBlock < n1 ? rb + kRowBlock : n1;
       int64_t t = 0;
@@ -226,7 +222,10 @@ struct KernelsImpl {
                           float* y, int64_t ldy) {
     matmul(x, T, K, w, n0, n1, y, ldy);
   }
-  // The same, decode reading 4 KiB ahead (one_token_rows).
+  // The same, decode reading 4 KiB ahead (one_token_rows); bf16 decode in four streams
+  // (one_token_streams). On the Xeon with AMX (the amx table), tools/ab_forward.py, SmolLM2, 3 rounds,
+  // four streams took bf16 decode from 54-56 to 64-68 tok/s on 1 thread and from 85-89 to 122-126 on
+  // 2; f32 31-33 -> 31-32 and 58-59 -> 60-61, so f32 keeps one.
   static constexpr int64_t kReadAhead = 4096;
   static void matmul_f32_ahead(const float* x, int64_t T, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
                                int64_t ldy) {
@@ -234,7 +233,10 @@ struct KernelsImpl {
   }
   static void matmul_bf16_ahead(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                                 float* y, int64_t ldy) {
-    matmul<kReadAhead>(x, T, K, w, n0, n1, y, ldy);
+    if (T == 1)
+      one_token_streams<kReadAhead>(x, K, w, n0, n1, y);
+    else
+      matmul<kReadAhead>(x, T, K, w, n0, n1, y, ldy);
   }
 
   static float dot_f32(const float* a, const float* b, int64_t n) {
