@@ -313,15 +313,22 @@ void quantize_bf16_row(const float* x, int64_t K, int64_t stride, int8_t* q) {
   }
 }
 
-// Rows [0, x.T) of x (quantize_bf16_row's) as bf16 tile rows of steps * 32 values, in 64-byte aligned
-// rows (with rows across two cache lines a probe's tile loop ran at less than half the speed), zero
-// past the row; rows [x.T, padded_rows) zero.
+// The activations' row pitch in 64-byte lines: odd, so that a tile's 16 rows fall in 16 different L1
+// sets. With a pitch of a multiple of 4 KiB (2,048 or 8,192 inputs) all the rows of a step share one
+// set, which holds 12 of their 32 lines, and the tiles re-read the activations from L2
+// (tools/ab_forward.py, fast prefill, 1 thread, 4 rounds: the 1B shape 286-310 -> 311-320 tok/s).
+inline int64_t acts_pitch(int64_t steps) { return steps | 1; }
+
+// Rows [0, x.T) of x (quantize_bf16_row's) as bf16 tile rows of steps * 32 values, acts_pitch(steps)
+// lines apart (with rows across two cache lines a probe's tile loop ran at less than half the speed),
+// zero past the row; rows [x.T, padded_rows) zero.
 void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out) {
+  const int64_t pitch = acts_pitch(steps);
   for (int64_t t = 0; t < padded_rows; ++t) {
     const int8_t* row = t < x.T ? x.q + 2 * t * x.stride : x.q;
-    for (int64_t s = 0; s < steps; ++s) {
-      const __mmask32 m = static_cast<__mmask32>(t < x.T ? first_lanes(x.stride - s * kStep, 32) : 0);
-      out[t * steps + s] = _mm512_maskz_loadu_epi16(m, m ? row + 2 * s * kStep : row);
+    for (int64_t s = 0; s < pitch; ++s) {
+      const __mmask32 m = static_cast<__mmask32>(t < x.T && s < steps ? first_lanes(x.stride - s * kStep, 32) : 0);
+      out[t * pitch + s] = _mm512_maskz_loadu_epi16(m, m ? row + 2 * s * kStep : row);
     }
   }
 }
@@ -374,13 +381,13 @@ struct SumsOut {
   int64_t stride;
 };
 
-// kTokens token tiles (a: their first row, rows of steps * 64 bytes) x kBlocks blocks (b: the first's
+// kTokens token tiles (a: their first row, rows pitch lines apart) x kBlocks blocks (b: the first's
 // B tiles of steps [s0, s1), each block's s1 - s0 KiB) over steps [s0, s1); the sums of token tile i
 // and block j start from in[i][j] (from zero without `in`) and are stored to out[i][j].
 template <int kTokens, int kBlocks>
-void bf16_tiles(const __m512i* a, const __m512i* b, int64_t s0, int64_t s1, int64_t steps, const SumsOut (*in)[2],
+void bf16_tiles(const __m512i* a, const __m512i* b, int64_t s0, int64_t s1, int64_t pitch, const SumsOut (*in)[2],
                 const SumsOut (*out)[2]) {
-  const int64_t a_stride = steps * 64, a1 = 16 * steps, b1 = 16 * (s1 - s0);
+  const int64_t a_stride = pitch * 64, a1 = 16 * pitch, b1 = 16 * (s1 - s0);
   if (in) {
     _tile_loadd(kFC00, in[0][0].at, in[0][0].stride);
     if constexpr (kBlocks > 1) _tile_loadd(kFC01, in[0][1].at, in[0][1].stride);
@@ -439,7 +446,8 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
   const int64_t chunk = std::max<int64_t>(1, kBf16ChunkBytes / (pass_steps * 1024));
   // Grown once per thread to the largest size met, then reused: no allocation per call.
   thread_local std::vector<__m512i> acts, weights;
-  if (acts.size() < size_t(padded * steps)) acts.resize(size_t(padded * steps));
+  const int64_t pitch = acts_pitch(steps);
+  if (acts.size() < size_t(padded * pitch)) acts.resize(size_t(padded * pitch));
   const size_t weight_vectors = size_t(std::min(chunk, b1 - b0) * pass_steps * 16);
   if (weights.size() < weight_vectors) weights.resize(weight_vectors);
   acts_bf16(x, steps, padded, acts.data());
@@ -458,7 +466,7 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
       __asm__ volatile("" ::: "memory");
       for (int64_t t = 0; t < padded; t += 2 * kTileTokens) {
         const int64_t token_tiles = std::min<int64_t>(2, (padded - t) / kTileTokens);
-        const __m512i* a = acts.data() + t * steps;
+        const __m512i* a = acts.data() + t * pitch;
         for (int64_t b = cb; b < ce; b += 2) {
           const int64_t blocks = std::min<int64_t>(2, ce - b);
           const __m512i* bt = weights.data() + (b - cb) * (s1 - s0) * 16;
@@ -481,10 +489,10 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
                                      : SumsOut{c[i][j][0], 64};
             }
           const SumsOut(*from)[2] = s0 > 0 ? in : nullptr;
-          if (token_tiles == 2 && blocks == 2) bf16_tiles<2, 2>(a, bt, s0, s1, steps, from, out);
-          else if (token_tiles == 2) bf16_tiles<2, 1>(a, bt, s0, s1, steps, from, out);
-          else if (blocks == 2) bf16_tiles<1, 2>(a, bt, s0, s1, steps, from, out);
-          else bf16_tiles<1, 1>(a, bt, s0, s1, steps, from, out);
+          if (token_tiles == 2 && blocks == 2) bf16_tiles<2, 2>(a, bt, s0, s1, pitch, from, out);
+          else if (token_tiles == 2) bf16_tiles<2, 1>(a, bt, s0, s1, pitch, from, out);
+          else if (blocks == 2) bf16_tiles<1, 2>(a, bt, s0, s1, pitch, from, out);
+          else bf16_tiles<1, 1>(a, bt, s0, s1, pitch, from, out);
           if (s1 < steps) continue;
           for (int64_t i = 0; i < token_tiles; ++i)
             for (int64_t j = 0; j < blocks; ++j) {
