@@ -467,14 +467,17 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
 
 
 @pytest.mark.skipif("amx" not in C.cpu_features()["available_isas"], reason="the CPU has no AMX (or the OS grants none)")
-# One token (decode, in four streams on amx) over 3, 7 and 4 row blocks.
+# One token (decode, in four streams on amx) over 3, 7 and 4 row blocks; rows of more than 2,048 inputs,
+# which the fast rows take in passes (groups of 96 and 128 cut by a pass).
 @pytest.mark.parametrize("T,N,K,group", Q8_PROMPT_SHAPES + [(128, 96, 576, 32), (64, 48, 2048, 64), (1, 33, 96, 32),
-                                                           (1, 100, 96, 32), (1, 64, 576, 32)])
+                                                           (1, 100, 96, 32), (1, 64, 576, 32), (33, 50, 2300, 32),
+                                                           (17, 40, 2600, 128), (20, 33, 2400, 96)])
 def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> None:
     """The amx path's int8 tiles compute the integer sums of the VNNI tiles and scale them in the same
     order: its two-digit rows, with and without fast rows before them, are the avx512bf16 path's bit for
     bit (which keeps a row's bits independent of the rows it is batched with: decode, chunked prompts,
-    threads). Its fast rows are bf16 tiles' (test_matmul_q8_one_digit_rows)."""
+    threads), also a prompt's one last row, which the fast rows' weight conversion sums. Its fast rows
+    are bf16 tiles' (test_matmul_q8_one_digit_rows)."""
     from cpullm.dtypes import quantize_q8
 
     rng = np.random.default_rng(T + N + K + group)
@@ -482,7 +485,7 @@ def test_amx_tiles_give_the_vnni_bits(T: int, N: int, K: int, group: int) -> Non
     wq, ws = quantize_q8(w, group)
     previous = C.get_isa()
     try:
-        for one_digit_rows in sorted({0, min(16, T), T // 2, T}):
+        for one_digit_rows in sorted({0, min(16, T), T // 2, max(T - 1, 0), T}):
             C.set_isa("amx")
             got = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
             C.set_isa("avx512bf16")

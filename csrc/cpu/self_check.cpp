@@ -13,9 +13,11 @@ namespace {
 // Sizes that reach every branch of the tiled kernels: one-digit rows in tiles of 4 and a single one,
 // two-digit rows in tiles of 2 and a single one; on AMX (whose fast rows are a case of their own, on
 // bf16 tiles: a whole tile and one of 5 rows, then a tile of two-digit rows and 5 left to the VNNI
-// tiles) two tiles of 16 two-digit rows and 10 rows left to the VNNI tiles; three row blocks of 16 (a
-// pair and one alone) with the last one partial; a last group of 4 inputs after three whole ones.
-constexpr int64_t kTokens = 42, kOneDigitRows = 21, kInputs = 100, kOutputs = 37, kGroup = 32;
+// tiles) two tiles of 16 two-digit rows and 10 rows left to the VNNI tiles; five row blocks of 16 (two
+// pairs and one alone; for one token, four streams and one alone) with the last one partial; a last
+// group of 4 inputs after three whole ones. Then one token alone (decode), and a prompt's last row
+// after fast rows (on AMX summed in the fast rows' weight conversion).
+constexpr int64_t kTokens = 42, kOneDigitRows = 21, kInputs = 100, kOutputs = 69, kGroup = 32;
 
 // A fixed pseudo-random sequence (the check must not depend on a seed the caller could vary).
 struct Lcg {
@@ -27,10 +29,11 @@ struct Lcg {
   float uniform() { return static_cast<float>(next()) / 2147483648.0f * 2.0f - 1.0f; }  // [-1, 1)
 };
 
-// max |y - ref| / max |ref|: a broken kernel is off by O(1), a sound one by float rounding only.
-double relative_error(const std::vector<float>& y, const std::vector<float>& ref) {
+// max |y - ref| / max |ref| over elements [from, end): a broken kernel is off by O(1), a sound one by
+// float rounding only.
+double relative_error(const std::vector<float>& y, const std::vector<float>& ref, size_t from = 0) {
   double worst = 0, scale = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
+  for (size_t i = from; i < ref.size(); ++i) {
     scale = std::fmax(scale, std::fabs(double(ref[i])));
     const double d = std::fabs(double(y[i]) - double(ref[i]));
     worst = std::isnan(d) ? INFINITY : std::fmax(worst, d);
@@ -38,22 +41,23 @@ double relative_error(const std::vector<float>& y, const std::vector<float>& ref
   return scale > 0 ? worst / scale : worst;
 }
 
+// The first `tokens` rows of x, rows [0, fast_rows) of them fast prefill's.
 std::vector<float> run_q8(const Kernels& k, const std::vector<float>& x, const std::vector<int8_t>& wq,
-                          const std::vector<float>& ws, int64_t fast_rows) {
+                          const std::vector<float>& ws, int64_t fast_rows, int64_t tokens = kTokens) {
   Q8Weights w = q8_layout(kOutputs, kInputs, kGroup);
   std::vector<uint8_t> packed(size_t(w.block_bytes * w.n_blocks));
   pack_q8(wq.data(), ws.data(), w, packed.data());
   w.data = packed.data();
   const int64_t G = w.n_groups, stride = q8_act_stride(kInputs);
-  std::vector<int8_t> xq(size_t(2 * kTokens * stride));
-  std::vector<float> xs(size_t(kTokens * G));
-  std::vector<int32_t> sums(size_t(kTokens * G));
-  for (int64_t t = 0; t < kTokens; ++t)
+  std::vector<int8_t> xq(size_t(2 * tokens * stride));
+  std::vector<float> xs(size_t(tokens * G));
+  std::vector<int32_t> sums(size_t(tokens * G));
+  for (int64_t t = 0; t < tokens; ++t)
     quantize_q8_for_matmul(k, x.data() + t * kInputs, kInputs, kGroup, stride, xq.data() + 2 * t * stride,
                            xs.data() + t * G, sums.data() + t * G, t < fast_rows);
-  Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), kTokens, kInputs);
+  Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), tokens, kInputs);
   acts.one_digit_rows = fast_rows;
-  std::vector<float> y(size_t(kTokens * kOutputs));
+  std::vector<float> y(size_t(tokens * kOutputs));
   k.matmul_q8(acts, w, 0, w.n_blocks, y.data(), kOutputs);
   return y;
 }
@@ -109,6 +113,10 @@ std::string self_check(const Kernels& k) {
       {"int8 matmul of fast rows on bf16 tiles",
        k.quantize_fast_bf16 ? relative_error(run_q8(k, x, wq, ws, kOneDigitRows), run_q8(ref, x, wq, ws, 0)) : 0.0,
        kBf16Tolerance},
+      {"int8 matmul of one token", relative_error(run_q8(k, x, wq, ws, 0, 1), run_q8(ref, x, wq, ws, 0, 1)), kTolerance},
+      {"int8 matmul of a prompt's last row after fast rows",
+       relative_error(run_q8(k, x, wq, ws, kTokens - 1), run_q8(ref, x, wq, ws, 0), size_t((kTokens - 1) * kOutputs)),
+       kTolerance},
       {"f32 matmul", relative_error(run_f32(k, x, wf), run_f32(ref, x, wf)), kTolerance},
       {"bf16 matmul", relative_error(run_bf16(k, x, wb), run_bf16(ref, x, wb)), kTolerance},
   };

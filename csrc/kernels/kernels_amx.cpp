@@ -340,10 +340,24 @@ void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out
 // the chunk before, toward L2, slowed them (the fifteenth round in docs/performance.md).
 constexpr int64_t kConvertAhead = 4096;
 
+// The prompt's last row (two digits), summed while its weights are converted, which reads each quad
+// once for both: the VNNI one-token kernel's sums (vnni_one_token_blocks) and the same roundings, so
+// the same bits, with the same order of additions. Per block of a chunk, its float sums and, for a
+// group cut by a pass, the group's integer sums wait in `state` between passes.
+struct LastRow {
+  const int8_t* hi = nullptr;  // the row's hi digits; its lo digits follow `stride` bytes on
+  int64_t stride = 0;
+  const float* scales = nullptr;
+  const int32_t* sums = nullptr;
+  __m512i* state = nullptr;  // [block of the chunk][3]: float sums, hi sums, lo sums
+};
+
 // Steps [s0, s1) of blocks [b0, b1) of w as bf16 B tiles: per block and step, 16 tile rows, one per
 // pair of inputs, of the 16 rows' two weights times their group's scale (zero past the group's quads),
-// 1 KiB in all.
-void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_t s1, __m512i* out) {
+// 1 KiB in all. With kLast, the row `last` over the same steps too.
+template <bool kLast>
+void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_t s1, __m512i* out,
+                  const LastRow& last) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   // Word 2n of a pair row is row n's first input, word 2n + 1 its second.
   alignas(64) uint16_t order[32];
@@ -351,19 +365,35 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_
   const __m512i pairs = _mm512_load_si512(order);
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* blk = w.data + b * w.block_bytes;
+    __m512i* state = kLast ? last.state + 3 * (b - b0) : nullptr;
+    __m512 acc;
+    __m512i hi, lo;
+    if constexpr (kLast) acc = _mm512_castsi512_ps(state[0]), hi = state[1], lo = state[2];
     for (int64_t s = s0; s < s1; ++s, out += 16) {
       const int64_t k = s * kStep, g = k / w.group, first = (k - g * w.group) / 4;
       const int64_t quads = g + 1 == w.n_groups ? w.last_quads : w.group / 4;
       const uint8_t* rec = blk + g * w.group_bytes;
       const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(rec + quads * 64));
+      if constexpr (kLast) {
+        if (first == 0) hi = _mm512_setzero_si512(), lo = _mm512_set1_epi32(-last.sums[g]);
+      }
       for (int64_t j = 0; j < 8; ++j) {
         if (first + j >= quads) {
           out[2 * j] = out[2 * j + 1] = _mm512_setzero_si512();
           continue;
         }
-        // Lane n: row n's 4 inputs, one signed byte each, lowest first.
-        const __m512i d = _mm512_xor_si512(_mm512_loadu_si512(rec + (first + j) * 64), bias);
+        const __m512i stored = _mm512_loadu_si512(rec + (first + j) * 64);
         _mm_prefetch(reinterpret_cast<const char*>(rec + (first + j) * 64 + kConvertAhead), _MM_HINT_T0);
+        if constexpr (kLast) {
+          const int64_t at = g * w.group + 4 * (first + j);
+          int32_t h4, l4;
+          std::memcpy(&h4, last.hi + at, 4);
+          std::memcpy(&l4, last.hi + last.stride + at, 4);
+          hi = _mm512_dpbusd_epi32(hi, stored, _mm512_set1_epi32(h4));
+          lo = _mm512_dpbusd_epi32(lo, stored, _mm512_set1_epi32(l4));
+        }
+        // Lane n: row n's 4 inputs, one signed byte each, lowest first.
+        const __m512i d = _mm512_xor_si512(stored, bias);
         const auto input = [&](int i) {
           const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(d, 24 - 8 * i), 24);
           return _mm512_mul_ps(_mm512_cvtepi32_ps(v), ws);
@@ -371,7 +401,15 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_
         out[2 * j] = _mm512_permutexvar_epi16(pairs, bf16_pack(input(0), input(1)));
         out[2 * j + 1] = _mm512_permutexvar_epi16(pairs, bf16_pack(input(2), input(3)));
       }
+      if constexpr (kLast) {
+        if (first + 8 >= quads) {
+          // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
+          const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi), lo);
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(ws, _mm512_set1_ps(last.scales[g])), acc);
+        }
+      }
     }
+    if constexpr (kLast) state[0] = _mm512_castps_si512(acc), state[1] = hi, state[2] = lo;
   }
 }
 
@@ -433,10 +471,12 @@ constexpr int64_t kOnePassSteps = 64, kPassSteps = 18;
 
 // Fast rows (all of x's) x blocks [b0, b1) of w on bf16 tiles. A row's results depend on it alone:
 // the last tile's missing rows are zero rows, and every row is summed over the same steps. The rows of
-// `rest` (two-digit rows; none if its T is 0) go to two_digit_rows a chunk at a time, while the
-// chunk's weights are in L2, not in a pass of their own over all of them (a prompt's last row:
-// tools/ab_forward.py, fast prefill, 1 thread, 3 rounds, SmolLM2 1,805-1,852 -> 1,870-1,956 tok/s, the
-// 1B shape 224-225 -> 224-248).
+// `rest` (two-digit rows; none if its T is 0): one (a prompt's last row) is summed in the weights'
+// conversion (LastRow), which reads each stored quad for both; more go to two_digit_rows a chunk at a
+// time, while the chunk's weights are in L2. tools/ab_forward.py, fast prefill, 1 thread, 4 rounds, a
+// last row per chunk -> in the conversion: the 1B shape 280-301 -> 308-327 tok/s, SmolLM2 1,971-2,055
+// -> 2,072-2,145 (as a pass of its own over all the weights it had been slower again: SmolLM2
+// 1,805-1,852 against 1,870-1,956 per chunk).
 void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
                float* y_rest, int64_t ldy) {
   const int64_t steps = (w.cols + kStep - 1) / kStep;
@@ -457,11 +497,31 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
   thread_local std::vector<__m512i> partial;  // [token tile][block of the chunk] 16 x 16 sums
   const size_t partial_vectors = passes > 1 ? size_t(padded / kTileTokens * std::min(chunk, b1 - b0) * 16) : 0;
   if (partial.size() < partial_vectors) partial.resize(partial_vectors);
+  // A prompt's one last row is summed in the conversion; more rows go to two_digit_rows.
+  const bool fused = rest.T == 1;
+  thread_local std::vector<__m512i> last_state;
+  LastRow last;
+  if (fused) {
+    if (last_state.size() < size_t(3 * std::min(chunk, b1 - b0))) last_state.resize(size_t(3 * std::min(chunk, b1 - b0)));
+    last = LastRow{rest.q, rest.stride, rest.scales, rest.sums, last_state.data()};
+  }
   for (int64_t cb = b0; cb < b1; cb += chunk) {
     const int64_t ce = std::min(b1, cb + chunk);
     for (int64_t s0 = 0; s0 < steps; s0 += pass_steps) {
       const int64_t s1 = std::min(steps, s0 + pass_steps);
-      weights_bf16(w, cb, ce, s0, s1, weights.data());
+      if (fused) {
+        if (s0 == 0)
+          for (int64_t b = 0; b < ce - cb; ++b) last.state[3 * b] = _mm512_setzero_si512();
+        weights_bf16<true>(w, cb, ce, s0, s1, weights.data(), last);
+        if (s1 == steps)
+          for (int64_t b = cb; b < ce; ++b) {
+            const int64_t rows = std::min<int64_t>(kQ8Rows, w.rows - b * kQ8Rows);
+            _mm512_mask_storeu_ps(y_rest + b * kQ8Rows, static_cast<__mmask16>((uint32_t(1) << rows) - 1),
+                                  _mm512_castsi512_ps(last.state[3 * (b - cb)]));
+          }
+      } else {
+        weights_bf16<false>(w, cb, ce, s0, s1, weights.data(), last);
+      }
       // The tile loads' asm does not name the memory it reads: the conversions must be in memory first.
       __asm__ volatile("" ::: "memory");
       for (int64_t t = 0; t < padded; t += 2 * kTileTokens) {
@@ -506,7 +566,7 @@ void fast_rows(const Q8Acts& x, const Q8Acts& rest, const Q8Weights& w, int64_t 
         }
       }
     }
-    if (rest.T > 0) {
+    if (rest.T > 0 && !fused) {
       two_digit_rows(rest, w, cb, ce, y_rest, ldy);
       _tile_loadconfig(&config);
     }
