@@ -377,22 +377,22 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_
       if constexpr (kLast) {
         if (first == 0) hi = _mm512_setzero_si512(), lo = _mm512_set1_epi32(-last.sums[g]);
       }
-      for (int64_t j = 0; j < 8; ++j) {
-        if (first + j >= quads) {
-          out[2 * j] = out[2 * j + 1] = _mm512_setzero_si512();
-          continue;
-        }
-        const __m512i stored = _mm512_loadu_si512(rec + (first + j) * 64);
-        _mm_prefetch(reinterpret_cast<const char*>(rec + (first + j) * 64 + kConvertAhead), _MM_HINT_T0);
+      // This step's quads of the group: 8, or fewer in a last group (the tile rows past them zero).
+      const int64_t n = std::min<int64_t>(8, quads - first);
+      const uint8_t* quad = rec + first * 64;
+      const int8_t* last_hi = kLast ? last.hi + g * w.group + 4 * first : nullptr;
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512i stored = _mm512_loadu_si512(quad + j * 64);
+        _mm_prefetch(reinterpret_cast<const char*>(quad + j * 64 + kConvertAhead), _MM_HINT_T0);
         if constexpr (kLast) {
-          const int64_t at = g * w.group + 4 * (first + j);
           int32_t h4, l4;
-          std::memcpy(&h4, last.hi + at, 4);
-          std::memcpy(&l4, last.hi + last.stride + at, 4);
+          std::memcpy(&h4, last_hi + 4 * j, 4);
+          std::memcpy(&l4, last_hi + last.stride + 4 * j, 4);
           hi = _mm512_dpbusd_epi32(hi, stored, _mm512_set1_epi32(h4));
           lo = _mm512_dpbusd_epi32(lo, stored, _mm512_set1_epi32(l4));
         }
-        // Lane n: row n's 4 inputs, one signed byte each, lowest first.
+        // Lane r: row r's 4 inputs, one signed byte each, lowest first.
         const __m512i d = _mm512_xor_si512(stored, bias);
         const auto input = [&](int i) {
           const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(d, 24 - 8 * i), 24);
@@ -401,6 +401,7 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_
         out[2 * j] = _mm512_permutexvar_epi16(pairs, bf16_pack(input(0), input(1)));
         out[2 * j + 1] = _mm512_permutexvar_epi16(pairs, bf16_pack(input(2), input(3)));
       }
+      for (int64_t j = n; j < 8; ++j) out[2 * j] = out[2 * j + 1] = _mm512_setzero_si512();
       if constexpr (kLast) {
         if (first + 8 >= quads) {
           // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
