@@ -128,7 +128,24 @@ const float* vector_f32(const std::map<std::string, TensorView>& tensors, const 
   return static_cast<const float*>(t->data);
 }
 
-void rmsnorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
+// The forward pass's per-row loops, compiled for AVX-512 and AVX2 too, one chosen by the CPU at load
+// time (the rest of this file is built for the baseline ISA): the same operations in the same order at
+// every width, with no contraction (-ffp-contract=off), so the same bits on every path (the logits of
+// SmolLM2 int8 and f32, both prefill modes and a decode step, compared bit for bit). The baseline's SSE2
+// rmsnorm and residual adds had been ~6 % of a 128-token SmolLM2 prefill; tools/ab_forward.py, 1 thread,
+// 4 rounds: exact prefill 1,276-1,302 -> 1,347-1,387 tok/s (fast prefill within noise). GNU ifuncs
+// pick the clone: glibc's loader only.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define CPULLM_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CPULLM_ROW_LOOP
+#endif
+
+CPULLM_ROW_LOOP void add_row(float* row, const float* other, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) row[i] += other[i];
+}
+
+CPULLM_ROW_LOOP void rmsnorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
   // Eight independent double sums: one running sum is a chain of dependent adds (4 cycles each), which
   // was ~3 % of a prefill on one thread. The compiler vectorises separate lanes without -ffast-math
   // (the order of the sum is this code's own, the same for every path).
@@ -160,7 +177,7 @@ void embedding_row(const Matrix& emb, int64_t row, float* out) {
 }
 
 // transformers' rotate_half convention: dimension i pairs with i + rotary_dim / 2.
-void apply_rope(float* head, const float* cos, const float* sin, int half) {
+CPULLM_ROW_LOOP void apply_rope(float* head, const float* cos, const float* sin, int half) {
   for (int i = 0; i < half; ++i) {
     const float a = head[i], b = head[i + half];
     head[i] = a * cos[i] - b * sin[i];
@@ -604,7 +621,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
       float* row = x + t * D;
       if (residual)
-        for (int64_t i = 0; i < D; ++i) row[i] += residual[t * D + i];
+        add_row(row, residual + t * D, D);
       rmsnorm(row, norm_weight, xn + t * D, D, s.norm_eps);
       if (next) quantize_row(*next, xn + t * D, t);
     });
@@ -633,7 +650,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
     parallel_for(n_threads, per_token_parallel, T, [&](int64_t t) {
       float* row = qkv + t * qkv_dim;
       if (L.bqkv)
-        for (int64_t i = 0; i < qkv_dim; ++i) row[i] += L.bqkv[i];
+        add_row(row, L.bqkv, qkv_dim);
       const float* c = rope_cos_.data() + t * half;
       const float* sn = rope_sin_.data() + t * half;
       for (int64_t h = 0; h < H + KVH; ++h) apply_rope(row + h * hd, c, sn, half);
@@ -667,7 +684,7 @@ void Sequence::run(const int32_t* tokens, int n_tokens, float* logits, int n_out
   for (int64_t t = first; t < T; ++t) {
     float* row = x + t * D;
     if (pending)
-      for (int64_t i = 0; i < D; ++i) row[i] += pending[t * D + i];
+      add_row(row, pending + t * D, D);
     rmsnorm(row, model_.norm(), xn + (t - first) * D, D, s.norm_eps);
   }
   if (n_out > 0) matmul(xn, n_out, model_.lm_head(), logits, n_threads);
