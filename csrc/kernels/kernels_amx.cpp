@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/q8_avx512.h"
 
 namespace cpullm {
 namespace {
@@ -341,9 +342,9 @@ void acts_bf16(const Q8Acts& x, int64_t steps, int64_t padded_rows, __m512i* out
 constexpr int64_t kConvertAhead = 4096;
 
 // The prompt's last row (two digits), summed while its weights are converted, which reads each quad
-// once for both: the VNNI one-token kernel's sums (vnni_one_token_blocks) and the same roundings, so
-// the same bits, with the same order of additions. Per block of a chunk, its float sums and, for a
-// group cut by a pass, the group's integer sums wait in `state` between passes.
+// once for both: the VNNI one-token kernel's sums (vnni_one_token_blocks) and its group step
+// (add_two_digit_group), so the same bits, with the same order of additions. Per block of a chunk, its
+// float sums and, for a group cut by a pass, the group's integer sums wait in `state` between passes.
 struct LastRow {
   const int8_t* hi = nullptr;  // the row's hi digits; its lo digits follow `stride` bytes on
   int64_t stride = 0;
@@ -419,11 +420,7 @@ void weights_bf16(const Q8Weights& w, int64_t b0, int64_t b1, int64_t s0, int64_
       }
       for (int64_t j = n; j < 8; ++j) out[2 * j] = out[2 * j + 1] = _mm512_setzero_si512();
       if constexpr (kLast) {
-        if (first + 8 >= quads) {
-          // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
-          const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi), lo);
-          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(ws, _mm512_set1_ps(last.scales[g])), acc);
-        }
+        if (first + 8 >= quads) acc = add_two_digit_group(hi, lo, ws, last.scales[g], acc);
       }
     }
     if constexpr (kLast) state[0] = _mm512_castps_si512(acc), state[1] = hi, state[2] = lo;

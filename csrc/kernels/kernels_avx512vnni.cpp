@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/q8_avx512.h"
 #include "kernels/q8_x86.h"
 
 namespace cpullm {
@@ -91,14 +92,9 @@ inline void vnni_one_token_blocks(const Q8Acts& x, int64_t t, const Q8Weights& w
         lo0[k] = _mm512_dpbusd_epi32(lo0[k], w0, _mm512_set1_epi32(l0));
       }
     }
-    for (int k = 0; k < kBlocks; ++k) {
-      const __m512i hi = _mm512_add_epi32(hi0[k], hi1[k]), lo = _mm512_add_epi32(lo0[k], lo1[k]);
-      // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
-      const __m512i isum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 7), hi), lo);
-      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(rec[k] + quads * 64)),
-                                     _mm512_set1_ps(xs[g]));
-      acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[k]);
-    }
+    for (int k = 0; k < kBlocks; ++k)
+      acc[k] = add_two_digit_group(_mm512_add_epi32(hi0[k], hi1[k]), _mm512_add_epi32(lo0[k], lo1[k]),
+                                   _mm512_loadu_ps(reinterpret_cast<const float*>(rec[k] + quads * 64)), xs[g], acc[k]);
   }
   for (int k = 0; k < kBlocks; ++k) {
     const int64_t row0 = blocks[k] * kQ8Rows, rest = w.rows - row0;

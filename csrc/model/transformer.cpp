@@ -131,8 +131,9 @@ const float* vector_f32(const std::map<std::string, TensorView>& tensors, const 
 // The forward pass's per-row loops, compiled for AVX-512 and AVX2 too, one chosen by the CPU at load
 // time (the rest of this file is built for the baseline ISA): the same operations in the same order at
 // every width, with no contraction (-ffp-contract=off), so the same bits on every path (the logits of
-// SmolLM2 int8 and f32, both prefill modes and a decode step, compared bit for bit). The baseline's SSE2
-// rmsnorm and residual adds had been ~6 % of a 128-token SmolLM2 prefill; tools/ab_forward.py, 1 thread,
+// SmolLM2 int8 and f32, both prefill modes and a decode step, compared bit for bit). In SSE2, rmsnorm
+// and Sequence::run's own loops had been 6.3 % of a 128-token SmolLM2 fast prefill (perf, -e cpu-clock,
+// docs/performance.md's sixteenth round); tools/ab_forward.py, 1 thread,
 // 4 rounds: exact prefill 1,276-1,302 -> 1,347-1,387 tok/s (fast prefill within noise). GNU ifuncs
 // pick the clone: glibc's loader only.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)

@@ -99,9 +99,9 @@ class Model:
         whose logits are not returned (a prompt but its last token) with one int8 digit instead of
         two: prompt processing about 1.5x faster, the logits returned and decoded tokens still two
         digits; the cache they fill is less exact (docs/int8.md has the measured cost). On CPUs with
-        AMX those rows instead keep two digits, rounded to bf16, and multiply on the bf16 tiles with
-        the weights times their scales rounded to bf16: faster there, and closer to the default. Unlike the
-        default, results then depend on which rows returned logits: a chat turn after a cached
+        AMX those rows are instead rounded to bf16, not to int8 digits, and multiply on the bf16 tiles
+        with the weights times their scales rounded to bf16: faster there, and closer to the default.
+        Unlike the default, results then depend on which rows returned logits: a chat turn after a cached
         conversation keeps the earlier replies' two-digit rows, where one call over the whole text
         would give them one digit (the server's chunked prefill returns none before its last chunk,
         so it matches one call), and a longrope model crossing its switch length re-encodes its
