@@ -110,14 +110,15 @@ inline void vnni_one_token(const Q8Acts& x, int64_t t, const Q8Weights& w, int64
   vnni_one_token_blocks<1, kPrefetch>(x, t, w, &b, y, ldy);
 }
 
-// kLo: the lo digits' products are taken (false only for rows whose lo digits are zero: the same
-// integers, half the vpdpbusd). Without lo digits the group's sum 128 * 127 * sum(hi) is a multiple of
-// 127, so the hi sums start at -128 * sum(hi) and the epilogue's 127 * hi is the whole sum.
+// Tokens t >= kLoFrom have their lo digits' products taken; the others are rows whose lo digits are
+// zero (the same integers, half the vpdpbusd): 0 for two-digit tiles, TT for one-digit ones, TT - 1
+// for a mixed one (Q8Driver's MixedTiles). Without lo digits the group's sum 128 * 127 * sum(hi) is a
+// multiple of 127, so the hi sums start at -128 * sum(hi) and the epilogue's 127 * hi is the whole sum.
 //
 // No software prefetch: the next tile's blocks, requested one line per quad, cost 6-17 % of the tile's
 // time in a kernel benchmark on Zen 4 (one- and two-digit rows, SmolLM2 and Llama-1B shapes, 128 and
 // 512 tokens; docs/performance.md), and its L1 prefetcher follows the block streams from L2 by itself.
-template <int TT, int RB, bool kLo>
+template <int TT, int RB, int kLoFrom>
 inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
   const int64_t G = w.n_groups;
   const uint8_t* blk[RB];
@@ -129,15 +130,17 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
   alignas(64) float acc[TT][RB][kQ8Rows];
   for (int t = 0; t < TT; ++t)
     for (int b = 0; b < RB; ++b) _mm512_store_ps(acc[t][b], _mm512_setzero_ps());
+  // Only the two-digit tokens' lo sums exist (index t - kLoFrom).
+  constexpr int kLoTokens = TT - kLoFrom > 0 ? TT - kLoFrom : 0;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
     const int64_t off = g * w.group_bytes, begin = g * w.group;
-    __m512i hi[TT][RB], lo[TT][RB];
+    __m512i hi[TT][RB], lo[kLoTokens > 0 ? kLoTokens : 1][RB];
     for (int t = 0; t < TT; ++t) {
       const int32_t sum = x.sums[(t0 + t) * G + g];
       for (int b = 0; b < RB; ++b) {
-        hi[t][b] = kLo ? _mm512_setzero_si512() : _mm512_set1_epi32(-sum / 127);
-        if constexpr (kLo) lo[t][b] = _mm512_set1_epi32(-sum);
+        hi[t][b] = t >= kLoFrom ? _mm512_setzero_si512() : _mm512_set1_epi32(-sum / 127);
+        if (t >= kLoFrom) lo[t - kLoFrom][b] = _mm512_set1_epi32(-sum);
       }
     }
 #pragma GCC unroll 2
@@ -149,11 +152,11 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
         std::memcpy(&h4, xt[t] + begin + 4 * i, 4);
         const __m512i xh = _mm512_set1_epi32(h4);
         for (int b = 0; b < RB; ++b) hi[t][b] = _mm512_dpbusd_epi32(hi[t][b], wv[b], xh);
-        if constexpr (kLo) {
+        if (t >= kLoFrom) {
           int32_t l4;
           std::memcpy(&l4, xt[t] + x.stride + begin + 4 * i, 4);
           const __m512i xl = _mm512_set1_epi32(l4);
-          for (int b = 0; b < RB; ++b) lo[t][b] = _mm512_dpbusd_epi32(lo[t][b], wv[b], xl);
+          for (int b = 0; b < RB; ++b) lo[t - kLoFrom][b] = _mm512_dpbusd_epi32(lo[t - kLoFrom][b], wv[b], xl);
         }
       }
     }
@@ -162,7 +165,7 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
       for (int t = 0; t < TT; ++t) {
         // 127 * hi (+ lo) in wrapping int32 arithmetic, exact since the result fits.
         const __m512i hi127 = _mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]);
-        const __m512i isum = kLo ? _mm512_add_epi32(hi127, lo[t][b]) : hi127;
+        const __m512i isum = t >= kLoFrom ? _mm512_add_epi32(hi127, lo[t - kLoFrom][b]) : hi127;
         const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x.scales[(t0 + t) * G + g]));
         _mm512_store_ps(acc[t][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, _mm512_load_ps(acc[t][b])));
       }
@@ -197,12 +200,23 @@ struct VnniTiles {
     if constexpr (TT == 1 && RB == 1)
       vnni_one_token<kPrefetch>(x, t0, w, b0, y, ldy);  // exact for one-digit rows too (their lo digits are zero)
     else
-      vnni_tile<TT, RB, kLo>(x, t0, w, b0, y, ldy);
+      vnni_tile<TT, RB, kLo ? 0 : TT>(x, t0, w, b0, y, ldy);
+  }
+};
+
+// Q8Driver's MixedTiles: TT - 1 one-digit tokens and a two-digit one, over 2 blocks (10 accumulators for
+// the 5 tokens of 4 one-digit rows and the last).
+struct VnniMixedTiles {
+  static constexpr int kTokens = 5;
+  static constexpr int blocks(int) { return 2; }
+  template <int TT, int RB>
+  static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
+    vnni_tile<TT, RB, TT - 1>(x, t0, w, b0, y, ldy);
   }
 };
 
 void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>>::matmul(x, w, b0, b1, y, ldy);
+  Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>, VnniMixedTiles>::matmul(x, w, b0, b1, y, ldy);
 }
 
 }  // namespace
@@ -226,7 +240,7 @@ void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64
     for (int64_t b = b0 + kStreams * q; b < b1; ++b) vnni_one_token<true>(x, 0, w, b, y, ldy);
     return;
   }
-  Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>>::matmul(x, w, b0, b1, y, ldy);
+  Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>, VnniMixedTiles>::matmul(x, w, b0, b1, y, ldy);
 }
 
 namespace {

@@ -28,7 +28,13 @@ namespace cpullm {
 // token tile passes over them, with tiles of up to Tiles::kTokens tokens and Tiles::blocks(TT) row
 // blocks (then single blocks for the remainder). The rows whose lo digits are zero (Q8Acts::
 // one_digit_rows) go through OneDigitTiles, which may skip those digits; by default the same family.
-template <class Tiles, class OneDigitTiles = Tiles>
+//
+// MixedTiles (optional): tiles of TT tokens whose last one has two digits and the others one, for TT
+// from 2 to OneDigitTiles::kTokens + 1. Fast prefill's usual rows are one-digit rows and one two-digit
+// row after them (the logits returned); that row then rides in the one-digit rows' last tile instead of
+// passing over the chunk alone as one token, which re-reads the chunk at one token's rate (the same
+// integer sums and epilogue as any two-digit tile, so the same bits).
+template <class Tiles, class OneDigitTiles = Tiles, class MixedTiles = void>
 struct Q8Driver {
   static constexpr int64_t kPrefetchMinTokens = 8;
 
@@ -85,12 +91,31 @@ struct Q8Driver {
     }
   }
 
+  // The mixed tile of n tokens from t (2 <= n <= TT).
+  template <int TT>
+  static inline void mixed(const Q8Acts& x, int64_t t, int64_t n, const Q8Weights& w, int64_t b0, int64_t b1, float* y,
+                           int64_t ldy, NextChunk& next) {
+    if constexpr (TT >= 2) {
+      if (n == TT)
+        blocks<MixedTiles, TT>(x, t, w, b0, b1, y, ldy, next);
+      else
+        mixed<TT - 1>(x, t, n, w, b0, b1, y, ldy, next);
+    }
+  }
+
   static void matmul(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
     constexpr int64_t RB = Tiles::blocks(Tiles::kTokens);
     int64_t chunk = (int64_t(256) << 10) / w.block_bytes / RB * RB;  // whole tiles
     if (chunk < RB) chunk = RB;
-    const int64_t split =
-        std::is_same_v<Tiles, OneDigitTiles> ? 0 : std::max<int64_t>(0, std::min(x.one_digit_rows, x.T));
+    constexpr bool kSplits = !std::is_same_v<Tiles, OneDigitTiles>;
+    const int64_t split = kSplits ? std::max<int64_t>(0, std::min(x.one_digit_rows, x.T)) : 0;
+    // With a mixed tile: the one-digit rows [0, split - mix) in whole tiles but for a remainder of
+    // fewer than kTokens, then rows [split - mix, T) as one mixed tile (mix + 1 tokens).
+    int64_t mix = 0;
+    if constexpr (kSplits && !std::is_void_v<MixedTiles>) {
+      constexpr int64_t TT1 = OneDigitTiles::kTokens;
+      if (split > 0 && x.T - split == 1) mix = split % TT1 == 0 ? std::min(TT1, split) : split % TT1;
+    }
     for (int64_t cb = b0; cb < b1; cb += chunk) {
       const int64_t ce = cb + chunk < b1 ? cb + chunk : b1;
       NextChunk next;
@@ -100,8 +125,18 @@ struct Q8Driver {
         next.base = w.data;
         next.pos = ce * w.block_bytes;
         next.end = std::min(b1, ce + chunk) * w.block_bytes;
-        const int64_t calls = tile_calls<OneDigitTiles>(split, ce - cb) + tile_calls<Tiles>(x.T - split, ce - cb);
+        int64_t calls = tile_calls<OneDigitTiles>(split - mix, ce - cb);
+        if constexpr (!std::is_void_v<MixedTiles>)
+          if (mix > 0) calls += tile_calls<MixedTiles>(1, ce - cb);  // one token tile: the mixed one
+        if (mix == 0) calls += tile_calls<Tiles>(x.T - split, ce - cb);
         next.per_tile = ((next.end - next.pos) / 64 + calls - 1) / calls;
+      }
+      if (mix > 0) {
+        if constexpr (!std::is_void_v<MixedTiles>) {
+          tokens<OneDigitTiles>(x, 0, split - mix, w, cb, ce, y, ldy, next);
+          mixed<OneDigitTiles::kTokens + 1>(x, split - mix, mix + 1, w, cb, ce, y, ldy, next);
+        }
+        continue;
       }
       if (split > 0) tokens<OneDigitTiles>(x, 0, split, w, cb, ce, y, ldy, next);
       tokens<Tiles>(x, split, x.T, w, cb, ce, y, ldy, next);
