@@ -30,7 +30,7 @@ namespace cpullm {
 // one_digit_rows) go through OneDigitTiles, which may skip those digits; by default the same family.
 //
 // MixedTiles (optional): tiles of TT tokens whose last one has two digits and the others one, for TT
-// from 2 to OneDigitTiles::kTokens + 1. Fast prefill's usual rows are one-digit rows and one two-digit
+// from 2 to MixedTiles::kTokens. Fast prefill's usual rows are one-digit rows and one two-digit
 // row after them (the logits returned); that row then rides in the one-digit rows' last tile instead of
 // passing over the chunk alone as one token, which re-reads the chunk at one token's rate (the same
 // integer sums and epilogue as any two-digit tile, so the same bits).
@@ -113,8 +113,9 @@ struct Q8Driver {
     // fewer than kTokens, then rows [split - mix, T) as one mixed tile (mix + 1 tokens).
     int64_t mix = 0;
     if constexpr (kSplits && !std::is_void_v<MixedTiles>) {
-      constexpr int64_t TT1 = OneDigitTiles::kTokens;
-      if (split > 0 && x.T - split == 1) mix = split % TT1 == 0 ? std::min(TT1, split) : split % TT1;
+      constexpr int64_t TT1 = OneDigitTiles::kTokens, most = MixedTiles::kTokens - 1;
+      const int64_t r = split % TT1 == 0 ? std::min(TT1, split) : split % TT1;
+      if (split > 0 && x.T - split == 1 && r <= most) mix = r;
     }
     for (int64_t cb = b0; cb < b1; cb += chunk) {
       const int64_t ce = cb + chunk < b1 ? cb + chunk : b1;
@@ -134,7 +135,7 @@ struct Q8Driver {
       if (mix > 0) {
         if constexpr (!std::is_void_v<MixedTiles>) {
           tokens<OneDigitTiles>(x, 0, split - mix, w, cb, ce, y, ldy, next);
-          mixed<OneDigitTiles::kTokens + 1>(x, split - mix, mix + 1, w, cb, ce, y, ldy, next);
+          mixed<MixedTiles::kTokens>(x, split - mix, mix + 1, w, cb, ce, y, ldy, next);
         }
         continue;
       }
@@ -145,12 +146,16 @@ struct Q8Driver {
 };
 
 // kLo false: the tiles for rows whose lo digits are zero (Q8Acts::one_digit_rows), which skip them and
-// take twice the tokens for the same accumulators.
-template <class Q, bool kLo = true>
+// take twice the tokens for the same accumulators. kMixed: Q8Driver's MixedTiles, whose last token
+// alone has two digits (up to 3 one-digit rows before it, the 8 accumulator pairs of a one-digit tile
+// and one pair more: within NEON's 32 registers; AVX-VNNI's 16 spill a little, as its one-digit tile does).
+template <class Q, bool kLo = true, bool kMixed = false>
 struct Q8Impl {
   using I = typename Q::I;
   using F = typename Q::F;
-  static constexpr int kTokens = kLo ? 2 : 4;
+  static constexpr int kTokens = kMixed ? 4 : kLo ? 2 : 4;
+  // Whether token t of a tile of TT has lo digits to take.
+  static constexpr bool has_lo(int t, int TT) { return kMixed ? t == TT - 1 : kLo; }
   // One block per tile: a token then reads a chunk of blocks front to back, one sequential stream for
   // the hardware prefetcher (see kernels_avx512vnni.cpp), and two tokens share each loaded block.
   static constexpr int blocks(int) { return 1; }
@@ -192,7 +197,7 @@ struct Q8Impl {
           const I xh = Q::bcast4(xt[t] + begin + 4 * i);
           for (int b = 0; b < RB; ++b)
             for (int h = 0; h < 2; ++h) hi[t][b][h] = Q::dot(hi[t][b][h], xh, wv[b][h]);
-          if constexpr (kLo) {
+          if (has_lo(t, TT)) {
             const I xl = Q::bcast4(xt[t] + x.stride + begin + 4 * i);
             for (int b = 0; b < RB; ++b)
               for (int h = 0; h < 2; ++h) lo[t][b][h] = Q::dot(lo[t][b][h], xl, wv[b][h]);
@@ -244,7 +249,7 @@ struct Q8Impl {
   }
 
   static void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-    Q8Driver<Q8Impl, Q8Impl<Q, false>>::matmul(x, w, b0, b1, y, ldy);
+    Q8Driver<Q8Impl, Q8Impl<Q, false>, Q8Impl<Q, false, true>>::matmul(x, w, b0, b1, y, ldy);
   }
 };
 
