@@ -109,8 +109,8 @@ struct Q8Driver {
     if (chunk < RB) chunk = RB;
     constexpr bool kSplits = !std::is_same_v<Tiles, OneDigitTiles>;
     const int64_t split = kSplits ? std::max<int64_t>(0, std::min(x.one_digit_rows, x.T)) : 0;
-    // With a mixed tile: the one-digit rows [0, split - mix) in whole tiles but for a remainder of
-    // fewer than kTokens, then rows [split - mix, T) as one mixed tile (mix + 1 tokens).
+    // With a mixed tile: the one-digit rows [0, split - mix) in whole tiles, then the rows [split - mix,
+    // T) as one mixed tile of mix + 1 tokens (where the remainder is too many for it, no mixed tile).
     int64_t mix = 0;
     if constexpr (kSplits && !std::is_void_v<MixedTiles>) {
       constexpr int64_t TT1 = OneDigitTiles::kTokens, most = MixedTiles::kTokens - 1;
@@ -147,8 +147,8 @@ struct Q8Driver {
 
 // kLo false: the tiles for rows whose lo digits are zero (Q8Acts::one_digit_rows), which skip them and
 // take twice the tokens for the same accumulators. kMixed: Q8Driver's MixedTiles, whose last token
-// alone has two digits (up to 3 one-digit rows before it, the 8 accumulator pairs of a one-digit tile
-// and one pair more: within NEON's 32 registers; AVX-VNNI's 16 spill a little, as its one-digit tile does).
+// alone has two digits: up to 3 one-digit rows before it, so at most the one-digit tile's 4 tokens
+// (one pair of lo sums more). Checked for bits (tests, tools/arm_check.sh), not timed on Arm or AVX-VNNI.
 template <class Q, bool kLo = true, bool kMixed = false>
 struct Q8Impl {
   using I = typename Q::I;
