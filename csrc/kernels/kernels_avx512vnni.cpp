@@ -131,7 +131,7 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
   for (int t = 0; t < TT; ++t)
     for (int b = 0; b < RB; ++b) _mm512_store_ps(acc[t][b], _mm512_setzero_ps());
   // Only the two-digit tokens' lo sums exist (index t - kLoFrom).
-  constexpr int kLoTokens = TT - kLoFrom > 0 ? TT - kLoFrom : 0;
+  constexpr int kLoTokens = TT - kLoFrom;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t quads = g + 1 == G ? w.last_quads : w.group / 4;
     const int64_t off = g * w.group_bytes, begin = g * w.group;
@@ -240,7 +240,9 @@ void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64
     for (int64_t b = b0 + kStreams * q; b < b1; ++b) vnni_one_token<true>(x, 0, w, b, y, ldy);
     return;
   }
-  Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>, VnniMixedTiles>::matmul(x, w, b0, b1, y, ldy);
+  // No mixed tiles: the amx table, which calls this, passes it two-digit rows only (its fast rows and
+  // their last row are its own).
+  Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>>::matmul(x, w, b0, b1, y, ldy);
 }
 
 namespace {
