@@ -180,7 +180,8 @@ void check_q8_group(const char* fn, int64_t group) {
 struct Q8Problem {
   std::vector<int8_t> xq;
   std::vector<float> xs;
-  std::vector<int32_t> sums;
+  std::vector<int32_t> sums, shifts;
+  std::vector<float> units;
   PageArena packed;
   Q8Acts acts;
   Q8Weights w;
@@ -192,11 +193,13 @@ struct Q8Problem {
     xq.resize(size_t(2 * T * stride));
     xs.resize(size_t(T * G));
     sums.resize(size_t(T * G));
+    shifts.resize(size_t(T * G));
+    units.resize(size_t(T));
     for (int64_t t = 0; t < T; ++t) {
       quantize_q8_for_matmul(kernels(), x + t * K, K, group, stride, xq.data() + 2 * t * stride, xs.data() + t * G,
-                             sums.data() + t * G, t < one_digit_rows);
+                             sums.data() + t * G, t < one_digit_rows, shifts.data() + t * G, units.data() + t);
     }
-    acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K);
+    acts = q8_acts(xq.data(), xs.data(), sums.data(), T, K, shifts.data(), units.data());
     acts.one_digit_rows = one_digit_rows;
     packed = PageArena(size_t(w.block_bytes * w.n_blocks));
     pack_q8(wq, ws, w, packed.data());

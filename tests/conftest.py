@@ -198,7 +198,8 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
                      keep: Callable[[str], bool] = lambda name: False, bf16_attention: bool = False,
                      bf16_rows: bool = False) -> np.ndarray:
     """transformers' logits with every linear layer's input quantized per group as cpullm's int8 matmul
-    does: rows [0, one_digit_rows) with one digit (s = max|x| / 127, rint(x / s)), the others with two
+    does: rows [0, one_digit_rows) with one digit (s = max|x| / 127 rounded up to the row's largest s
+    times a power of two, rint(x / s)), the others with two
     (then rint of the remainder in steps of s / 127), in float32; layers whose qualified name `keep`
     accepts are left alone; with bf16_attention, the one-digit rows' attention in bf16 too
     (use_bf16_attention_rows); with bf16_rows, rows [0, one_digit_rows) multiply on bf16 tiles instead
@@ -225,7 +226,16 @@ def hf_logits_digits(hf_model: Any, ids: np.ndarray, one_digit_rows: int, group:
         hi = torch.round(xg * (1 / s)).clamp(-127, 127)
         lo = torch.round((xg - hi * s) * (1 / (s / 127))).clamp(-127, 127)
         two = hi * s + lo * (s / 127)
-        fast = hi * s
+        # Fast rows: each group's scale the row's largest times 2^-k, the largest k in [0, max shift]
+        # that keeps it at or above the group's own (quantize_row_q8's one_digit).
+        max_shift = max(shift for shift in range(31) if group * 127 * 128 * 2**shift <= 2**31 - 1)
+        top = (xg.abs().amax(-1, keepdim=True) / 127).amax(-2, keepdim=True)  # zero groups' stand-in 1 left out
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        k = torch.floor(torch.log2(top / s)).clamp(0, max_shift)
+        k = torch.where(top * torch.exp2(-k) < s, k - 1, k)  # log2's rounding, either way
+        k = torch.where((k < max_shift) & (top * torch.exp2(-(k + 1)) >= s), k + 1, k)
+        s_fast = top * torch.exp2(-k)
+        fast = torch.round(xg * (1 / s_fast)).clamp(-127, 127) * s_fast
         two, fast = (q.reshape(*x.shape[:-1], K + pad)[..., :K] for q in (two, fast))
         return two, bf16(x) if bf16_rows else fast
 

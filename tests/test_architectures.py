@@ -374,9 +374,10 @@ def test_fast_prefill_matches_one_digit_reference(arch: tuple[str, Any, Any]) ->
     # experts keep two digits (their inputs are gathered rows), which the reference leaves at f32: the
     # two-digit rounding, 1e-4 of the logits, is below the bounds. A routing near-tie that the two
     # sides' rounding noise decides differently changes a row's FFN altogether (as in the int8 test
-    # above), so with experts only the median row is held to the bound. Measured: the one-digit rows'
-    # effect 3.0e-3 (Mixtral) to 1.3e-2, cpullm's distance from the reference 0.01-0.11 of it, median
-    # rows 0.8e-4-2.9e-4.
+    # above), so with experts only the median row is held to the bound. Measured with the one-digit
+    # rows' power-of-two group scales: their effect (median rows) 7.7e-3 (Mixtral) to 1.6e-2, cpullm's
+    # distance from the reference 0.75e-4-1.2e-4 in the median row, 5.8e-4 for Mixtral (0.075 of its
+    # effect; with each group's own scale, before, 2.2e-4 against 3.5e-3).
     name, f32_model, hf_model = arch
     model = cpullm.load(f32_model.source, dtype="int8", threads=2, kv_cache_dtype="f32", fast_prefill=True)
     ids = _ids(model.spec.vocab_size, 52, seed=17).astype(np.int32)
@@ -384,7 +385,7 @@ def test_fast_prefill_matches_one_digit_reference(arch: tuple[str, Any, Any]) ->
                                                  keep=lambda layer: layer.endswith("mlp.gate"))
     effect = rel_err(fast_ref, exact_ref)
     assert effect > 1.5e-3  # one digit matters here: three times the median bound below
-    assert median_row_err(got, fast_ref) < 5e-4
+    assert median_row_err(got, fast_ref) < 1e-3
     assert median_row_err(got, fast_ref) < 0.5 * median_row_err(got, exact_ref)  # cpullm really took one digit
     if name != "mixtral":
         assert rel_err(got, fast_ref) < 0.4 * effect

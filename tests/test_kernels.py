@@ -175,27 +175,60 @@ Q8_PROMPT_SHAPES = [(16, 17, 100, 32), (35, 40, 300, 64), (21, 33, 576, 32), (18
                     (40, 16, 200, 96), (33, 50, 192, 96)]
 
 
-def _quantize_rows_reference(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+def _clamp127(v: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(v), -127, np.clip(v, -127, 127))
+
+
+def _fast_max_shift(group: int) -> int:
+    """The largest shift of a one-digit group's integer sum (group products of |digit| <= 127 and
+    |weight| <= 128) that stays within int32."""
+    shift = 0
+    while shift < 30 and group * 127 * 128 * 2 ** (shift + 1) <= 2**31 - 1:
+        shift += 1
+    return shift
+
+
+def _fast_scale_reference(row_scale: np.float32, scale: np.float32, group: int) -> np.float32:
+    """A one-digit row's group scale (q8_fast_scale), by search: the row's largest group scale times
+    the smallest power of two 2^-k, k in [0, max shift], at or above the group's own scale; a zero or
+    subnormal group scale, or a row scale that is not finite, is left as it is."""
+    if not np.isfinite(row_scale) or scale < np.finfo(np.float32).tiny:
+        return scale
+    exponent = int(np.frexp(row_scale)[1]) + 126  # the biased exponent of a normal float
+    for k in range(min(_fast_max_shift(group), exponent - 1), -1, -1):
+        candidate = np.float32(row_scale * np.float32(2.0**-k))
+        if candidate >= scale:
+            return candidate
+    return row_scale
+
+
+def _quantize_rows_reference(x: np.ndarray, group: int, one_digit_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Independent NumPy statement of the activation quantization the kernels promise: per group
     s = max|x| / 127, hi = rint(x * (1 / s)), lo = rint((x - hi * s) * (1 / (s / 127))), every step in
-    float32 (the reciprocals are float32 divisions); returns ([T, 2K] hi then lo, s / 127 per group)."""
+    float32 (the reciprocals are float32 divisions); rows [0, one_digit_rows) with one digit: s from
+    _fast_scale_reference, lo = 0. Returns ([T, 2K] hi then lo, s / 127 per group)."""
     T, K = x.shape
     G = -(-K // group)
     q = np.zeros((T, 2 * K), np.int8)
     s = np.zeros((T, G), np.float32)
     for t in range(T):
+        row_scale = np.float32(np.abs(x[t]).max()) / np.float32(127)
         for g in range(G):
             sl = slice(g * group, min(K, (g + 1) * group))
             part = x[t, sl]
             scale = np.float32(np.abs(part).max()) / np.float32(127)
+            if t < one_digit_rows:
+                scale = _fast_scale_reference(row_scale, scale, group)
             fine = scale / np.float32(127)
             s[t, g] = fine
             if fine >= np.finfo(np.float32).tiny:  # else (zero, or a subnormal fine step) both digits 0
-                hi = np.clip(np.rint(part * (np.float32(1) / scale)), -127, 127).astype(np.float32)
-                rest = (part - hi * scale).astype(np.float32)
-                lo = np.clip(np.rint(rest * (np.float32(1) / fine)), -127, 127)
+                with np.errstate(invalid="ignore"):  # NaN (inf * 0) clamps to -127, as in the kernels
+                    hi = _clamp127(np.rint(part * (np.float32(1) / scale))).astype(np.float32)
+                    rest = (part - hi * scale).astype(np.float32)
+                    lo = _clamp127(np.rint(rest * (np.float32(1) / fine)))
                 q[t, sl] = hi.astype(np.int8)
-                q[t, K + sl.start:K + sl.stop] = lo.astype(np.int8)
+                if t >= one_digit_rows:
+                    q[t, K + sl.start:K + sl.stop] = lo.astype(np.int8)
     return q, s
 
 
@@ -396,26 +429,62 @@ def test_matmul_q8_matches_numpy(isa: str, T: int, N: int, K: int, group: int) -
     assert np.max(np.abs(y - weight_only)) <= 1e-4 * np.max(np.abs(x) @ np.abs(w).T)
 
 
-def test_one_digit_quantization_drops_the_lo_digits(isa: str) -> None:
-    # Fast prefill's rows are quantized with the hi digits only, on every path: the same hi digits and
-    # scales as two digits, zero lo digits, sums 128 * 127 * sum(hi); also for a group of zeros, an
-    # infinite activation and a short last group (100 = 3 * 32 + 4, no whole vector of 8 or 16 lanes).
+def test_one_digit_quantization(isa: str) -> None:
+    # Fast prefill's rows, on every path: one digit, each group's scale the row's largest times a power
+    # of two (at most one bit coarser than the group's own max|x| / 127, unless 2^-max_shift of the row's
+    # is coarser still), lo digits zero, sums 128 * 127 * sum(hi); also for a group of zeros, a group far
+    # below the row's largest, a short last group (100 = 3 * 32 + 4), a row of tiny values and one with
+    # an infinite activation (whose groups keep their own scales).
     rng = np.random.default_rng(11)
-    x = _rand(rng, 5, 100)
+    x = _rand(rng, 7, 100) * np.exp(_rand(rng, 1, 100))
     x[3, 32:64] = 0.0
     x[4, 97] = np.inf
-    q, s, sums = C.quantize_q8(x, 32, with_sums=True)
-    q1, s1, sums1 = C.quantize_q8(x, 32, with_sums=True, one_digit=True)
-    np.testing.assert_array_equal(q1[:, :100], q[:, :100])  # the same hi digits and scales
-    np.testing.assert_array_equal(s1, s)
-    assert not q1[:, 100:].any() and q[:4, 100:].any()
-    hi = q1[:, :100].astype(np.int64)
-    expected = [[128 * 127 * hi[t, g * 32:(g + 1) * 32].sum() for g in range(4)] for t in range(5)]
-    np.testing.assert_array_equal(sums1, expected)
-    # One digit: within half a step of max|x| / 127 of each group, the single-digit int8 of Q8_0.
-    restored = 127 * hi[:4] * np.repeat(s[:4], 32, axis=1)[:, :100]
-    step = np.repeat(np.abs(np.pad(x[:4], ((0, 0), (0, 28)))).reshape(4, 4, 32).max(axis=2), 32, axis=1)[:, :100] / 127
-    assert np.all(np.abs(restored - x[:4]) <= 0.5 * step * 1.001 + 1e-12)
+    x[5, 64:96] *= 1e-6  # below 2^-12 of the row's largest: k stops at the max shift
+    x[6] *= np.float32(1e-31)  # row scale ~1e-33: 2^-12 of it is still normal, fine steps subnormal
+    for group in (32, 64):
+        q1, s1, sums1 = C.quantize_q8(x, group, with_sums=True, one_digit=True)
+        q_ref, s_ref = _quantize_rows_reference(x, group, one_digit_rows=7)
+        np.testing.assert_array_equal(s1, s_ref)
+        np.testing.assert_array_equal(q1[:, :100], q_ref[:, :100])
+        assert not q1[:, 100:].any()
+        G = -(-100 // group)
+        hi = q1[:, :100].astype(np.int64)
+        expected = [[128 * 127 * hi[t, g * group:(g + 1) * group].sum() for g in range(G)] for t in range(7)]
+        np.testing.assert_array_equal(sums1, expected)
+        # Every group scale of a finite row: the row's largest times 2^-k, 0 <= k <= max shift.
+        for t in (0, 1, 2, 3, 5):
+            top = s1[t].max()
+            for g in range(G):
+                if s1[t, g] > 0:
+                    ratio = float(top) / float(s1[t, g])
+                    assert ratio == 2.0 ** round(np.log2(ratio)) and 1 <= ratio <= 2.0 ** _fast_max_shift(group)
+        # Within half a step of the group's scale, which is under twice max|x| / 127 of the group (or
+        # the row's largest times 2^-max_shift, for the group far below it).
+        rows = [0, 1, 2, 3, 5]
+        padded = np.pad(x[rows], ((0, 0), (0, G * group - 100)))
+        own = np.repeat(np.abs(padded).reshape(len(rows), G, group).max(axis=2) / 127, group, axis=1)[:, :100]
+        scale = 127 * np.repeat(s1[rows], group, axis=1)[:, :100]
+        floor = np.repeat(127 * s1[rows].max(axis=1, keepdims=True) * 2.0 ** -_fast_max_shift(group), 100, axis=1)
+        assert np.all(scale < np.maximum(2 * own, floor * 1.0001) * 1.0001)
+        assert np.all(np.abs(hi[rows] * scale - x[rows]) <= 0.5 * scale * 1.001 + 1e-12)
+
+
+@pytest.mark.parametrize("group", [32, 64, 512])
+def test_one_digit_rows_at_the_largest_shift(isa: str, group: int) -> None:
+    # The largest integer sums a one-digit group can have (every digit 127 against weights of -127 in
+    # the row's largest group, whose shift is the max) stay exact: no int32 overflow on any path.
+    K, N = 2 * group, 20
+    x = np.ones((3, K), np.float32)
+    x[:, group:] = 2.0**-20  # far below the first group: it takes the largest k
+    w = -np.ones((N, K), np.float32)
+    from cpullm.dtypes import quantize_q8
+
+    wq, ws = quantize_q8(w, group)
+    y = C.matmul_q8(x, wq, ws, group, one_digit_rows=3)
+    xq, xs = _quantize_rows_reference(x, group, one_digit_rows=3)
+    expected, magnitude = _q8_reference(xq, xs, wq, ws, group)
+    assert np.all(np.abs(y - expected) <= 4 * np.finfo(np.float32).eps * 8 * magnitude)
+    np.testing.assert_allclose(y, -(group + group * 2.0 ** -20), rtol=2e-3)
 
 
 # (20, 40, 2300, 64): rows of more than 2,048 inputs, which the amx path's bf16 tiles take in passes.
@@ -437,8 +506,8 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
     results = {}
     for one_digit_rows in sorted({0, 1, T // 2, T - 1, T}):
         y = C.matmul_q8(x, wq, ws, group, one_digit_rows=one_digit_rows)
-        xq, xs = _quantize_rows_reference(x, group)
         if bf16_rows:
+            xq, xs = _quantize_rows_reference(x, group)
             expected, magnitude = _q8_bf16_reference(x, wq, ws, group)
             # The tile unit's float32 sums of K products: within K eps of their magnitude.
             fast = slice(0, one_digit_rows)
@@ -447,7 +516,7 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
             exact, exact_magnitude = _q8_reference(xq, xs, wq, ws, group)
             assert np.all(np.abs(y[fast] - exact[fast]) <= 2.0 ** -7 * exact_magnitude[fast] + 1e-30)
         else:
-            xq[:one_digit_rows, K:] = 0
+            xq, xs = _quantize_rows_reference(x, group, one_digit_rows)
         expected, magnitude = _q8_reference(xq, xs, wq, ws, group)
         rows = slice(one_digit_rows if bf16_rows else 0, T)
         assert np.all(np.abs(y[rows] - expected[rows]) <= 4 * np.finfo(np.float32).eps * n_terms * magnitude[rows] + 1e-30)
@@ -460,8 +529,15 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
     steps = rng.integers(-127, 128, size=(T, K)).astype(np.float32)
     steps[:, ::group] = 127
     exact = steps * np.float32(2.0 ** -7)
+    # The same integers; the same bits too, but where one-digit rows scale their groups by shifts
+    # (avx512vnni, avx512bf16: the unit multiplied once at the end), there within their float rounding.
     if not bf16_rows:
-        np.testing.assert_array_equal(C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group))
+        fast, default = C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group)
+        if isa in ("avx512vnni", "avx512bf16"):
+            reference, magnitude = _q8_reference(*_quantize_rows_reference(exact, group), wq, ws, group)
+            assert np.all(np.abs(fast - default) <= 8 * np.finfo(np.float32).eps * n_terms * magnitude + 1e-30)
+        else:
+            np.testing.assert_array_equal(fast, default)
     with pytest.raises(ValueError, match="one_digit_rows"):
         C.matmul_q8(x, wq, ws, group, one_digit_rows=T + 1)
 

@@ -11,7 +11,8 @@ gives the kernel's numbers up to float rounding (the two-digit row reproduces cp
     python tools/activation_schemes.py HF_DIR [SCHEME ...] [--text FILE] [--tokens 4096]
 
 SCHEME is KIND:ROTATION:GROUP: KIND one of w8 (exact activations), a8 (one int8 digit per value),
-a14 (two digits, cpullm's scheme), mTAU (two digits only in groups whose scale is at least TAU times
+a14 (two digits, cpullm's scheme), pC (one digit, every group's scale the row's
+scale times a power of two, the row's scale the best of C candidates; see pow2_digit), mTAU (two digits only in groups whose scale is at least TAU times
 the rms of the row's group scales, one digit elsewhere; prints the share of two-digit groups); ROTATION 0, or the size of an orthonormal Hadamard transform applied
 to blocks of inputs of both the activations and the weights before they are rounded (it leaves the
 product unchanged and spreads outliers); GROUP the activations' quantization group. A scheme may end in
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -63,6 +65,26 @@ def two_digits(x: torch.Tensor, group: int) -> torch.Tensor:
     fine = s / 127
     lo = torch.round((xg - hi * s) / fine).clamp(-127, 127)
     return (hi * s + lo * fine).reshape(x.shape)
+
+
+def pow2_digit(x: torch.Tensor, group: int, candidates: int, max_shift: int = 12) -> torch.Tensor:
+    """One digit per value, each group's scale its row's scale s times a power of two 2^-k, k in [0,
+    max_shift] (so that a kernel can scale a group's integer sum by a shift instead of a multiply): the
+    smallest such scale at or above the group's max|x| / 127. s is the row's largest group scale times
+    2^(j / candidates) for the j in [0, candidates) that minimises the sum of the groups' squared scales
+    (the variance of the row's rounding error, up to the weights)."""
+    xg, _ = grouped(x, group)
+    raw = xg.abs().amax(-1, keepdim=True) / 127  # [..., G, 1]
+    top = raw.amax(-2, keepdim=True)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    steps = torch.arange(candidates, dtype=x.dtype).reshape(candidates, *([1] * raw.dim()))
+    row = top.unsqueeze(0) * torch.exp2(steps / candidates)  # [C, ..., 1, 1]
+    ratio = row / torch.where(raw > 0, raw, row * 2.0 ** -max_shift)  # [C, ..., G, 1]
+    k = torch.floor(torch.log2(ratio)).clamp(0, max_shift)
+    scales = row * torch.exp2(-k)  # [C, ..., G, 1]
+    best = scales.square().sum(-2, keepdim=True).argmin(0, keepdim=True)
+    s = torch.gather(scales, 0, best.expand(1, *scales.shape[1:]))[0]
+    return (torch.round(xg / s).clamp(-127, 127) * s).reshape(x.shape)
 
 
 TWO_DIGIT_GROUPS = [0, 0]  # groups given two digits by mixed_digits, groups seen
@@ -113,6 +135,8 @@ class SimulatedInt8Linear(torch.nn.Module):
             x = one_digit(x, self.group)
         elif self.kind == "a14":
             x = two_digits(x, self.group)
+        elif self.kind.startswith("p"):
+            x = pow2_digit(x, self.group, int(self.kind[1:]))
         elif self.kind.startswith("m"):
             x = mixed_digits(x, self.group, float(self.kind[1:]))
         y = x @ self.weight_q.T
@@ -196,7 +220,7 @@ def main() -> None:
     for scheme in args.schemes:
         spec, _, only = scheme.partition("@")
         kind, rotation, group = spec.split(":")
-        if kind not in ("w8", "a8", "a14") and not kind.startswith("m"):
+        if kind not in ("w8", "a8", "a14") and not re.fullmatch(r"m.*|p[1-9][0-9]*", kind):
             raise SystemExit(f"unknown scheme kind {kind!r} in {scheme!r}")
         if kind.startswith("m"):
             try:

@@ -51,11 +51,13 @@ std::vector<float> run_q8(const Kernels& k, const std::vector<float>& x, const s
   const int64_t G = w.n_groups, stride = q8_act_stride(kInputs);
   std::vector<int8_t> xq(size_t(2 * tokens * stride));
   std::vector<float> xs(size_t(tokens * G));
-  std::vector<int32_t> sums(size_t(tokens * G));
+  std::vector<int32_t> sums(size_t(tokens * G)), shifts(size_t(tokens * G));
+  std::vector<float> units(static_cast<size_t>(tokens));
   for (int64_t t = 0; t < tokens; ++t)
     quantize_q8_for_matmul(k, x.data() + t * kInputs, kInputs, kGroup, stride, xq.data() + 2 * t * stride,
-                           xs.data() + t * G, sums.data() + t * G, t < fast_rows);
-  Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), tokens, kInputs);
+                           xs.data() + t * G, sums.data() + t * G, t < fast_rows, shifts.data() + t * G,
+                           units.data() + t);
+  Q8Acts acts = q8_acts(xq.data(), xs.data(), sums.data(), tokens, kInputs, shifts.data(), units.data());
   acts.one_digit_rows = fast_rows;
   std::vector<float> y(size_t(tokens * kOutputs));
   k.matmul_q8(acts, w, 0, w.n_blocks, y.data(), kOutputs);

@@ -128,6 +128,13 @@ struct Q8Acts {
   // them. Skipping changes no result: the integer sums are the same either way. On a path with
   // Kernels::quantize_fast_bf16 they hold bf16 values instead (and no scales or sums).
   int64_t one_digit_rows = 0;
+  // For the one-digit rows (quantize_q8_for_matmul fills them; null where nothing reads them): each
+  // group's scale as a shift of its integer sum, shifts[t * n_groups + g] = d in [0, q8_fast_max_shift],
+  // and the row's unit u = units[t], such that hi * (127 * scales[g]) = (hi << d) * u up to the float
+  // rounding of 127 * scales[g] (see q8_fast_scale): a kernel may then scale a group's sum by a shift
+  // and multiply the row's total once, instead of one float multiply per group and 16 rows.
+  const int32_t* shifts = nullptr;   // [T, n_groups]
+  const float* units = nullptr;      // [T]
 };
 
 // Rows [t0, t1) of x as a view of their own (n_groups: the weights' groups per row), its one-digit
@@ -137,6 +144,8 @@ inline Q8Acts q8_acts_rows(const Q8Acts& x, int64_t t0, int64_t t1, int64_t n_gr
   rows.q += 2 * t0 * x.stride;
   rows.scales += t0 * n_groups;
   rows.sums += t0 * n_groups;
+  if (rows.shifts != nullptr) rows.shifts += t0 * n_groups;
+  if (rows.units != nullptr) rows.units += t0;
   rows.T = t1 - t0;
   const int64_t one_digit = x.one_digit_rows - t0;
   rows.one_digit_rows = one_digit < 0 ? 0 : one_digit < rows.T ? one_digit : rows.T;
@@ -146,7 +155,8 @@ inline Q8Acts q8_acts_rows(const Q8Acts& x, int64_t t0, int64_t t1, int64_t n_gr
 // stride of Q8Acts for K inputs: K rounded up to whole quads (the padding digits are zero).
 int64_t q8_act_stride(int64_t K);
 // The Q8Acts view of T rows of K inputs quantized by quantize_row_q8.
-Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K);
+Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K,
+              const int32_t* shifts = nullptr, const float* units = nullptr);
 // The Q8Weights description of a [rows, cols] matrix with this group (data left null; its size is
 // block_bytes * n_blocks).
 Q8Weights q8_layout(int64_t rows, int64_t cols, int64_t group);
@@ -286,6 +296,44 @@ const Kernels& kernels_neoni8mm();  // the same with usdot (FEAT_I8MM): the stor
 const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs without AVX-512
 #endif
 
+// The largest shift a one-digit row's group sum may take: the sum of `group` products of a digit
+// (|hi| <= 127) and a weight (|w| <= 128), shifted left by it, stays within int32.
+constexpr int q8_fast_max_shift(int64_t group) {
+  int shift = 0;
+  while (shift < 30 && group * 127 * 128 * (int64_t(2) << shift) <= int64_t(0x7fffffff)) ++shift;
+  return shift;
+}
+
+// A one-digit row's scale for a group whose own scale (max|x| / 127) is group_scale, in a row whose
+// largest group scale is row_scale: row_scale * 2^-k for the largest k in [0, max_shift] that keeps it at
+// or above group_scale (so the group's digits stay within [-127, 127], at up to one bit less precision).
+// Every group scale of the row is then the row's times a power of two, which a kernel applies to the
+// group's integer sum as a shift (Q8Acts::shifts). In a row scale so small that 2^-max_shift of it
+// would not be a normal float, k stops where it still is. A zero (or subnormal) group keeps its scale,
+// as does every group of a row whose scale is not finite.
+inline float q8_fast_scale(float row_scale, float group_scale, int max_shift) {
+  uint32_t r, g;
+  std::memcpy(&r, &row_scale, 4);
+  std::memcpy(&g, &group_scale, 4);
+  const int er = int(r >> 23), eg = int(g >> 23);  // both >= 0: the sign bits are clear
+  if (eg == 0 || er >= 255) return group_scale;
+  const int most = max_shift < er - 1 ? max_shift : er - 1;
+  int k = er - eg - ((r & 0x7fffffu) < (g & 0x7fffffu) ? 1 : 0);
+  k = k < 0 ? 0 : k > most ? most : k;
+  const uint32_t out = r - (uint32_t(k) << 23);
+  float f;
+  std::memcpy(&f, &out, 4);
+  return f;
+}
+
+// Q8Acts::shifts and units of a one-digit row from the G scales quantize_row_q8 stored for it (each
+// its largest times a power of two, or zero): d = max_shift - k for a scale 2^-k times the largest, u =
+// 127 * largest * 2^-max_shift. Groups whose scale is zero or not a normal float have zero digits and
+// get d = 0.
+float q8_fast_shifts(const float* scales, int64_t G, int64_t group, int32_t* shifts);
+// max |x[k]| over the row, a NaN never the maximum (as quantize_row_q8's groups).
+float q8_row_absmax(const float* x, int64_t K);
+
 // Quantizes one row of activations per group into two int8 digits (see matmul_q8): scale s = max|x| / 127,
 // hi = round_half_even(x * (1 / s)), lo = round_half_even((x - hi * s) * (1 / (s / 127))), in float32
 // with float32 reciprocals; stores s / 127 as the
@@ -293,8 +341,10 @@ const Kernels& kernels_avxvnni();  // the same with AVX-VNNI (VEX), for CPUs wit
 // the weights' own rounding, while every product is still an int8 dot product. q: [2 * stride] (see
 // Q8Acts; padding digits are zeroed); sums: per group 128 * (127 * sum(hi) + sum(lo)), which a kernel
 // reading the weights as unsigned (w + 128) subtracts. A group whose s / 127 is not a normal float (all
-// zero, NaN, or max|x| below ~1.9e-34) gets zero digits. one_digit (fast prefill's rows): the same hi
-// digits and scales, the lo digits all zero, so sums[g] = 128 * 127 * sum(hi).
+// zero, NaN, or max|x| below ~1.9e-34) gets zero digits. one_digit (fast prefill's rows): one digit per
+// value, its lo digits all zero, so sums[g] = 128 * 127 * sum(hi); each group's scale s is
+// q8_fast_scale(the row's largest max|x| / 127, the group's max|x| / 127, q8_fast_max_shift(group)),
+// so that its digits are those of two digits with that scale.
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                      int32_t* sums, bool one_digit);
 
@@ -310,14 +360,19 @@ inline void set_matmul_q8(Kernels& k, decltype(Kernels::matmul_q8) matmul,
 // be the first Q8Acts::one_digit_rows) by quantize_q8 with one digit, or as bf16 values where k
 // computes them on bf16 tiles (Kernels::quantize_fast_bf16); the others in k's wide layout where it has
 // one.
+// A one-digit row also gets its Q8Acts::shifts (G of them) and unit where those are given.
 inline void quantize_q8_for_matmul(const Kernels& k, const float* x, int64_t K, int64_t group, int64_t stride,
-                                   int8_t* q, float* scales, int32_t* sums, bool fast_row) {
-  if (fast_row && k.quantize_fast_bf16)
+                                   int8_t* q, float* scales, int32_t* sums, bool fast_row,
+                                   int32_t* shifts = nullptr, float* unit = nullptr) {
+  if (fast_row && k.quantize_fast_bf16) {
     k.quantize_fast_bf16(x, K, stride, q);
-  else if (!fast_row && k.quantize_q8_wide)
+  } else if (!fast_row && k.quantize_q8_wide) {
     k.quantize_q8_wide(x, K, group, stride, q, scales, sums);
-  else
+  } else {
     k.quantize_q8(x, K, group, stride, q, scales, sums, fast_row);
+    if (fast_row && shifts != nullptr && unit != nullptr)
+      *unit = q8_fast_shifts(scales, (K + group - 1) / group, group, shifts);
+  }
 }
 
 }  // namespace cpullm

@@ -93,6 +93,9 @@ void quantize_digits(const float* x, int64_t K, int64_t group, int64_t stride, i
     else
       for (int i = 0; i < n; ++i) out[i] = bytes[i];
   };
+  const bool fast = one_digit && !kWide;
+  const int max_shift = q8_fast_max_shift(group);
+  const float row_scale = fast ? q8_row_absmax(x, K) / 127.f : 0.f;
   for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
     const int64_t end = begin + group < K ? begin + group : K;
     // max(|x|, running): vmaxps returns its second operand when one is NaN, so, as in the portable
@@ -107,7 +110,7 @@ void quantize_digits(const float* x, int64_t K, int64_t group, int64_t stride, i
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
-    const float scale = amax / 127.f;
+    const float scale = fast ? q8_fast_scale(row_scale, amax / 127.f, max_shift) : amax / 127.f;
     const float fine = scale / 127.f;
     scales[g] = fine;
     if (!(fine >= 1.17549435e-38f)) {  // as the portable version: zero, or a fine step below FLT_MIN

@@ -19,6 +19,16 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
   const __m512 lim = _mm512_set1_ps(127.f), neg_lim = _mm512_set1_ps(-127.f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const int64_t G = (K + group - 1) / group;
+  const int max_shift = q8_fast_max_shift(group);
+  float row_scale = 0.f;
+  if (one_digit) {
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const int n = K - k < 16 ? static_cast<int>(K - k) : 16;
+      vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(Avx512V::lane_mask(n), x + k)), vmax);
+    }
+    row_scale = _mm512_reduce_max_ps(vmax) / 127.f;
+  }
   // The groups' scales and reciprocals, 16 groups at a time as vector divisions (each correctly
   // rounded, so the same floats as one group at a time): four dependent scalar divisions per group were
   // about half of the quantizer's time.
@@ -40,7 +50,13 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
         amax[i] = _mm512_reduce_max_ps(vmax);
       }
       const __m512 a = _mm512_load_ps(amax), d = _mm512_set1_ps(127.f), one = _mm512_set1_ps(1.f);
-      const __m512 sc = _mm512_div_ps(a, d), fi = _mm512_div_ps(sc, d);
+      __m512 sc = _mm512_div_ps(a, d);
+      if (one_digit) {
+        _mm512_store_ps(scale_of, sc);
+        for (int i = 0; i < 16; ++i) scale_of[i] = q8_fast_scale(row_scale, scale_of[i], max_shift);
+        sc = _mm512_load_ps(scale_of);
+      }
+      const __m512 fi = _mm512_div_ps(sc, d);
       _mm512_store_ps(scale_of, sc);
       _mm512_store_ps(fine_of, fi);
       _mm512_store_ps(inv_of, _mm512_div_ps(one, sc));     // inf where the scale is 0: not used

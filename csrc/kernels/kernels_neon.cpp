@@ -61,6 +61,8 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
   int8_t* lo = q + stride;
   for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
   if (one_digit) std::memset(lo, 0, size_t(K));
+  const int max_shift = q8_fast_max_shift(group);
+  const float row_scale = one_digit ? q8_row_absmax(x, K) / 127.f : 0.f;
   for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
     const int64_t end = begin + group < K ? begin + group : K;
     // max(|x|, running) as the portable loop's a > amax ? a : amax, so a NaN never becomes the maximum
@@ -76,7 +78,7 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
       const float a = std::fabs(x[k]);
       amax = a > amax ? a : amax;
     }
-    const float scale = amax / 127.f;
+    const float scale = one_digit ? q8_fast_scale(row_scale, amax / 127.f, max_shift) : amax / 127.f;
     const float fine = scale / 127.f;
     scales[g] = fine;
     if (!(fine >= 1.17549435e-38f)) {  // as the portable version: zero, or a fine step below FLT_MIN

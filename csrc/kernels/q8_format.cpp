@@ -32,11 +32,14 @@ inline int64_t group_len(const Q8Weights& w, int64_t g) {
 
 int64_t q8_act_stride(int64_t K) { return (K + 3) / 4 * 4; }
 
-Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K) {
+Q8Acts q8_acts(const int8_t* q, const float* scales, const int32_t* sums, int64_t T, int64_t K,
+              const int32_t* shifts, const float* units) {
   Q8Acts a;
   a.q = q;
   a.scales = scales;
   a.sums = sums;
+  a.shifts = shifts;
+  a.units = units;
   a.T = T;
   a.stride = q8_act_stride(K);
   return a;
@@ -93,12 +96,42 @@ void q8_row(const Q8Weights& w, int64_t row, float* out) {
   }
 }
 
+float q8_row_absmax(const float* x, int64_t K) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    amax = a > amax ? a : amax;
+  }
+  return amax;
+}
+
+float q8_fast_shifts(const float* scales, int64_t G, int64_t group, int32_t* shifts) {
+  const int max_shift = q8_fast_max_shift(group);
+  float largest = 0.f;
+  for (int64_t g = 0; g < G; ++g) largest = scales[g] > largest ? scales[g] : largest;
+  uint32_t bits;
+  std::memcpy(&bits, &largest, 4);
+  const int top = int(bits >> 23);
+  for (int64_t g = 0; g < G; ++g) {
+    int d = 0;
+    if (scales[g] >= std::numeric_limits<float>::min()) {
+      std::memcpy(&bits, scales + g, 4);
+      d = max_shift - (top - int(bits >> 23));
+      d = d < 0 ? 0 : d > max_shift ? max_shift : d;
+    }
+    shifts[g] = d;
+  }
+  return std::ldexp(127.f * largest, -max_shift);
+}
+
 void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_t* q, float* scales,
                      int32_t* sums, bool one_digit) {
   int8_t* hi = q;
   int8_t* lo = q + stride;
   for (int64_t k = K; k < stride; ++k) hi[k] = lo[k] = 0;
   if (one_digit) std::memset(lo, 0, size_t(K));
+  const int max_shift = q8_fast_max_shift(group);
+  const float row_scale = one_digit ? q8_row_absmax(x, K) / 127.f : 0.f;
   for (int64_t begin = 0, g = 0; begin < K; begin += group, ++g) {
     const int64_t end = begin + group < K ? begin + group : K;
     float amax = 0.f;
@@ -106,7 +139,7 @@ void quantize_row_q8(const float* x, int64_t K, int64_t group, int64_t stride, i
       const float a = std::fabs(x[k]);
       amax = a > amax ? a : amax;
     }
-    const float scale = amax / 127.f;
+    const float scale = one_digit ? q8_fast_scale(row_scale, amax / 127.f, max_shift) : amax / 127.f;
     const float fine = scale / 127.f;
     scales[g] = fine;
     // All zero, or so small that the fine step is not a normal float (max |x| below ~1.9e-34, where

@@ -486,6 +486,8 @@ void Sequence::prepare_acts(int64_t T, const Matrix& w) {
   if (xq_.size() < size_t(2 * T * stride)) xq_.resize(size_t(2 * T * stride));
   if (xq_scales_.size() < size_t(T * G)) xq_scales_.resize(size_t(T * G));
   if (xq_sums_.size() < size_t(T * G)) xq_sums_.resize(size_t(T * G));
+  if (xq_shifts_.size() < size_t(T * G)) xq_shifts_.resize(size_t(T * G));
+  if (xq_units_.size() < size_t(T)) xq_units_.resize(size_t(T));
 }
 
 void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
@@ -493,7 +495,7 @@ void Sequence::quantize_row(const Matrix& w, const float* row, int64_t t) {
   const int64_t G = w.q8.n_groups, stride = q8_act_stride(w.cols);
   int8_t* q = xq_.data() + 2 * t * stride;
   quantize_q8_for_matmul(kernels(), row, w.cols, w.q8.group, stride, q, xq_scales_.data() + t * G,
-                         xq_sums_.data() + t * G, t < one_digit_rows_);
+                         xq_sums_.data() + t * G, t < one_digit_rows_, xq_shifts_.data() + t * G, xq_units_.data() + t);
 }
 
 const float* Sequence::swiglu(int64_t T, const Matrix& next, int n_threads) {
@@ -531,7 +533,7 @@ void Sequence::matmul(const float* x, int64_t T, const Matrix& w, float* y, int 
       prepare_acts(T, w);
       parallel_for(n_threads, true, T, [&](int64_t t) { quantize_row(w, x + t * K, t); });
     }
-    acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K);
+    acts = q8_acts(xq_.data(), xq_scales_.data(), xq_sums_.data(), T, K, xq_shifts_.data(), xq_units_.data());
     acts.one_digit_rows = std::min(one_digit_rows_, T);
     units = w.q8.n_blocks;
   }

@@ -239,6 +239,8 @@ class Sequence {
   std::vector<int8_t> xq_;   // quantized activations of the current Q8 matmul (see Q8Acts)
   std::vector<float> xq_scales_;
   std::vector<int32_t> xq_sums_;
+  std::vector<int32_t> xq_shifts_;  // one-digit rows' Q8Acts::shifts and units
+  std::vector<float> xq_units_;
   int scratch_tokens_ = 0;
   bool fast_prefill_ = false;
   // Rows [0, one_digit_rows_) of the current pass are quantized with one digit (see fast_prefill).
