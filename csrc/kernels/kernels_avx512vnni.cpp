@@ -163,11 +163,19 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
     for (int b = 0; b < RB; ++b) {
       const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk[b] + off + quads * 64));
       for (int t = 0; t < TT; ++t) {
-        // 127 * hi (+ lo) in wrapping int32 arithmetic, exact since the result fits.
-        const __m512i hi127 = _mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]);
-        const __m512i isum = t >= kLoFrom ? _mm512_add_epi32(hi127, lo[t - kLoFrom][b]) : hi127;
-        const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x.scales[(t0 + t) * G + g]));
-        _mm512_store_ps(acc[t][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, _mm512_load_ps(acc[t][b])));
+        if (t >= kLoFrom) {
+          // 127 * hi + lo in wrapping int32 arithmetic, exact since the result fits.
+          const __m512i hi127 = _mm512_sub_epi32(_mm512_slli_epi32(hi[t][b], 7), hi[t][b]);
+          const __m512i isum = _mm512_add_epi32(hi127, lo[t - kLoFrom][b]);
+          const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x.scales[(t0 + t) * G + g]));
+          _mm512_store_ps(acc[t][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, _mm512_load_ps(acc[t][b])));
+        } else {
+          // A one-digit row's group scale is its unit times 2^shift (Q8Acts::shifts): the shift of the
+          // integer sum (exact, within int32 by q8_fast_max_shift) takes the place of the float multiply
+          // by the activation's scale, which shared vpdpbusd's two pipes; the unit comes once at the end.
+          const __m512i shifted = _mm512_sllv_epi32(hi[t][b], _mm512_set1_epi32(x.shifts[(t0 + t) * G + g]));
+          _mm512_store_ps(acc[t][b], _mm512_fmadd_ps(_mm512_cvtepi32_ps(shifted), ws, _mm512_load_ps(acc[t][b])));
+        }
       }
     }
   }
@@ -175,10 +183,12 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
     for (int b = 0; b < RB; ++b) {
       const int64_t row0 = (b0 + b) * kQ8Rows, rest = w.rows - row0;
       float* out = y + (t0 + t) * ldy + row0;
+      __m512 v = _mm512_load_ps(acc[t][b]);
+      if (t < kLoFrom) v = _mm512_mul_ps(v, _mm512_set1_ps(x.units[t0 + t]));
       if (rest >= kQ8Rows)
-        _mm512_storeu_ps(out, _mm512_load_ps(acc[t][b]));
+        _mm512_storeu_ps(out, v);
       else
-        _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << rest) - 1u), _mm512_load_ps(acc[t][b]));
+        _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << rest) - 1u), v);
     }
 }
 
@@ -197,8 +207,8 @@ struct VnniTiles {
   static constexpr int blocks(int tokens) { return tokens == 1 ? 1 : 2; }
   template <int TT, int RB>
   static inline void tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b0, float* y, int64_t ldy) {
-    if constexpr (TT == 1 && RB == 1)
-      vnni_one_token<kPrefetch>(x, t0, w, b0, y, ldy);  // exact for one-digit rows too (their lo digits are zero)
+    if constexpr (TT == 1 && RB == 1 && kLo)
+      vnni_one_token<kPrefetch>(x, t0, w, b0, y, ldy);
     else
       vnni_tile<TT, RB, kLo ? 0 : TT>(x, t0, w, b0, y, ldy);
   }
@@ -216,7 +226,15 @@ struct VnniMixedTiles {
 };
 
 void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>, VnniMixedTiles>::matmul(x, w, b0, b1, y, ldy);
+  using Driver = Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>, VnniMixedTiles>;
+  if (x.one_digit_rows > 0 && (x.shifts == nullptr || x.units == nullptr)) {
+    // One-digit rows without their shifts: summed as two-digit rows (their lo digits are zero).
+    Q8Acts two_digit = x;
+    two_digit.one_digit_rows = 0;
+    Driver::matmul(two_digit, w, b0, b1, y, ldy);
+    return;
+  }
+  Driver::matmul(x, w, b0, b1, y, ldy);
 }
 
 }  // namespace
@@ -240,9 +258,11 @@ void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64
     for (int64_t b = b0 + kStreams * q; b < b1; ++b) vnni_one_token<true>(x, 0, w, b, y, ldy);
     return;
   }
-  // No mixed tiles: the amx table, which calls this, passes it two-digit rows only (its fast rows and
-  // their last row are its own).
-  Q8Driver<VnniTiles<2, true, true>, VnniTiles<4, false, true>>::matmul(x, w, b0, b1, y, ldy);
+  // Two-digit tiles only: the amx table, which calls this, passes it two-digit rows only (its fast rows
+  // and their last row are its own); any other would be summed as the two-digit row it also is.
+  Q8Acts two_digit = x;
+  two_digit.one_digit_rows = 0;
+  Q8Driver<VnniTiles<2, true, true>>::matmul(two_digit, w, b0, b1, y, ldy);
 }
 
 namespace {
