@@ -493,8 +493,8 @@ def test_one_digit_rows_at_the_largest_shift(isa: str, group: int) -> None:
 def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) -> None:
     """Fast prefill's rows: the first one_digit_rows rows with one digit, the others with two, in one
     call. Each row equals the exact integer reference of its own digits, and does not depend on the
-    other rows; where the lo digits are zero anyway, skipping them (the AVX512-VNNI path's one-digit
-    tiles) gives the same bits as taking them. On a path that computes fast rows on bf16 tiles (amx),
+    other rows; where the lo digits are zero anyway, one-digit rows (their groups scaled by shifts)
+    equal two-digit rows within float rounding. On a path that computes fast rows on bf16 tiles (amx),
     those meet the bf16 reference instead."""
     from cpullm.dtypes import quantize_q8
 
@@ -525,21 +525,43 @@ def test_matmul_q8_one_digit_rows(isa: str, T: int, N: int, K: int, group: int) 
         np.testing.assert_array_equal(y[:r], results[T][:r])
         np.testing.assert_array_equal(y[r:], results[0][r:])
     # Activations that are whole multiples of their group's step (each group's largest is 127 steps)
-    # have zero lo digits with or without fast prefill.
+    # have zero lo digits with or without fast prefill, and every group the row's scale.
     steps = rng.integers(-127, 128, size=(T, K)).astype(np.float32)
     steps[:, ::group] = 127
     exact = steps * np.float32(2.0 ** -7)
-    # The same integers; the same bits too, but where one-digit rows scale their groups by shifts
-    # (avx512vnni, avx512bf16: the unit multiplied once at the end), there within their float rounding.
+    # The same integers, scaled by shifts and a unit instead of per-group multiplies: the same within
+    # the float rounding of both.
     if not bf16_rows:
         fast, default = C.matmul_q8(exact, wq, ws, group, one_digit_rows=T), C.matmul_q8(exact, wq, ws, group)
-        if isa in ("avx512vnni", "avx512bf16"):
-            reference, magnitude = _q8_reference(*_quantize_rows_reference(exact, group), wq, ws, group)
-            assert np.all(np.abs(fast - default) <= 8 * np.finfo(np.float32).eps * n_terms * magnitude + 1e-30)
-        else:
-            np.testing.assert_array_equal(fast, default)
+        _, magnitude = _q8_reference(*_quantize_rows_reference(exact, group), wq, ws, group)
+        assert np.all(np.abs(fast - default) <= 8 * np.finfo(np.float32).eps * n_terms * magnitude + 1e-30)
     with pytest.raises(ValueError, match="one_digit_rows"):
         C.matmul_q8(x, wq, ws, group, one_digit_rows=T + 1)
+
+
+@pytest.mark.parametrize("T,N,K,group", [(13, 40, 200, 64), (33, 50, 576, 32), (20, 40, 2300, 64), (9, 17, 96, 32)])
+def test_matmul_q8_bits_agree_across_simd_paths(T: int, N: int, K: int, group: int) -> None:
+    """Every SIMD path of this CPU (all but scalar, whose float steps are not fused, and amx, whose fast
+    rows are bf16) gives the same bits for one- and two-digit rows: the same integer sums, scaled in the
+    same order (one-digit rows by their shifts and unit), whatever the vector width or tile shape."""
+    from cpullm.dtypes import quantize_q8
+
+    paths = [isa for isa in C.cpu_features()["available_isas"] if isa not in ("scalar", "amx")]
+    if len(paths) < 2:
+        pytest.skip("fewer than two SIMD paths on this CPU")
+    rng = np.random.default_rng(T + N + K)
+    x, w = _rand(rng, T, K), _rand(rng, N, K)
+    wq, ws = quantize_q8(w, group)
+    previous = C.get_isa()
+    try:
+        results = {}
+        for isa in paths:
+            C.set_isa(isa)
+            results[isa] = C.matmul_q8(x, wq, ws, group, one_digit_rows=T - 1)
+    finally:
+        C.set_isa(previous)
+    for isa in paths[1:]:
+        np.testing.assert_array_equal(results[isa], results[paths[0]], err_msg=f"{isa} against {paths[0]}")
 
 
 @pytest.mark.skipif("amx" not in C.cpu_features()["available_isas"], reason="the CPU has no AMX (or the OS grants none)")

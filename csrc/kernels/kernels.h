@@ -128,7 +128,8 @@ struct Q8Acts {
   // them. Skipping changes no result: the integer sums are the same either way. On a path with
   // Kernels::quantize_fast_bf16 they hold bf16 values instead (and no scales or sums).
   int64_t one_digit_rows = 0;
-  // For the one-digit rows (quantize_q8_for_matmul fills them; null where nothing reads them): each
+  // For the one-digit rows (quantize_q8_for_matmul fills them; every int8 matmul's one-digit tiles read
+  // them, so they must be set where one_digit_rows > 0 but on a path with quantize_fast_bf16): each
   // group's scale as a shift of its integer sum, shifts[t * n_groups + g] = d in [0, q8_fast_max_shift],
   // and the row's unit u = units[t], such that hi * (127 * scales[g]) = (hi << d) * u up to the float
   // rounding of 127 * scales[g] (see q8_fast_scale): a kernel may then scale a group's sum by a shift

@@ -226,15 +226,7 @@ struct VnniMixedTiles {
 };
 
 void matmul_q8(const Q8Acts& x, const Q8Weights& w, int64_t b0, int64_t b1, float* y, int64_t ldy) {
-  using Driver = Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>, VnniMixedTiles>;
-  if (x.one_digit_rows > 0 && (x.shifts == nullptr || x.units == nullptr)) {
-    // One-digit rows without their shifts: summed as two-digit rows (their lo digits are zero).
-    Q8Acts two_digit = x;
-    two_digit.one_digit_rows = 0;
-    Driver::matmul(two_digit, w, b0, b1, y, ldy);
-    return;
-  }
-  Driver::matmul(x, w, b0, b1, y, ldy);
+  Q8Driver<VnniTiles<2, true>, VnniTiles<4, false>, VnniMixedTiles>::matmul(x, w, b0, b1, y, ldy);
 }
 
 }  // namespace

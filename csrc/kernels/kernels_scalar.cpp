@@ -151,6 +151,11 @@ struct ScalarQ {
     for (int l = 0; l < 8; ++l) hi.v[l] = 127 * hi.v[l] + lo.v[l];
     return hi;
   }
+  // As unsigned: a negative signed left shift is undefined before C++20 (the result fits anyway).
+  static inline I shl(I i, int32_t count) {
+    for (int l = 0; l < 8; ++l) i.v[l] = static_cast<int32_t>(static_cast<uint32_t>(i.v[l]) << count);
+    return i;
+  }
   static inline F fload(const float* p) { return ScalarV::load(p); }
   static inline void fstore(float* p, F f) { ScalarV::store(p, f); }
   static inline void fstore_partial(float* p, F f, int n) { ScalarV::store_partial(p, f, n); }

@@ -10,6 +10,7 @@
 //                                     weights() made it: the signed weights, with seed() zero, or the
 //                                     stored unsigned bytes, with seed() taking back 128 * sum(x))
 //   Q::combine(hi, lo)                127 * hi + lo   (lane-wise int32)
+//   Q::shl(i, n)                      i << n   (lane-wise int32, 0 <= n < 31, the result fits)
 //   Q::fload(p), Q::fstore(p, f), Q::fstore_partial(p, f, n)
 //   Q::fma_scaled(f, i, s)            f + float(i) * s      (s a float or an F)
 //   Q::fmul(f, s)                     f * s (s a float)
@@ -176,9 +177,12 @@ struct Q8Impl {
       const int64_t off = g * w.group_bytes, begin = g * w.group;
       I hi[TT][RB][2], lo[TT][RB][2];
       for (int t = 0; t < TT; ++t) {
-        const I seed = Q::seed(x.sums[(t0 + t) * G + g]);
+        // A one-digit row's group sum is 128 * 127 * sum(hi): its hi sums take back 128 * sum(hi) alone
+        // (vnni_tile's seed), so that they are the group's whole integer sum, which the epilogue shifts.
+        const int32_t sum = x.sums[(t0 + t) * G + g];
+        const I seed = Q::seed(has_lo(t, TT) ? sum : sum / 127);
         for (int b = 0; b < RB; ++b) {
-          hi[t][b][0] = hi[t][b][1] = Q::izero();
+          hi[t][b][0] = hi[t][b][1] = has_lo(t, TT) ? Q::izero() : seed;
           lo[t][b][0] = lo[t][b][1] = seed;
         }
       }
@@ -208,9 +212,17 @@ struct Q8Impl {
         const float* ws = reinterpret_cast<const float*>(blk[b] + off + quads * 64);
         const F w0 = Q::fload(ws), w1 = Q::fload(ws + 8);
         for (int t = 0; t < TT; ++t) {
-          const float s = x.scales[(t0 + t) * G + g];
-          acc[t][b][0] = Q::fma_scaled(acc[t][b][0], Q::combine(hi[t][b][0], lo[t][b][0]), Q::fmul(w0, s));
-          acc[t][b][1] = Q::fma_scaled(acc[t][b][1], Q::combine(hi[t][b][1], lo[t][b][1]), Q::fmul(w1, s));
+          if (has_lo(t, TT)) {
+            const float s = x.scales[(t0 + t) * G + g];
+            acc[t][b][0] = Q::fma_scaled(acc[t][b][0], Q::combine(hi[t][b][0], lo[t][b][0]), Q::fmul(w0, s));
+            acc[t][b][1] = Q::fma_scaled(acc[t][b][1], Q::combine(hi[t][b][1], lo[t][b][1]), Q::fmul(w1, s));
+          } else {
+            // One-digit rows: the group's scale as a shift of its sum (Q8Acts::shifts), the row's unit
+            // at the end, as vnni_tile does: one float multiply per group and 8 rows fewer.
+            const int32_t d = x.shifts[(t0 + t) * G + g];
+            acc[t][b][0] = Q::fma_scaled(acc[t][b][0], Q::shl(hi[t][b][0], d), w0);
+            acc[t][b][1] = Q::fma_scaled(acc[t][b][1], Q::shl(hi[t][b][1], d), w1);
+          }
         }
       }
     }
@@ -218,6 +230,10 @@ struct Q8Impl {
       for (int b = 0; b < RB; ++b) {
         const int64_t row0 = (b0 + b) * kQ8Rows, rest = w.rows - row0;
         float* out = y + (t0 + t) * ldy + row0;
+        if (!has_lo(t, TT)) {
+          acc[t][b][0] = Q::fmul(acc[t][b][0], x.units[t0 + t]);
+          acc[t][b][1] = Q::fmul(acc[t][b][1], x.units[t0 + t]);
+        }
         if (rest >= kQ8Rows) {
           Q::fstore(out, acc[t][b][0]);
           Q::fstore(out + 8, acc[t][b][1]);

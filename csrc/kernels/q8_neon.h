@@ -119,6 +119,7 @@ struct Q8Neon {
   static inline I dot(I acc, I x, I w) { return {dot4(acc.a, x.a, w.a), dot4(acc.b, x.b, w.b)}; }
   // 127 * hi + lo, wrapping like the other paths (the result fits anyway).
   static inline I combine(I hi, I lo) { return {vmlaq_n_s32(lo.a, hi.a, 127), vmlaq_n_s32(lo.b, hi.b, 127)}; }
+  static inline I shl(I i, int32_t count) { return {vshlq_s32(i.a, vdupq_n_s32(count)), vshlq_s32(i.b, vdupq_n_s32(count))}; }
   static inline F fload(const float* p) { return NeonV::load(p); }
   static inline void fstore(float* p, F f) { NeonV::store(p, f); }
   static inline void fstore_partial(float* p, F f, int n) { NeonV::store_partial(p, f, n); }

@@ -46,6 +46,7 @@ struct Q8Avx2 {
   static inline I combine(I hi, I lo) {
     return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(hi, 7), hi), lo);
   }
+  static inline I shl(I i, int32_t count) { return _mm256_sllv_epi32(i, _mm256_set1_epi32(count)); }
   static inline F fload(const float* p) { return _mm256_loadu_ps(p); }
   static inline void fstore(float* p, F f) { _mm256_storeu_ps(p, f); }
   static inline void fstore_partial(float* p, F f, int n) {
