@@ -318,7 +318,7 @@ inline float q8_fast_scale(float row_scale, float group_scale, int max_shift) {
   std::memcpy(&g, &group_scale, 4);
   const int er = int(r >> 23), eg = int(g >> 23);  // both >= 0: the sign bits are clear
   if (eg == 0 || er >= 255) return group_scale;
-  const int most = max_shift < er - 1 ? max_shift : er - 1;
+  const int most = er <= 1 ? 0 : max_shift < er - 1 ? max_shift : er - 1;
   int k = er - eg - ((r & 0x7fffffu) < (g & 0x7fffffu) ? 1 : 0);
   k = k < 0 ? 0 : k > most ? most : k;
   const uint32_t out = r - (uint32_t(k) << 23);
