@@ -124,8 +124,8 @@ struct Q8Acts {
   const int32_t* sums = nullptr;   // [T, n_groups]: 128 * (127 * sum(hi) + sum(lo)) over the group
   int64_t T = 0, stride = 0;
   // Rows [0, one_digit_rows) are fast prefill's rows. They carry one digit: their lo digits are zero
-  // (quantize_row_q8's one_digit), so their sums are 128 * 127 * sum(hi), which a kernel may use to skip
-  // them. Skipping changes no result: the integer sums are the same either way. On a path with
+  // (quantize_row_q8's one_digit), so their sums are 128 * 127 * sum(hi), and the one-digit tiles skip
+  // them (the same integer sums either way) and scale each group by its shift (below). On a path with
   // Kernels::quantize_fast_bf16 they hold bf16 values instead (and no scales or sums).
   int64_t one_digit_rows = 0;
   // For the one-digit rows (quantize_q8_for_matmul fills them; every int8 matmul's one-digit tiles read

@@ -198,9 +198,10 @@ inline void vnni_tile(const Q8Acts& x, int64_t t0, const Q8Weights& w, int64_t b
 // the loads per vpdpbusd. Measured on Zen 4 (tools/kernel_bench.py, both models' shapes): once GCC no
 // longer shuffled the accumulators (CMakeLists.txt, -fno-tree-pre), 4 x 2, 3 x 2 and 2 x 3 two-digit
 // tiles were within noise of 2 x 2 (~82 % of the two-digit ceiling), and 4 x 3 or 4 x 4 one-digit tiles
-// 3-10 % slower than 4 x 2 (~72 % of the peak). Both are bound by the epilogue: per 16 rows, token and
-// 32-input group, 8 (one digit) or 16 vpdpbusd against a float multiply and multiply-add on the same
-// pipes, and the int32 joins and conversion beside them.
+// 3-10 % slower than 4 x 2 (~72 % of the peak then). Both are bound by the epilogue: per 16 rows, token
+// and 32-input group, 16 vpdpbusd (two digits) against a float multiply and multiply-add on the same
+// pipes, and the int32 joins and conversion beside them; one digit, 8 vpdpbusd against a multiply-add
+// since its group scales became shifts (77-83 % of the peak, docs/performance.md, eighteenth round).
 template <int kTokensPerTile, bool kLo, bool kPrefetch = false>
 struct VnniTiles {
   static constexpr int kTokens = kTokensPerTile;
