@@ -94,6 +94,50 @@ double tile_loop(long iterations) {
   });
 }
 
+// A one-digit 4 x 2 tile's group, 64 vpdpbusd, then its 8 epilogues (per token and 16-row block) with the
+// float sums through memory as in vnni_tile. kShift false: 127 * hi, times (weight scales * the
+// activation's scale), multiply-added (the epilogue before power-of-two group scales); true: hi shifted
+// by the group's shift and multiply-added with the weight scales (vnni_tile's one-digit epilogue now).
+alignas(64) float sums[8][16];
+alignas(64) float group_scales[2][16];
+alignas(64) float act_scales[4] = {0.5f, 0.5f, 0.5f, 0.5f};
+alignas(64) int32_t shifts[4] = {3, 3, 3, 3};
+
+template <bool kShift>
+double epilogue_loop(long iterations) {
+  for (auto& row : group_scales)
+    for (float& v : row) v = 1e-3f;
+  return per_second(iterations, 64, [](long n) {
+    for (long k = 0; k < n; ++k) {
+      __m512i acc[8];
+      for (int j = 0; j < 8; ++j) {  // distinct starts: the compiler may not merge the chains
+        acc[j] = _mm512_set1_epi32(int(k) + j);
+        asm volatile("" : "+v"(acc[j]));
+      }
+      __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-5);
+      asm volatile("" : "+v"(a), "+v"(b));
+      for (int q = 0; q < 8; ++q)
+        for (auto& v : acc) v = _mm512_dpbusd_epi32(v, a, b);
+      for (int blk = 0; blk < 2; ++blk) {
+        const __m512 ws = _mm512_load_ps(group_scales[blk]);
+        for (int t = 0; t < 4; ++t) {
+          __m512i h = acc[2 * t + blk];
+          __m512 s = ws;
+          if constexpr (kShift) {
+            h = _mm512_sllv_epi32(h, _mm512_set1_epi32(shifts[t]));
+          } else {
+            h = _mm512_sub_epi32(_mm512_slli_epi32(h, 7), h);
+            s = _mm512_mul_ps(ws, _mm512_set1_ps(act_scales[t]));
+          }
+          float* out = sums[2 * t + blk];
+          _mm512_store_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), s, _mm512_load_ps(out)));
+        }
+      }
+      asm volatile("" ::: "memory");
+    }
+  });
+}
+
 // 12 chains of zmm vfmadd231ps (f32) or vdpbf16ps (bf16 pairs into f32).
 template <bool kBf16>
 double fma_rate(long iterations) {
@@ -121,6 +165,9 @@ int main() {
     const double plain = tile_loop<false>(kIterations), fetched = tile_loop<true>(kIterations);
     std::printf("  one-digit tile loop from L1: %.2f (%.0f %%), with the next tile's prefetch %.2f (%.0f %%)\n", plain,
                 100 * plain / peak, fetched, 100 * fetched / peak);
+    const double scaled = epilogue_loop<false>(kIterations / 8), shifted = epilogue_loop<true>(kIterations / 8);
+    std::printf("  one-digit group of 64 vpdpbusd + 8 epilogues: scale multiply %.2f (%.0f %%), shift %.2f (%.0f %%)\n",
+                scaled, 100 * scaled / peak, shifted, 100 * shifted / peak);
     const double f32 = fma_rate<false>(kIterations), bf16 = fma_rate<true>(kIterations);
     std::printf("  G zmm vfmadd231ps / s %.2f (%.1f GMAC/s f32); vdpbf16ps %.2f (%.1f GMAC/s bf16)\n", f32,
                 16 * f32, bf16, 32 * bf16);

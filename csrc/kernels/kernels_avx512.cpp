@@ -50,14 +50,10 @@ void quantize_q8(const float* x, int64_t K, int64_t group, int64_t stride, int8_
         amax[i] = _mm512_reduce_max_ps(vmax);
       }
       const __m512 a = _mm512_load_ps(amax), d = _mm512_set1_ps(127.f), one = _mm512_set1_ps(1.f);
-      __m512 sc = _mm512_div_ps(a, d);
-      if (one_digit) {
-        _mm512_store_ps(scale_of, sc);
+      _mm512_store_ps(scale_of, _mm512_div_ps(a, d));
+      if (one_digit)
         for (int i = 0; i < 16; ++i) scale_of[i] = q8_fast_scale(row_scale, scale_of[i], max_shift);
-        sc = _mm512_load_ps(scale_of);
-      }
-      const __m512 fi = _mm512_div_ps(sc, d);
-      _mm512_store_ps(scale_of, sc);
+      const __m512 sc = _mm512_load_ps(scale_of), fi = _mm512_div_ps(sc, d);
       _mm512_store_ps(fine_of, fi);
       _mm512_store_ps(inv_of, _mm512_div_ps(one, sc));     // inf where the scale is 0: not used
       _mm512_store_ps(inv_fine_of, _mm512_div_ps(one, fi));

@@ -251,11 +251,9 @@ void matmul_q8_avx512vnni_prefetching(const Q8Acts& x, const Q8Weights& w, int64
     for (int64_t b = b0 + kStreams * q; b < b1; ++b) vnni_one_token<true>(x, 0, w, b, y, ldy);
     return;
   }
-  // Two-digit tiles only: the amx table, which calls this, passes it two-digit rows only (its fast rows
-  // and their last row are its own); any other would be summed as the two-digit row it also is.
-  Q8Acts two_digit = x;
-  two_digit.one_digit_rows = 0;
-  Q8Driver<VnniTiles<2, true, true>>::matmul(two_digit, w, b0, b1, y, ldy);
+  // Two-digit tiles only (one family: the driver then sums every row with two digits): the amx table,
+  // which calls this, passes it two-digit rows only (its fast rows and their last row are its own).
+  Q8Driver<VnniTiles<2, true, true>>::matmul(x, w, b0, b1, y, ldy);
 }
 
 namespace {
