@@ -46,6 +46,23 @@ def test_matmul_bf16_matches_numpy(isa: str, T: int, N: int, K: int) -> None:
     assert np.all(np.abs(y - expected) <= _tolerance(K) * scale + 1e-30)
 
 
+# Decode reads a matrix's rows in four streams, the range's quarters in step (KernelsImpl::
+# one_token_streams), and a prompt's rows in tiles: every row must still be summed in the tiles' order,
+# so that a token's logits do not depend on whether it came alone or with others. Row counts around the
+# quarters (rows past the last whole quarter go alone) and inputs with vector tails.
+@pytest.mark.parametrize("N", [1, 3, 4, 5, 9, 45, 130])
+@pytest.mark.parametrize("K", [7, 64, 301])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_matmul_one_token_gives_the_prompt_rows_bits(isa: str, dtype: str, N: int, K: int) -> None:
+    rng = np.random.default_rng(N * 31 + K)
+    x, w = _rand(rng, 6, K), _rand(rng, N, K)
+    matmul = C.matmul_f32 if dtype == "f32" else C.matmul_bf16
+    weights = w if dtype == "f32" else f32_to_bf16_bits(w)
+    prompt = matmul(x, weights)
+    for t in range(len(x)):
+        np.testing.assert_array_equal(matmul(x[t : t + 1], weights)[0], prompt[t], err_msg=f"token {t}")
+
+
 @pytest.mark.parametrize("n", [1, 3, 8, 15, 16, 17, 31, 33, 64, 100, 1023])
 def test_dot_and_axpy_match_numpy(isa: str, n: int) -> None:
     rng = np.random.default_rng(n)

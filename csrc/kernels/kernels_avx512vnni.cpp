@@ -33,7 +33,10 @@ namespace {
 // matmul reads four streams, matmul_q8_avx512vnni_prefetching below). On an Intel Xeon with AMX (the
 // amx table, which calls this for decode) the request took SmolLM2 int8 decode from 89-95 to
 // 98-101 tok/s on 1 thread and from 158-164 to 181-203 on 2 (tools/ab_forward.py, 3 rounds; 1 KiB ahead
-// fell behind on 2 threads, 8 KiB on 1); not measured on Zen 4, whose table keeps it off.
+// fell behind on 2 threads, 8 KiB on 1). On Zen 4 (the 1B shape's int8 decode, 1 thread, 3-5 rounds) the
+// requests cost it 12-20 % (21.6-22.0 -> 16.8-19.0 tok/s, with one stream or four), and four streams
+// without them read no faster than one (19.6-23.5 against 19.8-22.0: this kernel's two chains per digit
+// do not wait on latency as the f32 / bf16 rows did, kernels_impl.h), so its table keeps one stream.
 constexpr int64_t kPrefetchAhead = 4096;
 // Token t over the row blocks blocks[0 .. kBlocks), each summed as alone (the same bits): with more
 // than one, decode reads as many streams of weights at once.

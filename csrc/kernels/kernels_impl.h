@@ -112,15 +112,16 @@ struct KernelsImpl {
       for (int r = 0; r < RR; ++r) y[t * ldy + r] = V::reduce(acc[t][r]);
   }
 
-  // One token: rows one after another, so the rows [r0, r1) are read as one sequential stream (see
-  // kernels_avx512vnni.cpp on why that matters). Each row keeps the tiles' order of additions, so a
-  // token's outputs do not depend on how many tokens share the call. Out of line: decode's loop, which
+  // One token (a prompt's last token past its 4-token tiles, and f32 decode on the amx table; decode
+  // elsewhere reads four streams, matmul_f32 below): rows one after another, so the rows [r0, r1) are
+  // read as one sequential stream. Each row keeps the tiles' order of additions, so a token's outputs
+  // do not depend on how many tokens share the call. Out of line: decode's loop, which
   // lost ~8 % (bf16, AVX2) when the prompt tiles around it grew, inlined into one function with them.
   // kAhead > 0 requests the stream's line kAhead bytes ahead of each load (matmul_ahead): on an Intel
   // Xeon with AMX, 4 KiB ahead took SmolLM2 decode from 47-48 to 54-55 tok/s (bf16, 1 thread; 79-83 ->
   // 91-93 on 2) and from 28-29 to 30-32 (f32; 53-54 -> 57-58; tools/ab_forward.py, 3 rounds), where the
-  // hardware prefetcher alone left it short of the bandwidth. Not measured on other CPUs, whose tables
-  // keep it off.
+  // hardware prefetcher alone left it short of the bandwidth. On Zen 4 it cost f32 decode 2-8 %, and the
+  // other tables keep it off.
   template <int64_t kAhead, class WT>
   __attribute__((noinline)) static void one_token_rows(const float* x, int64_t K, const WT* w, int64_t r0, int64_t r1,
                                                        float* y, int64_t ldy) {
@@ -137,7 +138,7 @@ struct KernelsImpl {
     for (; k + W <= K; k += W) {
       const Vec xv = V::load(x + k);
       for (int r = 0; r < kStreams; ++r) {
-        __builtin_prefetch(reinterpret_cast<const char*>(w[r] + k) + kAhead);
+        if constexpr (kAhead > 0) __builtin_prefetch(reinterpret_cast<const char*>(w[r] + k) + kAhead);
         acc[r] = V::fmadd(xv, loadw(w[r] + k), acc[r]);
       }
     }
@@ -149,9 +150,9 @@ struct KernelsImpl {
     for (int r = 0; r < kStreams; ++r) *y[r] = V::reduce(acc[r]);
   }
 
-  // One token with read-ahead (matmul_bf16_ahead): the rows' quarters in step, four streams of weights
-  // at once (as the int8 decode of the amx table, kernels_avx512vnni.cpp), the rows past the last whole
-  // quarter alone.
+  // One token: the rows' quarters in step, four streams of weights at once (as the int8 decode of the
+  // amx table, kernels_avx512vnni.cpp), the rows past the last whole quarter alone; with kAhead > 0
+  // each load also requests its stream's line kAhead bytes on (matmul_bf16_ahead).
   template <int64_t kAhead, class WT>
   __attribute__((noinline)) static void one_token_streams(const float* x, int64_t K, const WT* w, int64_t r0,
                                                           int64_t r1, float* y) {
@@ -214,13 +215,27 @@ struct KernelsImpl {
     }
   }
 
+  // Decode in four streams (one_token_streams, no requests): each row is one chain of dependent
+  // multiply-adds, so one row at a time waits on their latency; four rows from the range's quarters in
+  // step are four chains and four long streams (four adjacent rows were four short interleaved streams,
+  // which the prefetcher meets cold). Zen 4, tools/ab_forward.py, 3 rounds, one stream -> four: SmolLM2
+  // bf16 decode 73-76 -> 107-110 tok/s on 1 thread, the 1B shape 6.6-6.8 -> 11.1-11.6 (2 threads:
+  // 109-121 -> 119-135 and 12.3-12.5 -> 14.4-14.7); SmolLM2 f32 51-53 -> 60-62; on its AVX2 path (the
+  // same core, CPULLM_ISA=avx2) bf16 68-74 -> 104-110, f32 55-57 -> 59-61. With the read-ahead of the amx
+  // table (matmul_*_ahead) instead, bf16 gained less than half as much and f32 lost 2-8 %. Not timed on Arm.
   static void matmul_f32(const float* x, int64_t T, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
                          int64_t ldy) {
-    matmul(x, T, K, w, n0, n1, y, ldy);
+    if (T == 1)
+      one_token_streams<0>(x, K, w, n0, n1, y);
+    else
+      matmul(x, T, K, w, n0, n1, y, ldy);
   }
   static void matmul_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                           float* y, int64_t ldy) {
-    matmul(x, T, K, w, n0, n1, y, ldy);
+    if (T == 1)
+      one_token_streams<0>(x, K, w, n0, n1, y);
+    else
+      matmul(x, T, K, w, n0, n1, y, ldy);
   }
   // The same, decode reading 4 KiB ahead (one_token_rows); bf16 decode in four streams
   // (one_token_streams). On the Xeon with AMX (the amx table), tools/ab_forward.py, SmolLM2, 3 rounds,
